@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
+import envpool
 import numpy as np
 import torch
 import torch.nn as nn
@@ -68,7 +69,7 @@ class Args:
     """rtrl: eLSTM with exact untruncated RTRL gradients; tbptt: the same eLSTM with BPTT cut at each
     rollout's start; ff: no memory (the cell with its state zeroed at every step)"""
     rtrl_impl: Literal["chunked", "step"] = "chunked"
-    """exact RTRL as one GEMM-shaped pass per rollout (SPEC §3) or the per-step recursion (SPEC §2)"""
+    """exact RTRL in one GEMM-shaped pass per rollout (chunked) or by the per-step recursion (step): same numbers"""
     eval_episodes: int = 10
     """greedy evaluation games (all lives) after training; 0 skips it"""
 
@@ -94,8 +95,6 @@ def check_args(args):
     if args.total_timesteps < args.num_envs * args.num_steps:
         fail(f"--total-timesteps {args.total_timesteps} is less than one rollout "
              f"(--num-envs x --num-steps = {args.num_envs * args.num_steps})")
-    import envpool.registration
-
     atari_ids = sorted(k for k, v in envpool.registration.registry.specs.items() if v[0] == "envpool.atari")
     if args.env_id not in atari_ids:
         close = difflib.get_close_matches(args.env_id, atari_ids, n=3, cutoff=0.5)
@@ -114,8 +113,6 @@ class AtariEnvs:
     """
 
     def __init__(self, env_id, seeds, device):
-        import envpool
-
         self.envs = envpool.make(
             env_id, env_type="gymnasium", num_envs=len(seeds), env_seed=[int(s) for s in seeds],
             episodic_life=True, reward_clip=False, repeat_action_probability=0.0, noop_max=30,
@@ -139,11 +136,11 @@ class AtariEnvs:
         for i in np.flatnonzero(info["terminated"].astype(bool) | trunc):
             games.append((self.game_return[i], int(info["elapsed_step"][i])))
             self.game_return[i] = 0.0
-        to = lambda a, **kw: torch.as_tensor(a, device=self.device, **kw)  # noqa: E731
         self.first = self.dead  # the step after a dead one returns a new episode's first observation
-        self.dead = to(term | trunc)
-        self.obs, self.last_reward = to(obs), to(reward, dtype=torch.float32)
-        return self.last_reward, to(term), games
+        self.dead = torch.as_tensor(term | trunc, device=self.device)
+        self.obs = torch.as_tensor(obs, device=self.device)
+        self.last_reward = torch.as_tensor(reward, dtype=torch.float32, device=self.device)
+        return self.last_reward, torch.as_tensor(term, device=self.device), games
 
     def close(self):
         self.envs.close()
@@ -327,8 +324,14 @@ def n_step_returns(rollout, next_value, gamma):
     return returns
 
 
+def timer(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # otherwise we would time kernel launches, not work
+    return time.perf_counter()
+
+
 def compute_gradients(agent, rollout, returns, c0, sens0, args):
-    """Fill every parameter's .grad for one rollout's loss; return (stats, carried sensitivities).
+    """Fill every parameter's .grad for one rollout's loss; return (stats, sens_T, seconds in RTRL).
 
     rtrl: the eLSTM gets exact untruncated gradients from the carried sensitivities; stem, gate and
     heads get backprop within the rollout (SPEC §5). tbptt / ff: autograd within the rollout.
@@ -361,12 +364,6 @@ def compute_gradients(agent, rollout, returns, c0, sens0, args):
     x.backward(x_leaf.grad)
     stats = {"policy_loss": pg_loss.item(), "value_loss": v_loss.item(), "entropy": entropy.item()}
     return stats, sens_T, rtrl_time
-
-
-def timer(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # otherwise we would time kernel launches, not work
-    return time.perf_counter()
 
 
 def env_seeds(seed, n):
