@@ -2,15 +2,14 @@
 
 import glob
 import os
-import subprocess
-import sys
-from dataclasses import replace
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import helpers
 import rtrl_a2c_atari as atari
+from helpers import episode_flags, rel_err
 
 SCRIPT = atari.__file__
 PARAMS = ("w_z", "w_f", "v_z", "v_f", "b_z", "b_f")
@@ -26,10 +25,6 @@ def spec_cell(cell, x, c0, done):
         c = f * c + (1 - f) * z
         out.append(c)
     return torch.stack(out)
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def make_cell(d=4, n=5, seed=0):
@@ -111,20 +106,6 @@ def test_carried_sensitivities_are_dc_dtheta_for_both_impls():
 # The update
 # ---------------------------------------------------------------------------------------------
 OBS_SHAPE, NUM_ACTIONS, HIDDEN = (2, 12, 12), 3, 6
-
-
-def episode_flags(steps, batch, g):
-    """Flags as AtariEnvs makes them: a step after term/trunc is dead, the one after that first."""
-    terms, deads, firsts = (torch.zeros(steps, batch, dtype=torch.bool) for _ in range(3))
-    firsts[0] = True
-    for t in range(steps):
-        ended = ~deads[t] & (torch.rand(batch, generator=g) < 0.25)
-        terms[t] = ended & (torch.rand(batch, generator=g) < 0.5)  # the rest are truncations
-        if t + 1 < steps:
-            deads[t + 1] = ended
-        if t + 2 < steps:
-            firsts[t + 2] = deads[t + 1]
-    return terms, deads, firsts
 
 
 def random_rollouts(num, steps, batch, seed=2):
@@ -234,7 +215,7 @@ def test_update_gradients_equal_autograd_on_equivalent_computation(core, impl):
 # The script as a user runs it
 # ---------------------------------------------------------------------------------------------
 def run_script(tmp_path, *flags):
-    return subprocess.run([sys.executable, SCRIPT, *flags], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    return helpers.run_script(SCRIPT, tmp_path, *flags)
 
 
 def read_scalars(run_dir):

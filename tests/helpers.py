@@ -1,0 +1,31 @@
+"""Helpers shared by the test files (each script is tested on its own; these hold no script code)."""
+
+import subprocess
+import sys
+
+import torch
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def run_script(script, cwd, *flags):
+    """The script as a user runs it, in `cwd`; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, script, *flags], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def episode_flags(steps, batch, g):
+    """Flags as the scripts' env wrappers make them, env by env: episodes of random length whose last step returns terminated (half
+    of them) or truncated; the next step takes the terminal observation (dead), the one after starts anew (first)."""
+    terms, deads, firsts = (torch.zeros(steps, batch, dtype=torch.bool) for _ in range(3))
+    for b in range(batch):
+        start = 0
+        while start < steps:
+            firsts[start, b] = True
+            last = start + int(torch.randint(0, 4, (1,), generator=g))
+            if last + 1 < steps:
+                terms[last, b] = bool(torch.rand(1, generator=g) < 0.5)
+                deads[last + 1, b] = True
+            start = last + 2
+    return terms, deads, firsts
