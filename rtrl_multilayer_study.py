@@ -77,7 +77,7 @@ class Args:
     # Copy task: fully online, one update after every token that carries a loss
     methods: tuple[str, ...] = METHODS
     """gradient methods of the copy task and the gradient table: rtrl (exact), rtrl-local, rtrl-top+tbptt,
-    tbptt, frozen-lower"""
+    tbptt, frozen-lower; with L > 1 and rtrl among them, 1-layer rtrl runs beside them as `rtrl (L=1)`"""
     copy_length: int = 5
     """pattern length K; each sequence is K patterns, a delimiter and K recall steps"""
     copy_bits: int = 4
@@ -92,12 +92,16 @@ class Args:
     """runs per method"""
     gradient_sequences: int = 4
     """copy sequences per stream whose summed gradient the gradient table compares (float64)"""
+    gradient_sweep_sequences: tuple[int, ...] = (1, 2, 4, 8, 16)
+    """stream lengths (in copy sequences) of the gradient-quality-vs-length sweep, at the table's k"""
+    gradient_sweep_k: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12)
+    """truncation windows k of the gradient-quality-vs-k sweep, at the table's stream length"""
 
     # RL: A2C with carried RTRL sensitivities (as rtrl_a2c_atari.py), on a partially observed EnvPool task
     rl_env_id: str = "CartPole-v1"
     """CartPole-v1 (velocities hidden) or MiniGrid-MemoryS7-v0"""
     rl_methods: tuple[str, ...] = ("rtrl", "rtrl-local", "tbptt")
-    """gradient methods of the RL runs"""
+    """gradient methods of the RL runs (with L > 1 and rtrl among them, also 1-layer rtrl)"""
     rl_seeds: int = 3
     """runs per method"""
     rl_total_timesteps: int = 500_000
@@ -705,19 +709,26 @@ def tokens_to_reach(accuracy, level, tokens_per_sequence, window=20):
     return int((hit[0] + window) * tokens_per_sequence) if hit.size else None
 
 
+def variants(methods, num_layers):
+    """(label, method, L) of each run: every method at L layers, and 1-layer exact RTRL beside them, the
+    single-layer case that stays cheap (SPEC §4)."""
+    runs = [(m, m, num_layers) for m in methods]
+    return runs + [("rtrl (L=1)", "rtrl", 1)] if num_layers > 1 and "rtrl" in methods else runs
+
+
 def copy_study(args, device):
     runs, trained = [], None
     tokens_per_sequence = 2 * args.copy_length + 1
-    for method in args.methods:
+    for label, method, layers in variants(args.methods, args.num_layers):
         for i in range(args.copy_seeds):
             start = time.time()
-            accuracy, net = train_copy(method, args.seed + i, args, device)
+            accuracy, net = train_copy(method, args.seed + i, replace(args, num_layers=layers), device)
             final = float(np.mean(accuracy[-max(1, len(accuracy) // 10) :]))
-            runs.append(dict(method=method, seed=args.seed + i, accuracy=[round(a, 4) for a in accuracy],
+            runs.append(dict(method=label, layers=layers, seed=args.seed + i, accuracy=[round(a, 4) for a in accuracy],
                              final_accuracy=final, tokens_to_95=tokens_to_reach(accuracy, 0.95, tokens_per_sequence),
                              seconds=time.time() - start))  # fmt: skip
-            print(f"copy: {method} seed {args.seed + i}: final bit accuracy {final:.3f} ({time.time() - start:.0f} s)")
-            if method == "rtrl" and trained is None:
+            print(f"copy: {label} seed {args.seed + i}: final bit accuracy {final:.3f} ({time.time() - start:.0f} s)")
+            if label == "rtrl" and trained is None:
                 trained = net
     return {"runs": runs, "tokens_per_sequence": tokens_per_sequence}, trained
 
@@ -768,6 +779,22 @@ def gradient_study(args, device, trained):
             print(f"gradients ({label}): {row['method']} {row['group']}: cosine {row['cosine']:.4f}, "
                   f"rel. error {row['rel_error']:.2e}")  # fmt: skip
     return tables
+
+
+def gradient_sweeps(args, device, trained):
+    """Gradient quality of the approximations against the stream length and against the window k, on the
+    trained copy network when there is one (where memory matters), else on a fresh one."""
+    torch.manual_seed(args.seed)
+    net = trained or Net(args.copy_bits + 1, args.copy_hidden_size, args.num_layers, args.copy_bits).to(device)
+    methods = tuple(m for m in args.methods if m not in ("rtrl", "frozen-lower"))
+    sweeps = {"sequences": ("gradient_sequences", args.gradient_sweep_sequences), "k": ("tbptt_k", args.gradient_sweep_k)}
+    rows = []
+    for sweep, (field_name, values) in sweeps.items():
+        for value in values:
+            for row in gradient_table(net, replace(args, methods=methods, **{field_name: value}), device):
+                rows.append(dict(row, sweep=sweep, value=value))
+        print(f"gradients vs {sweep}: {len(values)} points")
+    return {"network": "trained" if trained is not None else "init", "rows": rows}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -912,18 +939,18 @@ def train_rl(method, seed, args, device):
 
 def rl_study(args, device, num_bins=20):
     runs = []
-    for method in args.rl_methods:
+    for label, method, layers in variants(args.rl_methods, args.num_layers):
         for i in range(args.rl_seeds):
             start = time.time()
-            episodes = train_rl(method, args.seed + i, args, device)
+            episodes = train_rl(method, args.seed + i, replace(args, num_layers=layers), device)
             steps, returns = (np.array([e[k] for e in episodes]) for k in (0, 1))
             bins = np.minimum(steps * num_bins // (args.rl_total_timesteps + 1), num_bins - 1)
             curve = [float(returns[bins == b].mean()) if (bins == b).any() else None for b in range(num_bins)]
             late = returns[steps > 0.8 * args.rl_total_timesteps]
             final = float(late.mean()) if len(late) else float("nan")
-            runs.append(dict(method=method, seed=args.seed + i, curve=curve, num_episodes=len(episodes),
+            runs.append(dict(method=label, layers=layers, seed=args.seed + i, curve=curve, num_episodes=len(episodes),
                              final_return=final, seconds=time.time() - start))  # fmt: skip
-            print(f"rl: {method} seed {args.seed + i}: mean return over the last 20% of steps {final:.1f} "
+            print(f"rl: {label} seed {args.seed + i}: mean return over the last 20% of steps {final:.1f} "
                   f"({len(episodes)} episodes, {time.time() - start:.0f} s)")  # fmt: skip
     return {"env_id": args.rl_env_id, "runs": runs}
 
@@ -966,12 +993,16 @@ def csv_rows(results):
             for metric in ("cosine", "rel_error"):
                 add(f"gradients_{label}", metric, r[metric], method=r["method"], layers=args["num_layers"],
                     hidden=args["copy_hidden_size"], group=r["group"])  # fmt: skip
+    for r in results.get("gradient_sweeps", {}).get("rows", []):
+        for metric in ("cosine", "rel_error"):
+            add(f"gradients_vs_{r['sweep']}_{r['value']}", metric, r[metric], method=r["method"],
+                layers=args["num_layers"], hidden=args["copy_hidden_size"], group=r["group"])  # fmt: skip
     for r in results.get("copy", {}).get("runs", []):
         for metric, value in (("final_bit_accuracy", r["final_accuracy"]), ("tokens_to_95", r["tokens_to_95"])):
-            add("copy", metric, value, method=r["method"], layers=args["num_layers"], hidden=args["copy_hidden_size"],
+            add("copy", metric, value, method=r["method"], layers=r["layers"], hidden=args["copy_hidden_size"],
                 seed=r["seed"])  # fmt: skip
     for r in results.get("rl", {}).get("runs", []):
-        add("rl", "final_return", r["final_return"], method=r["method"], layers=args["num_layers"],
+        add("rl", "final_return", r["final_return"], method=r["method"], layers=r["layers"],
             hidden=args["rl_hidden_size"], seed=r["seed"])  # fmt: skip
     columns = ("study", "method", "layers", "hidden", "seed", "group", "metric", "value")
     return "\n".join([",".join(columns)] + [",".join(str(r.get(c, "")) for c in columns) for r in rows]) + "\n"
@@ -1043,6 +1074,27 @@ def plot_rl(rl, total_steps, path):
     ax.set_xlabel("environment steps"), ax.set_ylabel("episode return"), ax.grid(alpha=0.3), ax.legend(fontsize=8)
     ax.set_title(rl["env_id"] + (" (velocities hidden)" if rl["env_id"] == "CartPole-v1" else ""))
     save_figure(fig, path)
+
+
+def plot_gradient_sweeps(sweeps, path):
+    """Cosine with the exact gradient, per layer, against stream length and k."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    labels = {"sequences": "stream length (copy sequences per stream)", "k": "truncation window k (steps)"}
+    for ax, (sweep, xlabel) in zip(axes, labels.items()):
+        rows = [r for r in sweeps["rows"] if r["sweep"] == sweep and r["group"] != "head"]
+        for (method, group), rs in by_key(rows, ("method", "group")).items():
+            ax.plot([r["value"] for r in rs], [r["cosine"] for r in rs], "o-", ms=3, label=f"{method}, {group}")
+        ax.set_xscale("log", base=2), ax.set_xlabel(xlabel), ax.set_ylabel("cosine with exact gradient")
+        ax.grid(alpha=0.3), ax.legend(fontsize=8)
+    fig.suptitle(f"gradient quality of the approximations ({sweeps['network']} copy network)")
+    save_figure(fig, path)
+
+
+def by_key(rows, keys):
+    out = {}
+    for r in rows:
+        out.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return out
 
 
 def mean_sd(values):
@@ -1127,6 +1179,25 @@ def findings(results, args):
             text += (f"The top layer's gradient is exact in rtrl-local and rtrl-top+tbptt (relative error at most "
                      f"{max(r['rel_error'] for r in exact_top):.1e}).")  # fmt: skip
         out.append(text)
+    sweeps = results.get("gradient_sweeps")
+    if sweeps:
+        text = (f"**Gradient quality against stream length and window** ([gradient_quality.png](gradient_quality.png), "
+                f"{sweeps['network']} network). ")  # fmt: skip
+        for (method, group), rs in by_key([r for r in sweeps["rows"] if r["group"] != "head"], ("method", "group")).items():
+            by_length = [r["cosine"] for r in rs if r["sweep"] == "sequences"]
+            by_k = [(r["value"], r["cosine"]) for r in rs if r["sweep"] == "k"]
+            if min(by_length + [c for _, c in by_k]) > 1 - 1e-9:
+                continue  # exact for this layer: nothing to say
+            text += f"{method}, {group}: cosine {min(by_length):.3f} to {max(by_length):.3f} over stream lengths"
+            exact_from = next((k for k, c in by_k if all(c2 > 0.99 for k2, c2 in by_k if k2 >= k)), None)
+            if len({round(c, 6) for _, c in by_k}) == 1:
+                text += ", independent of k. "
+            else:
+                text += f"; {min(c for _, c in by_k):.3f} at worst over k" + (
+                    f", above 0.99 from k = {exact_from} on. " if exact_from is not None else ". ")
+        text += (f"A copy sequence is {2 * args['copy_length'] + 1} tokens and the state resets between sequences, "
+                 "so a window that covers one sequence is exact.")
+        out.append(text)
     copy_results = results.get("copy")
     if copy_results:
         K, k = args["copy_length"], args["tbptt_k"]
@@ -1134,7 +1205,7 @@ def findings(results, args):
         tokens = args["copy_sequences"] * copy_results["tokens_per_sequence"]
         text = (f"**Copy task** ([copy_accuracy.png](copy_accuracy.png), copy table). After {tokens} tokens per stream "
                 f"({args['copy_batch_size']} streams, K = {K}, {args['copy_bits']} bits, "
-                f"N = {args['copy_hidden_size']}, L = {args['num_layers']}), the recall bit accuracy over the last "
+                f"N = {args['copy_hidden_size']}, L = {args['num_layers']}; 1 for rtrl (L=1)), the recall bit accuracy over the last "
                 "10% of sequences (mean ± sd over seeds; chance 0.5) is "
                 + "; ".join(f"{m} {mean_sd(v)}" for m, v in finals.items()) + ". ")
         reached = {m: [r["tokens_to_95"] for r in rs] for m, rs in by_method(copy_results["runs"]).items()}
@@ -1179,6 +1250,20 @@ def report_markdown(results):
                   "whole stream. Cells: cosine / relative error. `init`: a fresh network; `trained`: the first rtrl "
                   "copy-task network.", "",
                   markdown_table(["network", "method", *groups], gradient_rows(results["gradients"])), ""]  # fmt: skip
+    if "gradient_sweeps" in results:
+        sweeps = results["gradient_sweeps"]
+        layers = [r for r in sweeps["rows"] if r["group"] != "head"]
+        for sweep, fixed in (("sequences", f"k = {args['tbptt_k']}"),
+                             ("k", f"{args['gradient_sequences']} sequences per stream")):  # fmt: skip
+            rows = by_key([r for r in layers if r["sweep"] == sweep], ("method", "group"))
+            values = list(dict.fromkeys(r["value"] for r in layers if r["sweep"] == sweep))
+            name = "stream length (sequences)" if sweep == "sequences" else "window k"
+            lines += [f"Cosine with the exact gradient, per layer, against {name} ({fixed}; "
+                      f"{sweeps['network']} network):", "",
+                      markdown_table(["method", "layer", *map(str, values)],
+                                     [[m, g, *(f"{r['cosine']:.3f}" for r in rs)] for (m, g), rs in rows.items()]),
+                      ""]  # fmt: skip
+        lines += ["![gradient quality](gradient_quality.png)", ""]
     if "copy" in results:
         lines += ["## Copy task (fully online)", "", "![copy accuracy](copy_accuracy.png)", "",
                   "Recall bit accuracy of each sequence, measured before each token's update. Final: the last 10% of "
@@ -1205,6 +1290,8 @@ def write_report(results, out_dir):
         plot_cost(results["cost"], "layers", os.path.join(out_dir, "cost_vs_layers.png"))
     if "copy" in results:
         plot_copy(results["copy"], os.path.join(out_dir, "copy_accuracy.png"))
+    if "gradient_sweeps" in results:
+        plot_gradient_sweeps(results["gradient_sweeps"], os.path.join(out_dir, "gradient_quality.png"))
     if "rl" in results:
         plot_rl(results["rl"], results["args"]["rl_total_timesteps"], os.path.join(out_dir, "rl_returns.png"))
     save_text(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1))
@@ -1237,6 +1324,7 @@ if __name__ == "__main__":
         results["copy"], trained = copy_study(args, device)
     if "gradients" in args.studies:
         results["gradients"] = gradient_study(args, device, trained)
+        results["gradient_sweeps"] = gradient_sweeps(args, device, trained)
     if "rl" in args.studies:
         results["rl"] = rl_study(args, device)
     results["seconds"] = time.time() - start

@@ -326,17 +326,27 @@ def test_quick_run_writes_the_whole_report(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert {f["method"] for f in results["cost"]["fits"]} == {"rtrl", "rtrl-local", "tbptt"}
     assert all(np.isfinite(f["time_exponent"]) and np.isfinite(f["memory_exponent"]) for f in results["cost"]["fits"])
-    assert {r["method"] for r in results["copy"]["runs"]} == set(study.METHODS)
+    assert {r["method"] for r in results["copy"]["runs"]} == {*study.METHODS, "rtrl (L=1)"}
     assert all(len(r["accuracy"]) == 3 for r in results["copy"]["runs"])
     assert max(r["rel_error"] for r in results["gradients"]["init"] if r["method"] == "rtrl") < 1e-10
-    assert {r["method"] for r in results["rl"]["runs"]} == {"rtrl", "rtrl-local", "tbptt"}
+    assert {r["method"] for r in results["rl"]["runs"]} == {"rtrl", "rtrl-local", "tbptt", "rtrl (L=1)"}
+    assert {r["layers"] for r in results["rl"]["runs"] if r["method"] == "rtrl (L=1)"} == {1}
     assert all(r["num_episodes"] > 0 and len(r["curve"]) == 20 for r in results["rl"]["runs"])
+    sweeps = results["gradient_sweeps"]["rows"]
+    assert {(r["sweep"], r["value"]) for r in sweeps} == {("sequences", n) for n in study.Args.gradient_sweep_sequences} | {
+        ("k", k) for k in study.Args.gradient_sweep_k}
+    # the state resets at every copy sequence (2K + 1 = 7 tokens here): a window that covers one is exact
+    covering = [r for r in sweeps if r["sweep"] == "k" and r["value"] >= 7 and r["method"] == "tbptt"]
+    assert covering and max(r["rel_error"] for r in covering) < 1e-10
+    short = [r for r in sweeps if r["sweep"] == "k" and r["value"] < 4 and r["method"] == "tbptt" and r["group"] == "layer 1"]
+    assert short and min(r["rel_error"] for r in short) > 1e-3
     with open(out / "results.csv") as f:
         studies = {row["study"] for row in csv.DictReader(f)}
-    expected = {"cost_vs_hidden", "cost_vs_layers", "cost_fit", "gradients_init", "gradients_trained", "copy", "rl"}
+    expected = {"cost_vs_hidden", "cost_vs_layers", "cost_fit", "gradients_init", "gradients_trained", "copy", "rl",
+                "gradients_vs_k_1", "gradients_vs_sequences_1"}
     assert expected <= studies
     report = (out / "report.md").read_text()
-    for png in ("cost_vs_hidden.png", "cost_vs_layers.png", "copy_accuracy.png", "rl_returns.png"):
+    for png in ("cost_vs_hidden.png", "cost_vs_layers.png", "copy_accuracy.png", "gradient_quality.png", "rl_returns.png"):
         assert png in report and (out / png).stat().st_size > 1000
     assert not list(out.glob("*.tmp"))
 
