@@ -92,6 +92,15 @@ def check_args(args):
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.eval_episodes < 0:
         fail(f"--eval-episodes must be at least 0, got {args.eval_episodes}")
+    ranges = {  # inclusive bounds
+        "learning_rate": (0.0, float("inf")), "rms_eps": (0.0, float("inf")), "rms_alpha": (0.0, 1.0),
+        "gamma": (0.0, 1.0), "ent_coef": (0.0, float("inf")), "vf_coef": (0.0, float("inf")),
+    }  # fmt: skip
+    for name, (low, high) in ranges.items():
+        if not low <= getattr(args, name) <= high:
+            fail(f"--{name.replace('_', '-')} must be in [{low}, {high}], got {getattr(args, name)}")
+    if args.max_grad_norm <= 0:
+        fail(f"--max-grad-norm must be positive, got {args.max_grad_norm}")
     if args.total_timesteps < args.num_envs * args.num_steps:
         fail(f"--total-timesteps {args.total_timesteps} is less than one rollout "
              f"(--num-envs x --num-steps = {args.num_envs * args.num_steps})")

@@ -257,6 +257,9 @@ def test_training_run_writes_scalars_and_a_loadable_checkpoint(tmp_path, core, n
         (["--num-envs", "0"], "--num-envs must be at least 1"),
         (["--num-steps", "0"], "--num-steps must be at least 1"),
         (["--total-timesteps", "10", "--num-envs", "4", "--num-steps", "5"], "less than one rollout"),
+        (["--learning-rate", "-1"], "--learning-rate must be in"),
+        (["--gamma", "1.5"], "--gamma must be in"),
+        (["--max-grad-norm", "-1"], "--max-grad-norm must be positive"),
     ],
 )
 def test_bad_input_is_a_one_line_error(tmp_path, flags, message):
