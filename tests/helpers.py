@@ -10,9 +10,10 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def run_script(script, cwd, *flags):
-    """The script as a user runs it, in `cwd`; returns the CompletedProcess."""
-    return subprocess.run([sys.executable, script, *flags], cwd=cwd, capture_output=True, text=True, timeout=600)
+def run_script(script, cwd, *flags, env=None):
+    """The script as a user runs it, in `cwd` (with `env` if given); returns the CompletedProcess."""
+    return subprocess.run([sys.executable, script, *flags], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
 
 
 def episode_flags(steps, batch, g):

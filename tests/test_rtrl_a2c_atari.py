@@ -1,214 +1,39 @@
-"""Claims about rtrl_a2c_atari.py, each checked against an independent float64 computation."""
+"""Claims about rtrl_a2c_atari.py, each checked against an independent float64 computation (tests/a2c_checks.py)."""
 
 import glob
 import os
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import a2c_checks as checks
 import helpers
 import rtrl_a2c_atari as atari
-from helpers import episode_flags, rel_err
 
 SCRIPT = atari.__file__
-PARAMS = ("w_z", "w_f", "v_z", "v_f", "b_z", "b_f")
-
-
-def spec_cell(cell, x, c0, done):
-    """SPEC §1 written out step by step, sharing no code with the script's ELSTM."""
-    c, out = c0, []
-    for t in range(x.shape[0]):
-        c = c * (1.0 - done[t].double())[:, None]
-        z = torch.tanh(x[t] @ cell.w_z.T + cell.v_z * c + cell.b_z)
-        f = torch.sigmoid(x[t] @ cell.w_f.T + cell.v_f * c + cell.b_f)
-        c = f * c + (1 - f) * z
-        out.append(c)
-    return torch.stack(out)
-
-
-def make_cell(d=4, n=5, seed=0):
-    torch.manual_seed(seed)
-    return atari.ELSTM(d, n).double()
-
-
-def random_history(num_chunks, chunk_len, batch, d, n, seed=1):
-    """x, done and dl_dc for several chunks; resets fall inside chunks, not only at their edges."""
-    g = torch.Generator().manual_seed(seed)
-    steps = num_chunks * chunk_len
-    x = torch.randn(steps, batch, d, generator=g, dtype=torch.float64)
-    done = torch.rand(steps, batch, generator=g) < 0.15
-    done[steps // 2 + 1, 0] = True
-    dl_dc = torch.randn(steps, batch, n, generator=g, dtype=torch.float64)
-    return x, done, dl_dc
 
 
 def test_forward_matches_spec_equations():
-    cell = make_cell()
-    x, done, _ = random_history(1, 9, 3, 4, 5)
-    c0 = torch.randn(3, 5, dtype=torch.float64)
-    torch.testing.assert_close(cell(x, c0, done), spec_cell(cell, x, c0, done), rtol=1e-12, atol=1e-12)
-
-
-def bptt_grads(cell, x, done, dl_dc):
-    """Autograd through the whole history: the oracle RTRL must match."""
-    c0 = torch.zeros(x.shape[1], cell.w_z.shape[0], dtype=torch.float64)
-    loss = (dl_dc * spec_cell(cell, x, c0, done)).sum()
-    return dict(zip(PARAMS, torch.autograd.grad(loss, [getattr(cell, k) for k in PARAMS])))
+    checks.check_forward_matches_spec(atari)
 
 
 @pytest.mark.parametrize("impl", ["chunked", "step"])
 @pytest.mark.parametrize("chunk_len", [7, 1])
 def test_rtrl_equals_bptt_across_chunks_with_resets(impl, chunk_len):
-    cell, num_chunks = make_cell(), 4 if chunk_len > 1 else 12
-    x, done, dl_dc = random_history(num_chunks, chunk_len, 3, 4, 5)
-    expected = bptt_grads(cell, x, done, dl_dc)
-
-    c, sens = cell.initial_state(3)
-    total = {k: torch.zeros_like(getattr(cell, k)) for k in PARAMS}
-    for i in range(num_chunks):
-        chunk = slice(i * chunk_len, (i + 1) * chunk_len)
-        grads, sens = cell.rtrl(x[chunk], c, done[chunk], sens, dl_dc[chunk], impl=impl)
-        c = cell(x[chunk], c, done[chunk])[-1].detach()
-        for k in PARAMS:
-            total[k] += grads[k]
-    for k in PARAMS:
-        assert rel_err(total[k], expected[k]) < 1e-10, k
+    checks.check_rtrl_equals_bptt_across_chunks(atari, impl, chunk_len)
 
 
 def test_carried_sensitivities_are_dc_dtheta_for_both_impls():
-    cell = make_cell(d=2, n=3)
-    x, done, dl_dc = random_history(1, 6, 2, 2, 3)
-    c0 = torch.randn(2, 3, dtype=torch.float64)
-    _, sens0 = cell.initial_state(2)
-    sens0 = {k: torch.randn_like(s) for k, s in sens0.items()}  # as if carried from earlier chunks
-    _, chunked = cell.rtrl(x, c0, done, sens0, dl_dc, impl="chunked")
-    _, step = cell.rtrl(x, c0, done, sens0, dl_dc, impl="step")
-
-    # Independent: dc_T/dtheta by autograd, c_0 depending on theta linearly with Jacobian sens0
-    params = [getattr(cell, k) for k in PARAMS]
-    c0_of_theta = c0 + sum(
-        (sens0[k] * (p - p.detach())).sum(-1) if p.dim() == 2 else sens0[k] * (p - p.detach())
-        for k, p in zip(PARAMS, params)
-    )
-    c_T = spec_cell(cell, x, c0_of_theta, done)[-1]
-    for b in range(2):
-        for n in range(3):
-            rows = torch.autograd.grad(c_T[b, n], params, retain_graph=True)
-            for k, row in zip(PARAMS, rows):
-                torch.testing.assert_close(chunked[k][b, n], row[n], rtol=1e-10, atol=1e-13)
-                torch.testing.assert_close(step[k][b, n], row[n], rtol=1e-10, atol=1e-13)
-                others = torch.cat([row[:n], row[n + 1 :]])
-                assert others.abs().max() == 0, f"{k}: c_T[{n}] depends on other units' parameters"
-
-
-# ---------------------------------------------------------------------------------------------
-# The update
-# ---------------------------------------------------------------------------------------------
-OBS_SHAPE, NUM_ACTIONS, HIDDEN = (2, 12, 12), 3, 6
-
-
-def random_rollouts(num, steps, batch, seed=2):
-    g = torch.Generator().manual_seed(seed)
-    terms, deads, firsts = episode_flags(num * steps, batch, g)
-    rollouts = []
-    for i in range(num):
-        span = slice(i * steps, (i + 1) * steps)
-        rollouts.append(atari.Rollout(
-            obs=torch.randint(0, 256, (steps, batch, *OBS_SHAPE), generator=g, dtype=torch.uint8),
-            last_rewards=3 * torch.randn(steps, batch, generator=g, dtype=torch.float64),
-            firsts=firsts[span], deads=deads[span], terms=terms[span],
-            actions=torch.randint(0, NUM_ACTIONS, (steps, batch), generator=g),
-            rewards=3 * torch.randn(steps, batch, generator=g, dtype=torch.float64),
-            values=torch.randn(steps, batch, generator=g, dtype=torch.float64),
-        ))  # fmt: skip
-    return rollouts
-
-
-def reference_returns(r, next_value, gamma):
-    """Forward-looking sums, unlike the script's backward recursion."""
-    steps, batch = r.rewards.shape
-    out = torch.empty(steps, batch, dtype=torch.float64)
-    for b in range(batch):
-        for t in range(steps):
-            g, discount = 0.0, 1.0
-            for s in range(t, steps + 1):
-                if s == steps:
-                    g += discount * next_value[b]
-                    break
-                if r.deads[s, b]:  # a terminal observation: its value bootstraps
-                    g += discount * r.values[s, b]
-                    break
-                g += discount * r.rewards[s, b].clamp(-1, 1)
-                discount *= gamma
-                if r.terms[s, b]:
-                    break
-            out[t, b] = g
-    return out
+    checks.check_carried_sensitivities_are_dc_dtheta(atari)
 
 
 def test_returns_bootstrap_truncations_and_cut_terminations():
-    (r,) = random_rollouts(1, 12, 4)
-    assert r.terms.any() and (r.deads[1:] & ~r.terms[:-1]).any(), "needs both kinds of episode end"
-    next_value = torch.randn(4, dtype=torch.float64)
-    torch.testing.assert_close(atari.n_step_returns(r, next_value, 0.9), reference_returns(r, next_value, 0.9))
-
-
-def reference_rollout_loss(agent, rollouts, returns, core, args):
-    """Loss of the last rollout as a function of all parameters, written from SPEC §1 and §5 alone.
-
-    The eLSTM's start state depends on its parameters through all earlier rollouts (rtrl), or is cut
-    at the rollout's start (tbptt); the stem only sees the current rollout's observations.
-    """
-    c = torch.zeros(rollouts[0].obs.shape[1], HIDDEN, dtype=torch.float64)
-    for j, r in enumerate(rollouts):
-        x = torch.cat([agent.stem(r.obs.flatten(0, 1).double() / 255).unflatten(0, r.obs.shape[:2]),
-                       r.last_rewards.clamp(-1, 1)[..., None]], -1)  # fmt: skip
-        current = j == len(rollouts) - 1
-        x = x if current else x.detach()
-        c = c.detach() if core == "tbptt" and current else c
-        resets = torch.ones_like(r.firsts) if core == "ff" else r.firsts
-        cs = spec_cell(agent.cell, x, c, resets)
-        c = cs[-1]
-    h = torch.sigmoid(agent.gate(torch.cat([x, cs], -1))) * cs
-    logp = torch.log_softmax(agent.actor(h), -1)
-    value = agent.critic(h)[..., 0]
-    live = (~r.deads).double()
-    adv = (returns - value).detach()
-    pg = -(live * logp.gather(-1, r.actions[..., None])[..., 0] * adv).sum()
-    ent = -(live * (logp.exp() * logp).sum(-1)).sum()
-    return pg + args.vf_coef * 0.5 * (live * (returns - value) ** 2).sum() - args.ent_coef * ent
-
-
-def script_grads(agent, rollouts, returns, args):
-    """The script's update over consecutive rollouts with the carried c and sensitivities (no step)."""
-    c, sens = agent.cell.initial_state(rollouts[0].obs.shape[1])
-    for r in rollouts:
-        agent.zero_grad(set_to_none=True)
-        _, sens, _ = atari.compute_gradients(agent, r, returns, c, sens, args)
-        with torch.no_grad():
-            c = agent.cell(agent.features(r.obs, r.last_rewards), c, agent.resets(r.firsts))[-1]
-    return {k: p.grad for k, p in agent.named_parameters()}
+    checks.check_returns_bootstrap_truncations_and_cut_terminations(atari)
 
 
 @pytest.mark.parametrize("core,impl", [("rtrl", "chunked"), ("rtrl", "step"), ("tbptt", "chunked"), ("ff", "chunked")])
 def test_update_gradients_equal_autograd_on_equivalent_computation(core, impl):
-    torch.manual_seed(0)
-    agent = atari.Agent(OBS_SHAPE, NUM_ACTIONS, HIDDEN, core).double()
-    args = atari.Args(core=core, rtrl_impl=impl)
-    rollouts = random_rollouts(3, 5, 3)
-    returns = torch.randn(5, 3, dtype=torch.float64)
-    got = script_grads(agent, rollouts, returns, args)
-
-    loss = reference_rollout_loss(agent, rollouts, returns, core, args)
-    names, params = zip(*agent.named_parameters())
-    expected = torch.autograd.grad(loss, params, allow_unused=True)
-    for name, e in zip(names, expected):
-        e = torch.zeros_like(got[name]) if e is None else e
-        assert rel_err(got[name], e) < 1e-10 if e.norm() > 0 else got[name].norm() == 0, name
-    if core == "rtrl":  # the test has teeth: truncating at the rollout gives other eLSTM gradients
-        truncated = torch.autograd.grad(reference_rollout_loss(agent, rollouts, returns, "tbptt", args), agent.cell.w_z)
-        assert rel_err(truncated[0], got["cell.w_z"]) > 1e-3
+    checks.check_update_gradients_equal_autograd(atari, core, impl)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,13 +43,6 @@ def run_script(tmp_path, *flags):
     return helpers.run_script(SCRIPT, tmp_path, *flags)
 
 
-def read_scalars(run_dir):
-    (event_file,) = glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))
-    acc = EventAccumulator(event_file, size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
 @pytest.mark.parametrize("core,num_steps", [("rtrl", 8), ("tbptt", 8), ("ff", 8), ("rtrl", 1)])
 def test_training_run_writes_scalars_and_a_loadable_checkpoint(tmp_path, core, num_steps):
     steps = 2 * num_steps * (40 if num_steps > 1 else 64)
@@ -232,13 +50,8 @@ def test_training_run_writes_scalars_and_a_loadable_checkpoint(tmp_path, core, n
                       "--total-timesteps", str(steps), "--hidden-size", "16", "--eval-episodes", "1", "--save-model")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "Breakout-v5__rtrl_a2c_atari__1__*"))
-    scalars = read_scalars(run_dir)
-    iterations = steps // (2 * num_steps)
-    for tag in ("charts/SPS", "charts/learning_rate", "losses/policy_loss", "losses/value_loss", "losses/entropy",
-                "losses/grad_norm", "charts/rtrl_share_of_update"):  # fmt: skip
-        assert len(scalars[tag]) == iterations, tag
-    assert all(v == v and abs(v) < float("inf") for v in scalars["losses/value_loss"])
-    assert scalars["charts/learning_rate"][0] > scalars["charts/learning_rate"][-1] > 0
+    scalars = checks.read_scalars(run_dir)
+    checks.check_update_scalars(scalars, iterations=steps // (2 * num_steps))
     if num_steps > 1:
         assert len(scalars["charts/episodic_return"]) >= 1  # seeded run: real games do end
         assert all(length > 0 for length in scalars["charts/episodic_length"])
@@ -263,7 +76,4 @@ def test_training_run_writes_scalars_and_a_loadable_checkpoint(tmp_path, core, n
     ],
 )
 def test_bad_input_is_a_one_line_error(tmp_path, flags, message):
-    proc = run_script(tmp_path, *flags)
-    assert proc.returncode == 2
-    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert not (tmp_path / "runs").exists()
+    checks.check_bad_input_is_a_one_line_error(run_script(tmp_path, *flags), message, tmp_path)

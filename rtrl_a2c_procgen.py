@@ -1,0 +1,568 @@
+"""A2C with an element-wise LSTM trained by exact real-time recurrent learning (RTRL) on ProcGen.
+
+Irie, Gopalakrishnan, Schmidhuber, "Exploring the Promise and Limits of Real-Time Recurrent
+Learning", ICLR 2024 (arXiv 2305.19044). The eLSTM's recurrence is diagonal, so its RTRL
+sensitivities cost O(B N D) per step, like its input projection: the recurrent parameters
+get untruncated gradients from carried sensitivities, with no stored history. Trained on a
+fixed set of levels, evaluated greedily on those and on held-out levels.
+
+    python rtrl_a2c_procgen.py --env-id MazeMemory-v0        # --core tbptt | ff for baselines
+"""
+
+import ctypes
+import difflib
+import importlib.util
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+def load_qt_runtime():
+    """EnvPool's ProcGen links libQt5Core/libQt5Gui and loads them when envpool is imported. The
+    PyQt5-Qt5 wheel (requirements.txt) ships both: load them globally first, so no system Qt5 is needed."""
+    spec = importlib.util.find_spec("PyQt5")
+    if spec is None or not sys.platform.startswith("linux"):
+        return  # a system Qt5 may still serve; check_args says what to install if not
+    lib_dir = os.path.join(list(spec.submodule_search_locations)[0], "Qt5", "lib")
+    for name in ("libQt5Core.so.5", "libQt5Gui.so.5"):
+        if os.path.exists(os.path.join(lib_dir, name)):
+            ctypes.CDLL(os.path.join(lib_dir, name), mode=ctypes.RTLD_GLOBAL)
+
+
+load_qt_runtime()
+import envpool  # noqa: E402  (after the Qt runtime is loaded)
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    save_model: bool = False
+    """whether to save the model and its args to `runs/{run_name}/model.pt`"""
+
+    # Algorithm specific arguments
+    env_id: str = "MazeMemory-v0"
+    """the id of the EnvPool ProcGen environment (<Game><Easy|Hard|Memory|Exploration>-v0)"""
+    total_timesteps: int = 25_000_000
+    """total agent steps over all environments"""
+    num_envs: int = 16
+    """the number of parallel game environments"""
+    num_steps: int = 50
+    """the rollout (= unroll) length; 1 updates after every environment step, fully online"""
+    num_levels: int = 500
+    """the number of training levels (0: unbounded, every level)"""
+    start_level: int = 0
+    """the first training level: training uses levels [start_level, start_level + num_levels)"""
+    test_level_starts: tuple[int, ...] = (1000, 1200, 1400)
+    """first level of each held-out test set"""
+    test_num_levels: int = 200
+    """levels per held-out test set"""
+    learning_rate: float = 6e-4
+    """the learning rate of the optimizer"""
+    anneal_lr: bool = True
+    """linear learning-rate decay to 0"""
+    rms_alpha: float = 0.99
+    """RMSprop smoothing constant"""
+    rms_eps: float = 0.01
+    """RMSprop epsilon"""
+    gamma: float = 0.99
+    """the discount factor"""
+    ent_coef: float = 0.01
+    """coefficient of the entropy bonus"""
+    vf_coef: float = 0.5
+    """coefficient of the value (baseline) loss"""
+    max_grad_norm: float = 40.0
+    """the maximum global norm of the gradients"""
+    hidden_size: int = 256
+    """N, the size of the eLSTM state"""
+    core: Literal["rtrl", "tbptt", "ff"] = "rtrl"
+    """rtrl: eLSTM with exact untruncated RTRL gradients; tbptt: the same eLSTM with BPTT cut at each
+    rollout's start; ff: no memory (the cell with its state zeroed at every step)"""
+    rtrl_impl: Literal["chunked", "step"] = "chunked"
+    """exact RTRL in one GEMM-shaped pass per rollout (chunked) or by the per-step recursion (step): same numbers"""
+    eval_episodes: int = 20
+    """greedy evaluation episodes per level set (training levels, each test set); 0 skips evaluation"""
+    eval_every: int = 1_000_000
+    """evaluate every this many agent steps, and at the end"""
+
+    # to be filled in runtime
+    batch_size: int = 0
+    """the batch size (computed in runtime)"""
+    num_iterations: int = 0
+    """the number of iterations (computed in runtime)"""
+
+
+def fail(message):
+    """User errors: one line on stderr and exit code 2 (as for a bad flag), no traceback."""
+    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_args(args):
+    for name in ("total_timesteps", "num_envs", "num_steps", "hidden_size", "test_num_levels", "eval_every"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("eval_episodes", "num_levels", "start_level"):
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}")
+    ranges = {  # inclusive bounds
+        "learning_rate": (0.0, float("inf")), "rms_eps": (0.0, float("inf")), "rms_alpha": (0.0, 1.0),
+        "gamma": (0.0, 1.0), "ent_coef": (0.0, float("inf")), "vf_coef": (0.0, float("inf")),
+    }  # fmt: skip
+    for name, (low, high) in ranges.items():
+        if not low <= getattr(args, name) <= high:
+            fail(f"--{name.replace('_', '-')} must be in [{low}, {high}], got {getattr(args, name)}")
+    if args.max_grad_norm <= 0:
+        fail(f"--max-grad-norm must be positive, got {args.max_grad_norm}")
+    if args.total_timesteps < args.num_envs * args.num_steps:
+        fail(f"--total-timesteps {args.total_timesteps} is less than one rollout "
+             f"(--num-envs x --num-steps = {args.num_envs * args.num_steps})")
+    train_end = args.start_level + args.num_levels if args.num_levels > 0 else math.inf  # 0 means every level
+    for start in args.test_level_starts:
+        if start < 0 or start + args.test_num_levels > 2**31 - 1:
+            fail(f"test levels [{start}, {start + args.test_num_levels}) are outside ProcGen's [0, 2^31 - 1)")
+        if start < train_end and args.start_level < start + args.test_num_levels:
+            fail(f"test levels [{start}, {start + args.test_num_levels}) overlap the training levels "
+                 f"[{args.start_level}, {train_end}): held-out levels must be unseen")
+    procgen_ids = sorted(k for k, v in envpool.registration.registry.specs.items() if v[0] == "envpool.procgen")
+    if args.env_id not in procgen_ids:
+        close = difflib.get_close_matches(args.env_id, procgen_ids, n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        fail(f"unknown ProcGen env id {args.env_id!r}; {hint}valid ids: {', '.join(procgen_ids)}")
+    try:
+        envpool.make_spec(args.env_id)
+    except ImportError:  # EnvPool's ProcGen found no libQt5Core/libQt5Gui
+        fail("EnvPool ProcGen needs the Qt5 runtime: `pip install PyQt5-Qt5` (in requirements.txt) "
+             "or a system Qt5 (`apt install libqt5gui5`)")
+
+
+class ProcgenEnvs:
+    """EnvPool ProcGen on a range of levels (64x64 RGB, 15 actions, SPEC §5) and the agent's view of episode ends.
+
+    EnvPool answers the step after an episode ends with the next episode's first observation and
+    ignores that step's action. So the observation that follows a `terminated`/`truncated` is the
+    terminal one: the step taking it is `dead` (its value bootstraps a truncation, it gets no loss),
+    and the step after it is `first` (state and sensitivities reset). Levels are drawn from
+    [start_level, start_level + num_levels) by each env's own seed.
+    """
+
+    def __init__(self, env_id, seeds, start_level, num_levels, device):
+        self.envs = envpool.make(
+            env_id, env_type="gymnasium", num_envs=len(seeds), env_seed=[int(s) for s in seeds],
+            start_level=start_level, num_levels=num_levels,
+        )  # fmt: skip
+        self.num_actions = self.envs.action_space.n
+        self.device = device
+        n = len(seeds)
+        obs, _ = self.envs.reset()
+        self.obs = torch.as_tensor(obs, device=device)
+        self.last_reward = torch.zeros(n, device=device)
+        self.first = torch.ones(n, dtype=torch.bool, device=device)
+        self.dead = torch.zeros(n, dtype=torch.bool, device=device)
+        self.episode_return = np.zeros(n)
+
+    def step(self, action):
+        """Returns (reward, terminated) of the step and (env, return, length, level seed) of episodes that ended."""
+        obs, reward, term, trunc, info = self.envs.step(action.cpu().numpy())
+        self.episode_return += reward
+        episodes = []
+        for i in np.flatnonzero(term | trunc):
+            episodes.append((i, self.episode_return[i], int(info["elapsed_step"][i]), int(info["level_seed"][i])))
+            self.episode_return[i] = 0.0
+        self.first = self.dead  # the step after a dead one returns a new episode's first observation
+        self.dead = torch.as_tensor(term | trunc, device=self.device)
+        self.obs = torch.as_tensor(obs, device=self.device)
+        self.last_reward = torch.as_tensor(reward, dtype=torch.float32, device=self.device)
+        return self.last_reward, torch.as_tensor(term, device=self.device), episodes
+
+    def close(self):
+        self.envs.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The element-wise LSTM and its exact RTRL (SPEC §1-3)
+# ---------------------------------------------------------------------------------------------
+class ELSTM(nn.Module):
+    """c_t = f_t * c_{t-1} + (1 - f_t) * z_t, with z, f reading c_{t-1} only element-wise (SPEC §1).
+
+    The output gate lives outside (Agent.heads): it is feed-forward and needs no sensitivities.
+    """
+
+    MATRICES = ("w_z", "w_f")  # sensitivities B x N x D; the rest are vectors, B x N
+
+    def __init__(self, input_size, hidden_size):
+        super().__init__()
+        n, d = hidden_size, input_size
+        self.w_z, self.w_f = (nn.Parameter(0.1 * torch.randn(n, d)) for _ in range(2))
+        self.v_z, self.v_f, self.b_z, self.b_f = (nn.Parameter(0.1 * torch.randn(n)) for _ in range(4))
+
+    def initial_state(self, batch_size):
+        """(c, sens): zero state and zero sensitivities dc/dtheta, one B x shape(theta) tensor per parameter."""
+        p = self.w_z
+        c = p.new_zeros(batch_size, p.shape[0])
+        sens = {name: p.new_zeros(batch_size, *q.shape) for name, q in self.named_parameters()}
+        return c, sens
+
+    def _scan(self, x, c0, done):
+        """The recurrence over T steps; x: T x B x D, c0: B x N, done: T x B (reset before step t)."""
+        pre_z = F.linear(x, self.w_z, self.b_z)  # all steps' input projections in one GEMM
+        pre_f = F.linear(x, self.w_f, self.b_f)
+        notdone = (~done.bool()).unsqueeze(-1).to(x.dtype)
+        c, cs, c_prevs, zs, fs = c0, [], [], [], []
+        for t in range(x.shape[0]):
+            c_prev = c * notdone[t]
+            z = torch.tanh(pre_z[t] + self.v_z * c_prev)
+            f = torch.sigmoid(pre_f[t] + self.v_f * c_prev)
+            c = f * c_prev + (1 - f) * z
+            cs.append(c), c_prevs.append(c_prev), zs.append(z), fs.append(f)
+        return torch.stack(cs), torch.stack(c_prevs), torch.stack(zs), torch.stack(fs), notdone
+
+    def forward(self, x, c0, done):
+        """c_1..c_T (T x B x N), differentiable by autograd."""
+        return self._scan(x, c0, done)[0]
+
+    @torch.no_grad()
+    def rtrl(self, x, c0, done, sens, dl_dc, impl="chunked"):
+        """Exact gradients of sum_t <dl_dc[t], c_t> through the whole history, and the sensitivities at T.
+
+        `sens` are dc_0/dtheta carried from earlier chunks; dl_dc[t] is the local dL/dc_t (SPEC §2).
+        """
+        _, c_prev, z, f, notdone = self._scan(x, c0, done)
+        alpha = (1 - f) * (1 - z * z)  # dc_t / d pre-activation of z
+        beta = (c_prev - z) * f * (1 - f)  # dc_t / d pre-activation of f
+        a = notdone * (f + alpha * self.v_z + beta * self.v_f)  # J_t, zeroed across resets
+        u = {"w_z": alpha, "w_f": beta, "v_z": alpha * c_prev, "v_f": beta * c_prev, "b_z": alpha, "b_f": beta}
+        rtrl = self._rtrl_chunked if impl == "chunked" else self._rtrl_step
+        return rtrl(x, a, u, sens, dl_dc)
+
+    def _rtrl_step(self, x, a, u, sens, dl_dc):
+        """SPEC §2: S_t = J_t * S_{t-1} + u_t (x) x_t;  grad += sum_b delta_t * S_t."""
+        grads = {k: torch.zeros_like(p) for k, p in self.named_parameters()}
+        sens = dict(sens)
+        for t in range(x.shape[0]):
+            for k in grads:
+                if k in self.MATRICES:
+                    sens[k] = a[t, :, :, None] * sens[k] + u[k][t, :, :, None] * x[t, :, None, :]
+                    grads[k] += torch.einsum("bn,bnd->nd", dl_dc[t], sens[k])
+                else:
+                    sens[k] = a[t] * sens[k] + u[k][t]
+                    grads[k] += (dl_dc[t] * sens[k]).sum(0)
+        return grads, sens
+
+    def _rtrl_chunked(self, x, a, u, sens, dl_dc):
+        """SPEC §3: the same numbers, reading S_0 once and turning the rest into matrix products."""
+        # R_s = delta_s + a_{s+1} R_{s+1}: what step s's sensitivity is worth to the chunk's loss
+        R = torch.empty_like(dl_dc)
+        R[-1] = dl_dc[-1]
+        for t in range(x.shape[0] - 2, -1, -1):
+            R[t] = dl_dc[t] + a[t + 1] * R[t + 1]
+        # P_s = prod_{r>s} a_r: how step s's increment survives to T (a reverse cumulative product)
+        prod_from = torch.cumprod(a.flip(0), 0).flip(0)  # prod_{r>=s} a_r
+        P = torch.cat([prod_from[1:], torch.ones_like(a[:1])])
+        aR0, aP0 = a[0] * R[0], prod_from[0]
+        grads, sens_T = {}, {}
+        for k, s0 in sens.items():
+            if k in self.MATRICES:
+                grads[k] = torch.einsum("bn,bnd->nd", aR0, s0) + torch.einsum("tbn,tbd->nd", u[k] * R, x)
+                sens_T[k] = aP0[:, :, None] * s0 + torch.einsum("tbn,tbd->bnd", u[k] * P, x)
+            else:
+                grads[k] = (aR0 * s0).sum(0) + (u[k] * R).sum((0, 1))
+                sens_T[k] = aP0 * s0 + (u[k] * P).sum(0)
+        return grads, sens_T
+
+
+# ---------------------------------------------------------------------------------------------
+# The agent (SPEC §5): IMPALA ResNet stem -> [features ; clipped last reward] -> eLSTM -> heads
+# ---------------------------------------------------------------------------------------------
+class ResidualBlock(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv0 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        self.conv1 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv1(F.relu(self.conv0(F.relu(x))))
+
+
+def conv_sequence(in_channels, out_channels):
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
+        nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+        ResidualBlock(out_channels),
+        ResidualBlock(out_channels),
+    )
+
+
+class Agent(nn.Module):
+    def __init__(self, obs_shape, num_actions, hidden_size, core="rtrl"):
+        super().__init__()
+        self.core = core
+        convs = nn.Sequential(conv_sequence(obs_shape[0], 16), conv_sequence(16, 32), conv_sequence(32, 32))
+        with torch.no_grad():
+            flat = convs(torch.zeros(1, *obs_shape)).numel()
+        self.stem = nn.Sequential(convs, nn.ReLU(), nn.Flatten(), nn.Linear(flat, 256), nn.ReLU())
+        self.cell = ELSTM(256 + 1, hidden_size)
+        self.gate = nn.Linear(256 + 1 + hidden_size, hidden_size)
+        self.actor = nn.Linear(hidden_size, num_actions)
+        self.critic = nn.Linear(hidden_size, 1)
+
+    def features(self, obs, last_reward):
+        """x = [stem(obs) ; clip(last reward)], for any leading dims of obs (... x C x H x W)."""
+        lead = obs.shape[:-3]
+        y = self.stem(obs.reshape(-1, *obs.shape[-3:]).to(self.gate.weight.dtype) / 255.0)
+        return torch.cat([y.reshape(*lead, -1), last_reward.clamp(-1, 1).unsqueeze(-1).to(y.dtype)], -1)
+
+    def resets(self, first):
+        """The cell's done mask: episode starts, or every step for the memoryless `ff` core."""
+        return torch.ones_like(first) if self.core == "ff" else first
+
+    def heads(self, x, c):
+        o = torch.sigmoid(self.gate(torch.cat([x, c], -1)))  # output gate conditioned on c_t (SPEC §1)
+        h = o * c
+        return self.actor(h), self.critic(h).squeeze(-1)
+
+    @torch.no_grad()
+    def act(self, obs, last_reward, c, first, greedy=False):
+        """One environment step of the policy: (action, value, next c)."""
+        x = self.features(obs, last_reward)
+        c = self.cell(x[None], c, self.resets(first)[None])[0]
+        logits, value = self.heads(x, c)
+        action = logits.argmax(-1) if greedy else torch.distributions.Categorical(logits=logits).sample()
+        return action, value, c
+
+
+@dataclass
+class Rollout:
+    """What one rollout of T steps x B envs keeps for the update (the CleanRL storage)."""
+
+    obs: torch.Tensor  # T x B x 3 x 64 x 64, uint8
+    last_rewards: torch.Tensor  # T x B, the reward input of each step
+    firsts: torch.Tensor  # T x B, reset state and sensitivities before the step
+    deads: torch.Tensor  # T x B, the observation is terminal: no loss, its value bootstraps
+    actions: torch.Tensor  # T x B
+    rewards: torch.Tensor  # T x B
+    terms: torch.Tensor  # T x B, the step ended its episode (no bootstrap)
+    values: torch.Tensor  # T x B
+
+
+def n_step_returns(rollout, next_value, gamma):
+    """G_t = clip(r_t) + gamma G_{t+1}, cut by terminations; a dead step's G is its value (SPEC §6:
+    a truncated episode bootstraps from its terminal observation)."""
+    returns = torch.empty_like(rollout.values)
+    g = next_value
+    for t in reversed(range(len(returns))):
+        g = rollout.rewards[t].clamp(-1, 1) + torch.where(rollout.terms[t], 0.0, gamma * g)
+        g = torch.where(rollout.deads[t], rollout.values[t], g)
+        returns[t] = g
+    return returns
+
+
+def timer(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # otherwise we would time kernel launches, not work
+    return time.perf_counter()
+
+
+def compute_gradients(agent, rollout, returns, c0, sens0, args):
+    """Fill every parameter's .grad for one rollout's loss; return (stats, sens_T, seconds in RTRL).
+
+    rtrl: the eLSTM gets exact untruncated gradients from the carried sensitivities; stem, gate and
+    heads get backprop within the rollout (SPEC §5). tbptt / ff: autograd within the rollout.
+    """
+    resets = agent.resets(rollout.firsts)
+    x = agent.features(rollout.obs, rollout.last_rewards)
+    x_leaf = x.detach().requires_grad_()
+    c = agent.cell(x_leaf, c0, resets)
+    c_leaf = c.detach().requires_grad_()  # its grad is the local delta_t = dL/dc_t (SPEC §2)
+    logits, value = agent.heads(x_leaf, c_leaf)
+    dist = torch.distributions.Categorical(logits=logits)
+    live = (~rollout.deads).to(value.dtype)
+    advantages = (returns - value).detach()
+    pg_loss = -(live * dist.log_prob(rollout.actions) * advantages).sum()
+    v_loss = 0.5 * (live * (returns - value) ** 2).sum()
+    entropy = (live * dist.entropy()).sum()
+    loss = pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy
+    loss.backward()
+
+    rtrl_time, sens_T = 0.0, sens0
+    if args.core == "rtrl":
+        c.backward(c_leaf.grad, inputs=[x_leaf])  # the stem's path through the cell, within the rollout
+        start = timer(x.device)
+        grads, sens_T = agent.cell.rtrl(x_leaf.detach(), c0, resets, sens0, c_leaf.grad, args.rtrl_impl)
+        rtrl_time = timer(x.device) - start
+        for name, p in agent.cell.named_parameters():
+            p.grad = grads[name]
+    else:
+        c.backward(c_leaf.grad, inputs=[x_leaf, *agent.cell.parameters()])
+    x.backward(x_leaf.grad)
+    stats = {"policy_loss": pg_loss.item(), "value_loss": v_loss.item(), "entropy": entropy.item()}
+    return stats, sens_T, rtrl_time
+
+
+def env_seeds(seed, n):
+    """Distinct per-env seeds derived from --seed (SPEC §6)."""
+    return np.random.default_rng(seed).choice(2**31 - 1, size=n, replace=False)
+
+
+@torch.no_grad()
+def evaluate(agent, env_id, seeds, start_level, num_levels, num_episodes, device):
+    """Greedy (return, level seed) of `num_episodes` episodes on levels [start_level, start_level + num_levels).
+
+    Each env plays the same number of episodes, so short episodes do not crowd out long ones.
+    """
+    envs = ProcgenEnvs(env_id, seeds, start_level, num_levels, device)
+    per_env = math.ceil(num_episodes / len(seeds))
+    c, _ = agent.cell.initial_state(len(seeds))
+    finished = [[] for _ in seeds]
+    while min(map(len, finished)) < per_env:
+        action, _, c = agent.act(envs.obs, envs.last_reward, c, envs.first, greedy=True)
+        for i, episode_return, _, level_seed in envs.step(action)[2]:
+            finished[i].append((episode_return, level_seed))
+    envs.close()
+    return [episode for episodes in finished for episode in episodes[:per_env]][:num_episodes]
+
+
+def level_sets(args):
+    """name -> (start_level, num_levels): the training levels and each held-out test set."""
+    sets = {"train": (args.start_level, args.num_levels)}
+    return sets | {f"test {start}": (start, args.test_num_levels) for start in args.test_level_starts}
+
+
+def evaluate_level_sets(agent, args, seeds, device, writer, global_step):
+    """Greedy returns on every level set; logs eval/train_levels_return and eval/test_levels_return."""
+    results = {name: evaluate(agent, args.env_id, seeds, start, num, args.eval_episodes, device)
+               for name, (start, num) in level_sets(args).items()}  # fmt: skip
+    test_returns = [r for name, episodes in results.items() if name != "train" for r, _ in episodes]
+    writer.add_scalar("eval/train_levels_return", np.mean([r for r, _ in results["train"]]), global_step)
+    if test_returns:
+        writer.add_scalar("eval/test_levels_return", np.mean(test_returns), global_step)
+    return results
+
+
+def save_checkpoint(agent, args, path):
+    """Atomic: a crash mid-write never leaves a truncated model.pt behind."""
+    tmp = f"{path}.tmp"
+    torch.save({"model": agent.state_dict(), "args": vars(args)}, tmp)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    check_args(args)
+    args.batch_size = args.num_envs * args.num_steps
+    args.num_iterations = args.total_timesteps // args.batch_size
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+    )
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    num_eval_envs = max(1, min(args.eval_episodes, args.num_envs))
+    seeds = env_seeds(args.seed, args.num_envs + num_eval_envs)
+    train_seeds, eval_seeds = seeds[: args.num_envs], seeds[args.num_envs :]
+    envs = ProcgenEnvs(args.env_id, train_seeds, args.start_level, args.num_levels, device)
+    obs_shape = tuple(envs.envs.observation_space.shape)
+    agent = Agent(obs_shape, envs.num_actions, args.hidden_size, args.core).to(device)
+    optimizer = torch.optim.RMSprop(agent.parameters(), lr=args.learning_rate, alpha=args.rms_alpha, eps=args.rms_eps)
+
+    T, B = args.num_steps, args.num_envs
+    rollout = Rollout(
+        obs=torch.zeros((T, B, *obs_shape), dtype=torch.uint8, device=device),
+        last_rewards=torch.zeros((T, B), device=device),
+        firsts=torch.zeros((T, B), dtype=torch.bool, device=device),
+        deads=torch.zeros((T, B), dtype=torch.bool, device=device),
+        actions=torch.zeros((T, B), dtype=torch.long, device=device),
+        rewards=torch.zeros((T, B), device=device),
+        terms=torch.zeros((T, B), dtype=torch.bool, device=device),
+        values=torch.zeros((T, B), device=device),
+    )
+    c, sens = agent.cell.initial_state(B)
+    global_step, start_time, last_print, recent_returns = 0, time.time(), 0.0, []
+    eval_time, next_eval, results = 0.0, args.eval_every, {}
+
+    for iteration in range(1, args.num_iterations + 1):
+        if args.anneal_lr:
+            optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * args.learning_rate
+
+        c0 = c
+        for step in range(T):
+            global_step += B
+            rollout.obs[step], rollout.last_rewards[step] = envs.obs, envs.last_reward
+            rollout.firsts[step], rollout.deads[step] = envs.first, envs.dead
+            action, rollout.values[step], c = agent.act(envs.obs, envs.last_reward, c, envs.first)
+            rollout.actions[step] = action
+            rollout.rewards[step], rollout.terms[step], episodes = envs.step(action)
+            for _, episode_return, episode_length, _ in episodes:
+                writer.add_scalar("charts/episodic_return", episode_return, global_step)
+                writer.add_scalar("charts/episodic_length", episode_length, global_step)
+                recent_returns = (recent_returns + [episode_return])[-20:]
+
+        update_start = timer(device)
+        next_value = agent.act(envs.obs, envs.last_reward, c, envs.first)[1]  # c itself moves on next rollout
+        returns = n_step_returns(rollout, next_value, args.gamma)
+        optimizer.zero_grad()
+        stats, sens, rtrl_time = compute_gradients(agent, rollout, returns, c0, sens, args)
+        grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+        optimizer.step()
+        update_time = timer(device) - update_start
+
+        sps = int(global_step / (time.time() - start_time - eval_time))
+        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+        for key, value in stats.items():
+            writer.add_scalar(f"losses/{key}", value, global_step)
+        writer.add_scalar("losses/grad_norm", grad_norm.item(), global_step)
+        writer.add_scalar("charts/rtrl_share_of_update", rtrl_time / update_time, global_step)
+        writer.add_scalar("charts/SPS", sps, global_step)
+        if time.time() - last_print > 10 or iteration == args.num_iterations:
+            last_print = time.time()
+            mean_return = f"{np.mean(recent_returns):.2f}" if recent_returns else "n/a"
+            print(f"global_step={global_step} SPS={sps} return(last {len(recent_returns)} episodes)={mean_return} "
+                  f"entropy={stats['entropy'] / (T * B):.3f} rtrl_share={rtrl_time / update_time:.3f}")  # fmt: skip
+
+        if args.eval_episodes > 0 and (global_step >= next_eval or iteration == args.num_iterations):
+            eval_start, next_eval = time.time(), global_step + args.eval_every
+            results = evaluate_level_sets(agent, args, eval_seeds, device, writer, global_step)
+            eval_time += time.time() - eval_start
+            print(f"global_step={global_step} greedy eval: " + ", ".join(
+                f"{name} {np.mean([r for r, _ in episodes]):.2f}" for name, episodes in results.items()))  # fmt: skip
+    envs.close()
+
+    if args.save_model:
+        model_path = f"runs/{run_name}/model.pt"
+        save_checkpoint(agent, args, model_path)
+        print(f"model saved to {model_path}")
+    if results:
+        print(f"\ngreedy evaluation at step {global_step}, {args.eval_episodes} episodes per level set:")
+        print(f"{'level set':<12}{'levels':<22}{'mean return':>12}{'std':>8}")
+        for name, (start, num) in level_sets(args).items():
+            levels = f"[{start}, {start + num})" if num > 0 else f"[{start}, inf)"
+            episode_returns = [r for r, _ in results[name]]
+            print(f"{name:<12}{levels:<22}{np.mean(episode_returns):>12.2f}{np.std(episode_returns):>8.2f}")
+        test_returns = [r for name, episodes in results.items() if name != "train" for r, _ in episodes]
+        if test_returns:
+            print(f"{'test (all)':<34}{np.mean(test_returns):>12.2f}{np.std(test_returns):>8.2f}")
+    writer.close()

@@ -1,0 +1,121 @@
+"""Claims about rtrl_a2c_procgen.py: the shared A2C claims (tests/a2c_checks.py) and held-out evaluation."""
+
+import ctypes.util
+import glob
+import os
+
+import pytest
+import torch
+
+import a2c_checks as checks
+import helpers
+import rtrl_a2c_procgen as procgen
+
+SCRIPT = procgen.__file__
+MEMORY_GAME = "MazeMemory-v0"
+
+
+def test_forward_matches_spec_equations():
+    checks.check_forward_matches_spec(procgen)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "step"])
+@pytest.mark.parametrize("chunk_len", [7, 1])
+def test_rtrl_equals_bptt_across_chunks_with_resets(impl, chunk_len):
+    checks.check_rtrl_equals_bptt_across_chunks(procgen, impl, chunk_len)
+
+
+def test_carried_sensitivities_are_dc_dtheta_for_both_impls():
+    checks.check_carried_sensitivities_are_dc_dtheta(procgen)
+
+
+def test_returns_bootstrap_truncations_and_cut_terminations():
+    checks.check_returns_bootstrap_truncations_and_cut_terminations(procgen)
+
+
+@pytest.mark.parametrize("core,impl", [("rtrl", "chunked"), ("rtrl", "step"), ("tbptt", "chunked"), ("ff", "chunked")])
+def test_update_gradients_equal_autograd_on_equivalent_computation(core, impl):
+    checks.check_update_gradients_equal_autograd(procgen, core, impl)
+
+
+# ---------------------------------------------------------------------------------------------
+# Levels
+# ---------------------------------------------------------------------------------------------
+def test_eval_uses_only_held_out_levels(tmp_path):
+    """EnvPool's info["level_seed"] of every evaluation episode lies in its own level set."""
+    args = procgen.Args(env_id="ChaserEasy-v0", start_level=10, num_levels=5, test_level_starts=(20, 40),
+                        test_num_levels=3, eval_episodes=6)  # fmt: skip
+    torch.manual_seed(0)
+    agent = procgen.Agent((3, 64, 64), 15, 8)
+    writer = procgen.SummaryWriter(str(tmp_path))
+    results = procgen.evaluate_level_sets(agent, args, procgen.env_seeds(0, 3), torch.device("cpu"), writer, 0)
+    writer.close()
+
+    assert sorted(results) == ["test 20", "test 40", "train"]
+    train = range(args.start_level, args.start_level + args.num_levels)
+    for name, (start, num) in procgen.level_sets(args).items():
+        seeds = [level_seed for _, level_seed in results[name]]
+        assert len(seeds) == args.eval_episodes
+        assert all(start <= s < start + num for s in seeds), (name, seeds)
+        if name != "train":
+            assert not any(s in train for s in seeds), (name, seeds)
+    assert len({s for name in results for _, s in results[name]}) > 3  # levels really vary within a set
+    scalars = checks.read_scalars(str(tmp_path))
+    assert set(scalars) == {"eval/train_levels_return", "eval/test_levels_return"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The script as a user runs it
+# ---------------------------------------------------------------------------------------------
+def run_script(tmp_path, *flags, env=None):
+    return helpers.run_script(SCRIPT, tmp_path, *flags, env=env)
+
+
+@pytest.mark.parametrize("core,num_steps,test_sets", [("rtrl", 8, ["1000", "1200", "1400"]), ("ff", 1, ["3000"])])
+def test_training_run_on_a_memory_game_writes_both_eval_scalars(tmp_path, core, num_steps, test_sets):
+    steps = 2 * num_steps * (40 if num_steps > 1 else 64)
+    proc = run_script(tmp_path, "--env-id", MEMORY_GAME, "--core", core, "--num-envs", "2",
+                      "--num-steps", str(num_steps), "--total-timesteps", str(steps), "--hidden-size", "16",
+                      "--eval-episodes", "2", "--eval-every", str(steps // 2), "--test-level-starts", *test_sets,
+                      "--save-model")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / f"{MEMORY_GAME}__rtrl_a2c_procgen__1__*"))
+    scalars = checks.read_scalars(run_dir)
+    checks.check_update_scalars(scalars, iterations=steps // (2 * num_steps))
+    for tag in ("eval/train_levels_return", "eval/test_levels_return"):
+        assert len(scalars[tag]) == 2, tag  # halfway and at the end
+    last = f"[{test_sets[-1]}, {int(test_sets[-1]) + 200})"
+    assert "test (all)" in proc.stdout and last in proc.stdout, proc.stdout  # the final table
+
+    checkpoint = torch.load(os.path.join(run_dir, "model.pt"), weights_only=True)
+    assert checkpoint["args"]["core"] == core and not glob.glob(os.path.join(run_dir, "*.tmp"))
+    agent = procgen.Agent((3, 64, 64), 15, checkpoint["args"]["hidden_size"], core)
+    agent.load_state_dict(checkpoint["model"])
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--env-id", "MazeMemry-v0"], "did you mean MazeMemory-v0"),
+        (["--env-id", "BigfishMemory-v0"], "valid ids: BigfishEasy-v0, BigfishHard-v0"),  # no memory mode
+        (["--num-levels", "-1"], "--num-levels must be at least 0"),
+        (["--num-levels", "1100"], "overlap the training levels [0, 1100)"),
+        (["--num-levels", "0"], "overlap the training levels [0, inf)"),
+        (["--start-level", "1300", "--num-levels", "50"], "test levels [1200, 1400) overlap"),
+        (["--test-level-starts", "-5"], "outside ProcGen's"),
+        (["--num-envs", "0"], "--num-envs must be at least 1"),
+        (["--total-timesteps", "10", "--num-envs", "4", "--num-steps", "5"], "less than one rollout"),
+        (["--gamma", "1.5"], "--gamma must be in"),
+    ],
+)
+def test_bad_input_is_a_one_line_error(tmp_path, flags, message):
+    checks.check_bad_input_is_a_one_line_error(run_script(tmp_path, *flags), message, tmp_path)
+
+
+@pytest.mark.skipif(ctypes.util.find_library("Qt5Core") is not None, reason="a system Qt5 would serve")
+def test_missing_qt_runtime_says_what_to_install(tmp_path):
+    """A PyQt5 without its Qt libraries shadows the wheel: no Qt5 anywhere, as on a bare machine."""
+    (tmp_path / "PyQt5").mkdir()
+    (tmp_path / "PyQt5" / "__init__.py").write_text("")
+    proc = run_script(tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    checks.check_bad_input_is_a_one_line_error(proc, "pip install PyQt5-Qt5", tmp_path)
