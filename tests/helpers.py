@@ -1,5 +1,8 @@
 """Helpers shared by the test files (each script is tested on its own; these hold no script code)."""
 
+import contextlib
+import glob
+import os
 import subprocess
 import sys
 
@@ -30,3 +33,26 @@ def episode_flags(steps, batch, g):
                 deads[last + 1, b] = True
             start = last + 2
     return terms, deads, firsts
+
+
+def child_pids(pid):
+    """Live processes whose parent is `pid` (from /proc)."""
+    children = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            with open(stat) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                children.append(int(stat.split("/")[2]))
+    return children
+
+
+def processes_under(path):
+    """Pids of live processes whose working directory is `path` or inside it: what a run left behind."""
+    path, found = os.path.realpath(path), []
+    for cwd in glob.glob("/proc/[0-9]*/cwd"):
+        with contextlib.suppress(OSError):
+            cwd_path = os.path.realpath(os.readlink(cwd))
+            if cwd_path == path or cwd_path.startswith(path.rstrip(os.sep) + os.sep):
+                found.append(int(cwd.split("/")[2]))
+    return found

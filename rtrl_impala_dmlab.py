@@ -1,0 +1,874 @@
+"""IMPALA (V-trace) with an element-wise LSTM trained by exact real-time recurrent learning (RTRL).
+
+Irie, Gopalakrishnan, Schmidhuber, "Exploring the Promise and Limits of Real-Time Recurrent
+Learning", ICLR 2024 (arXiv 2305.19044), their R2AC on DeepMind Lab; Espeholt et al., "IMPALA",
+ICML 2018 (arXiv 1802.01561) for V-trace. Actor processes step their environments with a copy
+of the latest weights and carry the eLSTM state *and* its RTRL sensitivities online; the learner
+recomputes each unroll's sensitivities from the actor's ones with its own parameters, so the
+recurrent parameters get untruncated gradients with no stored history.
+
+    python rtrl_impala_dmlab.py --env-id rooms_watermaze          # needs deepmind_lab, built from source
+    python rtrl_impala_dmlab.py --env-id MyWayHome-v1             # pip-installable stand-in (EnvPool ViZDoom)
+    torchrun --nproc_per_node 2 rtrl_impala_dmlab.py --env-id MyWayHome-v1 --num-actors 4
+"""
+
+import contextlib
+import difflib
+import hashlib
+import multiprocessing.connection
+import os
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import envpool
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    save_model: bool = False
+    """whether to save the model and its args to `runs/{run_name}/model.pt` (always done on Ctrl-C / SIGTERM)"""
+
+    # Algorithm specific arguments
+    env_id: str = "rooms_watermaze"
+    """a DMLab-30 level name (needs `deepmind_lab`) or an EnvPool pixel task id such as MyWayHome-v1 (the stand-in)"""
+    total_timesteps: int = 300_000_000
+    """total agent steps (each is 4 frames) learned from, over all learners; 300 M steps = 1.2 B frames"""
+    num_actors: int = os.cpu_count() or 1
+    """actor processes per learner (per torchrun rank)"""
+    envs_per_actor: int = 1
+    """environments each actor steps as one batch"""
+    unroll_length: int = 100
+    """T, the steps per unroll an actor sends (plus one bootstrap step)"""
+    batch_size: int = 32
+    """unrolls per update of each learner"""
+    learning_rate: float = 6e-4
+    """the learning rate of the optimizer"""
+    anneal_lr: bool = True
+    """linear learning-rate decay to 0"""
+    rms_alpha: float = 0.99
+    """RMSprop smoothing constant"""
+    rms_eps: float = 0.01
+    """RMSprop epsilon"""
+    gamma: float = 0.99
+    """the discount factor"""
+    ent_coef: float = 0.01
+    """coefficient of the entropy bonus"""
+    vf_coef: float = 0.5
+    """coefficient of the value (baseline) loss"""
+    max_grad_norm: float = 40.0
+    """the maximum global norm of the gradients"""
+    hidden_size: int = 512
+    """N, the size of the eLSTM state"""
+    core: Literal["rtrl", "tbptt", "ff"] = "rtrl"
+    """rtrl: eLSTM with exact untruncated RTRL gradients; tbptt: the same eLSTM with BPTT cut at each
+    unroll's start; ff: no memory (the cell with its state zeroed at every step)"""
+    rtrl_impl: Literal["chunked", "step"] = "chunked"
+    """the learner's exact RTRL in one GEMM-shaped pass per unroll (chunked) or by the per-step recursion (step)"""
+    eval_episodes: int = 10
+    """greedy evaluation episodes after training; 0 skips it"""
+
+    # to be filled in runtime
+    num_updates: int = 0
+    """the number of learner updates (computed in runtime)"""
+    world_size: int = 1
+    """the number of learners, torchrun's WORLD_SIZE (computed in runtime)"""
+
+
+def fail(message):
+    """User errors: one line on stderr and exit code 2 (as for a bad flag), no traceback."""
+    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Environments: DeepMind Lab, or an EnvPool pixel task as a pip-installable stand-in
+# ---------------------------------------------------------------------------------------------
+DMLAB30 = (
+    "rooms_collect_good_objects_train", "rooms_exploit_deferred_effects_train", "rooms_select_nonmatching_object",
+    "rooms_watermaze", "rooms_keys_doors_puzzle", "language_select_described_object",
+    "language_select_located_object", "language_execute_random_task", "language_answer_quantitative_question",
+    "lasertag_one_opponent_small", "lasertag_three_opponents_small", "lasertag_one_opponent_large",
+    "lasertag_three_opponents_large", "natlab_fixed_large_map", "natlab_varying_map_regrowth",
+    "natlab_varying_map_randomized", "skymaze_irreversible_path_hard", "skymaze_irreversible_path_varied",
+    "psychlab_arbitrary_visuomotor_mapping", "psychlab_continuous_recognition", "psychlab_sequential_comparison",
+    "psychlab_visual_search", "explore_object_locations_small", "explore_object_locations_large",
+    "explore_obstructed_goals_small", "explore_obstructed_goals_large", "explore_goal_locations_small",
+    "explore_goal_locations_large", "explore_object_rewards_few", "explore_object_rewards_many",
+)  # fmt: skip
+# IMPALA's 9 actions for DMLab (Espeholt et al. 2018, appendix), by DMLab action name; unnamed ones are 0
+DMLAB_ACTIONS = (
+    {"MOVE_BACK_FORWARD": 1},  # forward
+    {"MOVE_BACK_FORWARD": -1},  # backward
+    {"STRAFE_LEFT_RIGHT": -1},  # strafe left
+    {"STRAFE_LEFT_RIGHT": 1},  # strafe right
+    {"LOOK_LEFT_RIGHT_PIXELS_PER_FRAME": -20},  # look left
+    {"LOOK_LEFT_RIGHT_PIXELS_PER_FRAME": 20},  # look right
+    {"LOOK_LEFT_RIGHT_PIXELS_PER_FRAME": -20, "MOVE_BACK_FORWARD": 1},  # look left + forward
+    {"LOOK_LEFT_RIGHT_PIXELS_PER_FRAME": 20, "MOVE_BACK_FORWARD": 1},  # look right + forward
+    {"FIRE": 1},  # fire
+)
+OBS_HEIGHT, OBS_WIDTH, ACTION_REPEAT = 72, 96, 4
+# The stand-ins, made to look like DMLab: one RGB frame at 72x96 (ProcGen keeps its 64x64), action repeat 4
+ENVPOOL_PIXEL_KWARGS = {
+    "envpool.vizdoom": dict(use_combined_action=True, stack_num=1, img_height=OBS_HEIGHT, img_width=OBS_WIDTH,
+                            frame_skip=ACTION_REPEAT),
+    "envpool.atari": dict(stack_num=1, gray_scale=False, img_height=OBS_HEIGHT, img_width=OBS_WIDTH,
+                          frame_skip=ACTION_REPEAT, episodic_life=False, reward_clip=False, repeat_action_probability=0.0),
+    "envpool.procgen": dict(),
+}  # fmt: skip
+# EnvPool's ViZDoom reward counts only game-variable changes (its reward_config), not a scenario's own
+# scripted reward. MyWayHome's is +1 for reaching the vest, the only way its episodes terminate.
+VIZDOOM_GOAL_REWARD = {"MyWayHome-v1": 1.0}
+DMLAB_MISSING = ("DeepMind Lab's Python module `deepmind_lab` is not importable; it cannot be pip-installed: build "
+                 "it from https://github.com/google-deepmind/lab (bazel, python/pip_package), or run the stand-in: "
+                 "python rtrl_impala_dmlab.py --env-id MyWayHome-v1")  # fmt: skip
+
+
+def envpool_family(env_id):
+    spec = envpool.registration.registry.specs.get(env_id)
+    return spec[0] if spec is not None and spec[0] in ENVPOOL_PIXEL_KWARGS else None
+
+
+def env_info(env_id):
+    """(observation shape, number of actions), checking the backend is usable; a user error if not."""
+    if env_id in DMLAB30:
+        try:
+            import deepmind_lab  # noqa: F401
+        except ImportError:
+            fail(DMLAB_MISSING)
+        return (3, OBS_HEIGHT, OBS_WIDTH), len(DMLAB_ACTIONS)
+    family = envpool_family(env_id)
+    if family is None:
+        pixel_ids = sorted(k for k, v in envpool.registration.registry.specs.items() if v[0] in ENVPOOL_PIXEL_KWARGS)
+        close = difflib.get_close_matches(env_id, list(DMLAB30) + pixel_ids, n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}?" if close else "use a DMLab-30 level such as rooms_watermaze or an EnvPool pixel task such as MyWayHome-v1"  # fmt: skip
+        fail(f"unknown env id {env_id!r} (neither a DMLab-30 level nor an EnvPool Atari/ProcGen/ViZDoom task); {hint}")
+    try:
+        spec = envpool.make_spec(env_id, **ENVPOOL_PIXEL_KWARGS[family])
+    except ImportError as e:  # e.g. ProcGen without the system Qt runtime
+        fail(f"EnvPool cannot load {env_id}: {str(e).splitlines()[0]}")
+    return spec.observation_space.shape, spec.action_space.n
+
+
+class EnvPoolEnvs:
+    """An EnvPool pixel task, with the agent's view of episode ends (as in rtrl_a2c_atari.py).
+
+    EnvPool answers the step after an episode ends with the next episode's first observation and
+    ignores that step's action. So the observation that follows a `terminated`/`truncated` is the
+    terminal one: the step taking it is `dead` (its value bootstraps a truncation, it gets no loss),
+    and the step after it is `first` (state and sensitivities reset).
+    """
+
+    def __init__(self, env_id, seeds):
+        family = envpool_family(env_id)
+        self.envs = envpool.make(env_id, env_type="gymnasium", num_envs=len(seeds), env_seed=[int(s) for s in seeds],
+                                 **ENVPOOL_PIXEL_KWARGS[family])  # fmt: skip
+        self.goal_reward = VIZDOOM_GOAL_REWARD.get(env_id, 0.0)
+        n = len(seeds)
+        obs, _ = self.envs.reset()
+        self.obs = torch.as_tensor(obs)
+        self.last_reward = torch.zeros(n)
+        self.first = torch.ones(n, dtype=torch.bool)
+        self.dead = torch.zeros(n, dtype=torch.bool)
+        self.episode_return = np.zeros(n)
+
+    def step(self, action):
+        """Returns (reward, terminated) of the step and the (return, length) of episodes that ended."""
+        obs, reward, term, trunc, info = self.envs.step(action.numpy())
+        reward = reward + self.goal_reward * term
+        self.episode_return += reward
+        episodes = []
+        for i in np.flatnonzero(term | trunc):
+            episodes.append((self.episode_return[i], int(info["elapsed_step"][i])))
+            self.episode_return[i] = 0.0
+        self.first = self.dead  # the step after a dead one returns a new episode's first observation
+        self.dead = torch.as_tensor(term | trunc)
+        self.obs = torch.as_tensor(obs)
+        self.last_reward = torch.as_tensor(reward, dtype=torch.float32)
+        return self.last_reward, torch.as_tensor(term), episodes
+
+    def close(self):
+        self.envs.close()
+
+
+class DmLabEnvs:
+    """DeepMind Lab levels (SPEC §5): RGB_INTERLEAVED 72x96, IMPALA's 9 actions, action repeat 4 with rewards
+    summed (Lab.step(action, num_steps) sums them), episode end from is_running().
+
+    DMLab has no observation once an episode is over, so, as in IMPALA, the episode's last step is terminal
+    (no bootstrap) and the next observation is the new episode's first: there are no dead steps.
+    """
+
+    def __init__(self, level, seeds):
+        import deepmind_lab
+
+        config = {"width": str(OBS_WIDTH), "height": str(OBS_HEIGHT), "logLevel": "WARN"}
+        self.labs = [deepmind_lab.Lab(f"contributed/dmlab30/{level}", ["RGB_INTERLEAVED"], config=config) for _ in seeds]
+        names = [spec["name"] for spec in self.labs[0].action_spec()]
+        self.action_vectors = np.zeros((len(DMLAB_ACTIONS), len(names)), dtype=np.intc)
+        for i, action in enumerate(DMLAB_ACTIONS):
+            for name, value in action.items():
+                self.action_vectors[i, names.index(name)] = value
+        self.rngs = [np.random.default_rng(int(s)) for s in seeds]  # each env's episode seeds
+        n = len(seeds)
+        self.obs = torch.zeros((n, 3, OBS_HEIGHT, OBS_WIDTH), dtype=torch.uint8)
+        for i in range(n):
+            self._reset(i)
+        self.last_reward = torch.zeros(n)
+        self.first = torch.ones(n, dtype=torch.bool)
+        self.dead = torch.zeros(n, dtype=torch.bool)
+        self.episode_return, self.episode_length = np.zeros(n), np.zeros(n, dtype=int)
+
+    def _reset(self, i):
+        self.labs[i].reset(seed=int(self.rngs[i].integers(2**31 - 1)))
+        self._observe(i)
+
+    def _observe(self, i):
+        self.obs[i] = torch.from_numpy(self.labs[i].observations()["RGB_INTERLEAVED"]).permute(2, 0, 1)
+
+    def step(self, action):
+        n = len(self.labs)
+        self.obs = self.obs.clone()  # a new tensor per step, as EnvPool's: actors keep the old ones
+        reward, term, episodes = np.zeros(n), np.zeros(n, dtype=bool), []
+        for i, a in enumerate(action.tolist()):
+            reward[i] = self.labs[i].step(self.action_vectors[a], num_steps=ACTION_REPEAT)
+            self.episode_return[i] += reward[i]
+            self.episode_length[i] += 1
+            term[i] = not self.labs[i].is_running()
+            if term[i]:
+                episodes.append((self.episode_return[i], int(self.episode_length[i])))
+                self.episode_return[i], self.episode_length[i] = 0.0, 0
+                self._reset(i)
+            else:
+                self._observe(i)
+        self.first = torch.as_tensor(term)
+        self.last_reward = torch.as_tensor(reward, dtype=torch.float32)
+        return self.last_reward, torch.as_tensor(term), episodes
+
+    def close(self):
+        for lab in self.labs:
+            lab.close()
+
+
+def make_envs(env_id, seeds):
+    return DmLabEnvs(env_id, seeds) if env_id in DMLAB30 else EnvPoolEnvs(env_id, seeds)
+
+
+def check_args(args):
+    """Bad input becomes a one-line error; returns the environment's (observation shape, number of actions)."""
+    for name in ("total_timesteps", "num_actors", "envs_per_actor", "unroll_length", "batch_size", "hidden_size"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.eval_episodes < 0:
+        fail(f"--eval-episodes must be at least 0, got {args.eval_episodes}")
+    ranges = {  # inclusive bounds
+        "learning_rate": (0.0, float("inf")), "rms_eps": (0.0, float("inf")), "rms_alpha": (0.0, 1.0),
+        "gamma": (0.0, 1.0), "ent_coef": (0.0, float("inf")), "vf_coef": (0.0, float("inf")),
+    }  # fmt: skip
+    for name, (low, high) in ranges.items():
+        if not low <= getattr(args, name) <= high:
+            fail(f"--{name.replace('_', '-')} must be in [{low}, {high}], got {getattr(args, name)}")
+    if args.max_grad_norm <= 0:
+        fail(f"--max-grad-norm must be positive, got {args.max_grad_norm}")
+    if args.batch_size % args.envs_per_actor:
+        fail(f"--batch-size {args.batch_size} must be a multiple of --envs-per-actor {args.envs_per_actor} "
+             f"(an actor sends its environments' unrolls together)")  # fmt: skip
+    per_update = args.batch_size * args.unroll_length * args.world_size
+    if args.total_timesteps < per_update:
+        fail(f"--total-timesteps {args.total_timesteps} is less than one update "
+             f"(--batch-size x --unroll-length x learners = {per_update})")  # fmt: skip
+    return env_info(args.env_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# The element-wise LSTM and its exact RTRL (SPEC §1-3)
+# ---------------------------------------------------------------------------------------------
+class ELSTM(nn.Module):
+    """c_t = f_t * c_{t-1} + (1 - f_t) * z_t, with z, f reading c_{t-1} only element-wise (SPEC §1).
+
+    The output gate lives outside (Agent.heads): it is feed-forward and needs no sensitivities.
+    """
+
+    MATRICES = ("w_z", "w_f")  # sensitivities B x N x D; the rest are vectors, B x N
+
+    def __init__(self, input_size, hidden_size):
+        super().__init__()
+        n, d = hidden_size, input_size
+        self.w_z, self.w_f = (nn.Parameter(0.1 * torch.randn(n, d)) for _ in range(2))
+        self.v_z, self.v_f, self.b_z, self.b_f = (nn.Parameter(0.1 * torch.randn(n)) for _ in range(4))
+
+    def initial_state(self, batch_size):
+        """(c, sens): zero state and zero sensitivities dc/dtheta, one B x shape(theta) tensor per parameter."""
+        p = self.w_z
+        c = p.new_zeros(batch_size, p.shape[0])
+        sens = {name: p.new_zeros(batch_size, *q.shape) for name, q in self.named_parameters()}
+        return c, sens
+
+    def _scan(self, x, c0, done):
+        """The recurrence over T steps; x: T x B x D, c0: B x N, done: T x B (reset before step t)."""
+        pre_z = F.linear(x, self.w_z, self.b_z)  # all steps' input projections in one GEMM
+        pre_f = F.linear(x, self.w_f, self.b_f)
+        notdone = (~done.bool()).unsqueeze(-1).to(x.dtype)
+        c, cs, c_prevs, zs, fs = c0, [], [], [], []
+        for t in range(x.shape[0]):
+            c_prev = c * notdone[t]
+            z = torch.tanh(pre_z[t] + self.v_z * c_prev)
+            f = torch.sigmoid(pre_f[t] + self.v_f * c_prev)
+            c = f * c_prev + (1 - f) * z
+            cs.append(c), c_prevs.append(c_prev), zs.append(z), fs.append(f)
+        return torch.stack(cs), torch.stack(c_prevs), torch.stack(zs), torch.stack(fs), notdone
+
+    def forward(self, x, c0, done):
+        """c_1..c_T (T x B x N), differentiable by autograd."""
+        return self._scan(x, c0, done)[0]
+
+    def _jacobian_and_increments(self, x, c0, done):
+        """c_1..c_T, a_t = notdone_t * J_t and the increments u_t of every parameter's sensitivity (SPEC §2)."""
+        c, c_prev, z, f, notdone = self._scan(x, c0, done)
+        alpha = (1 - f) * (1 - z * z)  # dc_t / d pre-activation of z
+        beta = (c_prev - z) * f * (1 - f)  # dc_t / d pre-activation of f
+        a = notdone * (f + alpha * self.v_z + beta * self.v_f)  # J_t, zeroed across resets
+        u = {"w_z": alpha, "w_f": beta, "v_z": alpha * c_prev, "v_f": beta * c_prev, "b_z": alpha, "b_f": beta}
+        return c, a, u
+
+    def _sens_step(self, sens, a, u, x):
+        """SPEC §2, one step: S_t = J_t * S_{t-1} + u_t (x) x_t (the outer product for the matrices only)."""
+        return {k: a[:, :, None] * s + u[k][:, :, None] * x[:, None, :] if k in self.MATRICES else a * s + u[k]
+                for k, s in sens.items()}  # fmt: skip
+
+    @torch.no_grad()
+    def step(self, x, c, done, sens):
+        """One environment step online, as the actors run it: (c_t, sens_t) from (c_{t-1}, sens_{t-1}); x: B x D."""
+        c, a, u = self._jacobian_and_increments(x[None], c, done[None])
+        return c[0], self._sens_step(sens, a[0], {k: v[0] for k, v in u.items()}, x)
+
+    @torch.no_grad()
+    def rtrl(self, x, c0, done, sens, dl_dc, impl="chunked"):
+        """Exact gradients of sum_t <dl_dc[t], c_t> through the whole history, and the sensitivities at T.
+
+        `sens` are dc_0/dtheta carried from earlier chunks; dl_dc[t] is the local dL/dc_t (SPEC §2).
+        """
+        _, a, u = self._jacobian_and_increments(x, c0, done)
+        rtrl = self._rtrl_chunked if impl == "chunked" else self._rtrl_step
+        return rtrl(x, a, u, sens, dl_dc)
+
+    def _rtrl_step(self, x, a, u, sens, dl_dc):
+        """SPEC §2: S_t = J_t * S_{t-1} + u_t (x) x_t;  grad += sum_b delta_t * S_t."""
+        grads = {k: torch.zeros_like(p) for k, p in self.named_parameters()}
+        for t in range(x.shape[0]):
+            sens = self._sens_step(sens, a[t], {k: v[t] for k, v in u.items()}, x[t])
+            for k in grads:
+                grads[k] += torch.einsum("bn,bn...->n...", dl_dc[t], sens[k])
+        return grads, sens
+
+    def _rtrl_chunked(self, x, a, u, sens, dl_dc):
+        """SPEC §3: the same numbers, reading S_0 once and turning the rest into matrix products."""
+        # R_s = delta_s + a_{s+1} R_{s+1}: what step s's sensitivity is worth to the chunk's loss
+        R = torch.empty_like(dl_dc)
+        R[-1] = dl_dc[-1]
+        for t in range(x.shape[0] - 2, -1, -1):
+            R[t] = dl_dc[t] + a[t + 1] * R[t + 1]
+        # P_s = prod_{r>s} a_r: how step s's increment survives to T (a reverse cumulative product)
+        prod_from = torch.cumprod(a.flip(0), 0).flip(0)  # prod_{r>=s} a_r
+        P = torch.cat([prod_from[1:], torch.ones_like(a[:1])])
+        aR0, aP0 = a[0] * R[0], prod_from[0]
+        grads, sens_T = {}, {}
+        for k, s0 in sens.items():
+            if k in self.MATRICES:
+                grads[k] = torch.einsum("bn,bnd->nd", aR0, s0) + torch.einsum("tbn,tbd->nd", u[k] * R, x)
+                sens_T[k] = aP0[:, :, None] * s0 + torch.einsum("tbn,tbd->bnd", u[k] * P, x)
+            else:
+                grads[k] = (aR0 * s0).sum(0) + (u[k] * R).sum((0, 1))
+                sens_T[k] = aP0 * s0 + (u[k] * P).sum(0)
+        return grads, sens_T
+
+
+# ---------------------------------------------------------------------------------------------
+# The agent (SPEC §5): IMPALA ResNet stem -> [features ; clipped last reward] -> eLSTM -> heads
+# ---------------------------------------------------------------------------------------------
+class ResidualBlock(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv0 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        self.conv1 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv1(F.relu(self.conv0(F.relu(x))))
+
+
+def conv_sequence(in_channels, out_channels):
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
+        nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+        ResidualBlock(out_channels),
+        ResidualBlock(out_channels),
+    )
+
+
+class Agent(nn.Module):
+    def __init__(self, obs_shape, num_actions, hidden_size, core="rtrl"):
+        super().__init__()
+        self.core = core
+        convs = nn.Sequential(conv_sequence(obs_shape[0], 16), conv_sequence(16, 32), conv_sequence(32, 32))
+        with torch.no_grad():
+            flat = convs(torch.zeros(1, *obs_shape)).numel()
+        self.stem = nn.Sequential(convs, nn.ReLU(), nn.Flatten(), nn.Linear(flat, 256), nn.ReLU())
+        self.cell = ELSTM(256 + 1, hidden_size)
+        self.gate = nn.Linear(256 + 1 + hidden_size, hidden_size)
+        self.actor = nn.Linear(hidden_size, num_actions)
+        self.critic = nn.Linear(hidden_size, 1)
+
+    def features(self, obs, last_reward):
+        """x = [stem(obs) ; clip(last reward)], for any leading dims of obs (... x C x H x W)."""
+        lead = obs.shape[:-3]
+        y = self.stem(obs.reshape(-1, *obs.shape[-3:]).to(self.gate.weight.dtype) / 255.0)
+        return torch.cat([y.reshape(*lead, -1), last_reward.clamp(-1, 1).unsqueeze(-1).to(y.dtype)], -1)
+
+    def resets(self, first):
+        """The cell's done mask: episode starts, or every step for the memoryless `ff` core."""
+        return torch.ones_like(first) if self.core == "ff" else first
+
+    def heads(self, x, c):
+        o = torch.sigmoid(self.gate(torch.cat([x, c], -1)))  # output gate conditioned on c_t (SPEC §1)
+        h = o * c
+        return self.actor(h), self.critic(h).squeeze(-1)
+
+    @torch.no_grad()
+    def act(self, obs, last_reward, c, first, sens=None, greedy=False):
+        """One environment step of the policy: (action, logits, next c, next sens). With `sens`, the RTRL
+        sensitivities advance with the state (SPEC §2), as in the actors."""
+        x = self.features(obs, last_reward)
+        if sens is None:
+            c = self.cell(x[None], c, self.resets(first)[None])[0]
+        else:
+            c, sens = self.cell.step(x, c, self.resets(first), sens)
+        logits, _ = self.heads(x, c)
+        action = logits.argmax(-1) if greedy else torch.distributions.Categorical(logits=logits).sample()
+        return action, logits, c, sens
+
+
+# ---------------------------------------------------------------------------------------------
+# Actors: each a process with its own environments and a CPU copy of the latest weights
+# ---------------------------------------------------------------------------------------------
+UNROLL_KEYS = ("obs", "last_rewards", "firsts", "deads", "actions", "logits", "rewards", "terms")
+
+
+def actor_seed(args, rank, actor_id, incarnation):
+    """Distinct seeds derived from --seed for every learner, actor, restart and environment (SPEC §6)."""
+    return np.random.default_rng([args.seed, rank, actor_id, incarnation])
+
+
+def load_weights(agent, weights, version, my_version):
+    """Copy the learner's latest weights if they are newer; returns their version (the updates they include).
+
+    A seqlock, not a lock: an actor killed mid-copy can then never block the learner. The learner makes
+    `version` odd while it writes; a copy is kept only if `version` was even and unchanged around it.
+    """
+    while True:
+        v = version.value
+        if v == 2 * my_version:
+            return my_version
+        if v % 2 == 0:
+            agent.load_state_dict(weights)
+            if version.value == v:
+                return v // 2
+        time.sleep(0.001)
+
+
+def actor_loop(args, obs_shape, num_actions, rank, actor_id, incarnation, workdir, weights, version, sender):
+    """Step the environments, carrying c and its sensitivities online; send unrolls of T + 1 steps.
+
+    An unroll's last step is the next unroll's first (IMPALA's overlap): the learner uses it only to bootstrap.
+    With it go the (c, sens) before its first step, and the weights' version for the policy lag. Sending
+    blocks until the learner reads: at most one unroll waits per actor.
+    """
+    os.setpgrp()  # our env processes join our group: the learner can kill them even if we die (see ActorPool)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the learner decides when we stop
+    torch.set_num_threads(1)
+    os.chdir(workdir)  # ViZDoom instances sharing a directory race on creating ./_vizdoom
+    rng = actor_seed(args, rank, actor_id, incarnation)
+    torch.manual_seed(int(rng.integers(2**31 - 1)))
+    envs = make_envs(args.env_id, rng.choice(2**31 - 1, size=args.envs_per_actor, replace=False))
+    agent = Agent(obs_shape, num_actions, args.hidden_size, args.core)
+    c, sens = agent.cell.initial_state(args.envs_per_actor)
+    sens = sens if args.core == "rtrl" else None
+    episodes, my_version = [], -1
+    try:
+        while True:
+            my_version = load_weights(agent, weights, version, my_version)
+            unroll = {k: [] for k in UNROLL_KEYS}
+            c0, sens0 = c, sens
+            for _ in range(args.unroll_length):
+                unroll["obs"].append(envs.obs), unroll["last_rewards"].append(envs.last_reward)
+                unroll["firsts"].append(envs.first), unroll["deads"].append(envs.dead)
+                action, logits, c, sens = agent.act(envs.obs, envs.last_reward, c, envs.first, sens)
+                unroll["actions"].append(action), unroll["logits"].append(logits)
+                reward, term, ended = envs.step(action)
+                unroll["rewards"].append(reward), unroll["terms"].append(term)
+                episodes += ended
+            unroll["obs"].append(envs.obs), unroll["last_rewards"].append(envs.last_reward)  # the bootstrap step
+            unroll["firsts"].append(envs.first), unroll["deads"].append(envs.dead)
+            item = {k: torch.stack(v).numpy() for k, v in unroll.items()}
+            item.update(c0=c0.numpy(), sens0=None if sens0 is None else {k: s.numpy() for k, s in sens0.items()},
+                        version=my_version, actor=actor_id, episodes=episodes)  # fmt: skip
+            sender.send(item)
+            episodes = []
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the learner closed our pipe: it is stopping (or gone)
+    finally:
+        envs.close()
+
+
+class ActorPool:
+    """One learner's actors: start them, restart the dead ones, publish weights, stop them all.
+
+    Each actor has its own pipe (a shared queue can be left locked or half-written by a killed actor), and
+    leads its own process group, so killing the group also kills the environment processes it started
+    (ViZDoom's ignore SIGTERM and outlive a crashed parent).
+    """
+
+    def __init__(self, args, obs_shape, num_actions, rank, agent, workdir):
+        self.ctx = mp.get_context("spawn")
+        self.args, self.obs_shape, self.num_actions, self.rank, self.workdir = args, obs_shape, num_actions, rank, workdir
+        self.weights = {k: v.detach().cpu().clone().share_memory_() for k, v in agent.state_dict().items()}
+        self.version = self.ctx.Value("q", 0, lock=False)  # 2 x the number of published updates; odd while writing
+        n = args.num_actors
+        self.procs, self.receivers, self.incarnations = [None] * n, [None] * n, [0] * n
+        self.sent, self.early_deaths, self.restarts = [0] * n, [0] * n, 0
+        for i in range(n):
+            self._start(i)
+
+    @property
+    def updates(self):
+        return self.version.value // 2
+
+    def _start(self, i):
+        workdir = os.path.join(self.workdir, f"actor{i}")
+        os.makedirs(workdir, exist_ok=True)
+        self.receivers[i], sender = self.ctx.Pipe(duplex=False)
+        self.procs[i] = self.ctx.Process(
+            target=actor_loop, daemon=True,
+            args=(self.args, self.obs_shape, self.num_actions, self.rank, i, self.incarnations[i], workdir,
+                  self.weights, self.version, sender),
+        )  # fmt: skip
+        self.procs[i].start()
+        sender.close()  # the actor holds the only writing end: if it dies, our reads end instead of hanging
+        self.sent[i] = 0
+
+    def _kill_group(self, i):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.procs[i].pid, signal.SIGKILL)
+
+    def restart_dead(self):
+        for i, p in enumerate(self.procs):
+            if p.is_alive():
+                continue
+            self.early_deaths[i] = 0 if self.sent[i] else self.early_deaths[i] + 1
+            if self.early_deaths[i] >= 3:
+                self.stop()
+                fail(f"actor {i} died {self.early_deaths[i]} times before sending an unroll (exit code {p.exitcode}); "
+                     "its error is above")  # fmt: skip
+            print(f"actor {i} (pid {p.pid}) died with exit code {p.exitcode}; restarting it", flush=True)
+            self._kill_group(i)  # its orphaned environment processes
+            self.receivers[i].close()
+            self.incarnations[i] += 1
+            self.restarts += 1
+            self._start(i)
+
+    def get_batch(self, should_stop):
+        """--batch-size unrolls, stacked along the batch; None if asked to stop. Never waits on a dead actor."""
+        items = []
+        while len(items) * self.args.envs_per_actor < self.args.batch_size:
+            self.restart_dead()
+            if should_stop():
+                return None
+            for receiver in multiprocessing.connection.wait([r for r in self.receivers if not r.closed], timeout=1.0):
+                if len(items) * self.args.envs_per_actor == self.args.batch_size:
+                    break
+                try:
+                    items.append(receiver.recv())
+                    self.sent[items[-1]["actor"]] += 1
+                except (EOFError, OSError):  # its actor died, perhaps mid-message: restart_dead replaces it
+                    receiver.close()
+        batch = {k: torch.from_numpy(np.concatenate([it[k] for it in items], axis=1)) for k in UNROLL_KEYS}
+        batch["c0"] = torch.from_numpy(np.concatenate([it["c0"] for it in items]))
+        batch["sens0"] = None if items[0]["sens0"] is None else {
+            k: torch.from_numpy(np.concatenate([it["sens0"][k] for it in items])) for k in items[0]["sens0"]}  # fmt: skip
+        batch["versions"] = [it["version"] for it in items]
+        batch["episodes"] = [e for it in items for e in it["episodes"]]
+        return batch
+
+    def publish(self, agent):
+        self.version.value += 1  # odd: actors wait
+        for k, v in agent.state_dict().items():
+            self.weights[k].copy_(v)
+        self.version.value += 1
+
+    def stop(self):
+        for receiver in self.receivers:
+            receiver.close()  # an actor's next send fails and it exits, closing its environments
+        deadline = time.time() + 10
+        for p in self.procs:
+            p.join(timeout=max(0.0, deadline - time.time()))
+        for i in range(len(self.procs)):
+            self._kill_group(i)
+            self.procs[i].join()
+
+
+# ---------------------------------------------------------------------------------------------
+# The learner: V-trace and the RTRL update
+# ---------------------------------------------------------------------------------------------
+def vtrace(rewards, values, bootstrap_value, log_rhos, discounts, deads, rho_bar=1.0, c_bar=1.0):
+    """V-trace targets v_s and policy-gradient advantages (Espeholt et al. 2018, eq. 1 and Sec. 4.2), T x B.
+
+    v_s = V_s + delta_s + discounts_s c_s (v_{s+1} - V_{s+1}),  delta_s = rho_s (r_s + discounts_s V_{s+1} - V_s),
+    rho_s = min(rho_bar, pi/mu), c_s = min(c_bar, pi/mu); discounts_s = gamma, or 0 where step s ended its
+    episode. A dead step (a terminal observation, SPEC §6) keeps v_s = V_s, so a truncation bootstraps from it.
+    """
+    live = (~deads).to(values.dtype)
+    ratios = log_rhos.exp()
+    rhos, cs = ratios.clamp(max=rho_bar) * live, ratios.clamp(max=c_bar) * live
+    next_values = torch.cat([values[1:], bootstrap_value[None]])
+    deltas = rhos * (rewards + discounts * next_values - values)
+    vs_minus_v = torch.empty_like(values)
+    acc = torch.zeros_like(bootstrap_value)
+    for t in reversed(range(len(values))):
+        acc = deltas[t] + discounts[t] * cs[t] * acc
+        vs_minus_v[t] = acc
+    vs = values + vs_minus_v
+    next_vs = torch.cat([vs[1:], bootstrap_value[None]])
+    return vs, rhos * (rewards + discounts * next_vs - values)
+
+
+def to_device(batch, device):
+    """The learner's copy of a batch: its tensors and the sensitivities' dict."""
+    moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if batch["sens0"] is not None:
+        moved["sens0"] = {k: s.to(device) for k, s in batch["sens0"].items()}
+    return moved
+
+
+def timer(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # otherwise we would time kernel launches, not work
+    return time.perf_counter()
+
+
+def compute_gradients(agent, batch, args):
+    """Fill every parameter's .grad for one batch of unrolls (T + 1 steps x B); return (stats, seconds in RTRL).
+
+    rtrl: the eLSTM gets exact untruncated gradients from the actors' carried sensitivities, recomputed over
+    the unroll with the learner's parameters; stem, gate and heads get backprop within the unroll (SPEC §5).
+    tbptt / ff: autograd within the unroll. Step T only bootstraps (its loss is the next unroll's).
+    """
+    T = args.unroll_length
+    resets = agent.resets(batch["firsts"])
+    x = agent.features(batch["obs"], batch["last_rewards"])
+    x_leaf = x.detach().requires_grad_()
+    c = agent.cell(x_leaf, batch["c0"], resets)
+    c_leaf = c.detach().requires_grad_()  # its grad is the local delta_t = dL/dc_t (SPEC §2)
+    logits, values = agent.heads(x_leaf, c_leaf)
+    logits, values, bootstrap_value = logits[:T], values[:T], values[T].detach()
+    policy = torch.distributions.Categorical(logits=logits)
+    log_pi = policy.log_prob(batch["actions"])
+    log_mu = torch.distributions.Categorical(logits=batch["logits"].to(logits.dtype)).log_prob(batch["actions"])
+    with torch.no_grad():
+        discounts = args.gamma * (~batch["terms"]).to(values.dtype)
+        rewards = batch["rewards"].to(values.dtype).clamp(-1, 1)
+        vs, pg_advantages = vtrace(rewards, values, bootstrap_value, log_pi - log_mu, discounts, batch["deads"][:T])
+    live = (~batch["deads"][:T]).to(values.dtype)
+    pg_loss = -(live * log_pi * pg_advantages).sum()
+    v_loss = 0.5 * (live * (vs - values) ** 2).sum()
+    entropy = (live * policy.entropy()).sum()
+    loss = pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy
+    loss.backward()
+
+    rtrl_time = 0.0
+    if args.core == "rtrl":
+        c.backward(c_leaf.grad, inputs=[x_leaf])  # the stem's path through the cell, within the unroll
+        start = timer(x.device)
+        grads, _ = agent.cell.rtrl(x_leaf[:T].detach(), batch["c0"], resets[:T], batch["sens0"], c_leaf.grad[:T],
+                                   args.rtrl_impl)  # fmt: skip
+        rtrl_time = timer(x.device) - start
+        for name, p in agent.cell.named_parameters():
+            p.grad = grads[name]
+    else:
+        c.backward(c_leaf.grad, inputs=[x_leaf, *agent.cell.parameters()])
+    x.backward(x_leaf.grad)
+    stats = {"policy_loss": pg_loss.item(), "value_loss": v_loss.item(), "entropy": entropy.item()}
+    return stats, rtrl_time
+
+
+def all_reduce_gradients(agent, stop):
+    """Sum every learner's gradients in one flat all-reduce (the update of one learner with the whole global
+    batch, as the losses are sums); a stop request from any rank rides along so that all ranks stop together."""
+    params = list(agent.parameters())
+    flat = torch.cat([p.grad.flatten() for p in params] + [torch.tensor([float(stop)], device=params[0].device)])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+    return flat[-1].item() > 0
+
+
+@torch.no_grad()
+def evaluate(agent, env_id, seeds, num_episodes, device, workdir):
+    """Greedy returns of `num_episodes` episodes, from fresh environments."""
+    with contextlib.chdir(workdir):
+        envs = make_envs(env_id, seeds)
+    c, _ = agent.cell.initial_state(len(seeds))
+    returns = []
+    while len(returns) < num_episodes:
+        action, _, c, _ = agent.act(envs.obs.to(device), envs.last_reward.to(device), c, envs.first.to(device), greedy=True)
+        returns += [r for r, _ in envs.step(action.cpu())[2]]
+    envs.close()
+    return returns[:num_episodes]
+
+
+def weights_digest(agent):
+    h = hashlib.sha256()
+    for v in agent.state_dict().values():
+        h.update(v.detach().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_checkpoint(agent, args, path):
+    """Atomic: a crash mid-write never leaves a truncated model.pt behind."""
+    tmp = f"{path}.tmp"
+    torch.save({"model": agent.state_dict(), "args": vars(args)}, tmp)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    distributed = "RANK" in os.environ  # under torchrun: one learner per rank, each with its own actors
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    args.world_size = int(os.environ.get("WORLD_SIZE", 1))
+    obs_shape, num_actions = check_args(args)
+    args.num_updates = args.total_timesteps // (args.batch_size * args.unroll_length * args.world_size)
+    use_cuda = torch.cuda.is_available() and args.cuda
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if distributed:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    writer = None
+    if rank == 0:
+        writer = SummaryWriter(f"runs/{run_name}")
+        writer.add_text(
+            "hyperparameters",
+            "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+        )
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    if not use_cuda:  # actors take a core each; an oversubscribed OpenMP pool runs many times slower than one thread
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size - args.num_actors))
+
+    agent = Agent(obs_shape, num_actions, args.hidden_size, args.core).to(device)
+    if distributed:  # identical initial weights on every rank
+        for p in agent.parameters():
+            dist.broadcast(p.data, src=0)
+    optimizer = torch.optim.RMSprop(agent.parameters(), lr=args.learning_rate, alpha=args.rms_alpha, eps=args.rms_eps)
+
+    stop_signals = []  # Ctrl-C / SIGTERM: finish the current update, stop every process, save, exit
+    signal.signal(signal.SIGINT, lambda signum, frame: stop_signals.append(signum))
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop_signals.append(signum))
+    workdir = tempfile.mkdtemp(prefix=f"rtrl_impala_rank{rank}_")
+    actors = ActorPool(args, obs_shape, num_actions, rank, agent, workdir)
+    global_step, start_time, last_print, recent_returns, interrupted = 0, time.time(), 0.0, [], False
+
+    try:
+        for update in range(1, args.num_updates + 1):
+            if args.anneal_lr:
+                optimizer.param_groups[0]["lr"] = (1.0 - (update - 1.0) / args.num_updates) * args.learning_rate
+            batch = actors.get_batch(lambda: bool(stop_signals))
+            update_start = timer(device)
+            optimizer.zero_grad()
+            if batch is not None:
+                batch = to_device(batch, device)
+                stats, rtrl_time = compute_gradients(agent, batch, args)
+            else:  # stopping: take part in this round's all-reduce with no gradient
+                for p in agent.parameters():
+                    p.grad = torch.zeros_like(p)
+            stop = batch is None
+            if distributed:
+                stop = all_reduce_gradients(agent, stop)
+            if stop:
+                interrupted = True
+                break
+            grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+            optimizer.step()
+            update_time = timer(device) - update_start
+            policy_lag = np.mean([actors.updates - v for v in batch["versions"]])  # updates behind the learner
+            actors.publish(agent)
+
+            global_step += args.batch_size * args.unroll_length * args.world_size
+            if rank == 0:
+                for episode_return, episode_length in batch["episodes"]:
+                    writer.add_scalar("charts/episodic_return", episode_return, global_step)
+                    writer.add_scalar("charts/episodic_length", episode_length, global_step)
+                    recent_returns = (recent_returns + [episode_return])[-20:]
+                sps = int(global_step / (time.time() - start_time))
+                writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+                for key, value in stats.items():
+                    writer.add_scalar(f"losses/{key}", value, global_step)
+                writer.add_scalar("losses/grad_norm", grad_norm.item(), global_step)
+                writer.add_scalar("charts/rtrl_share_of_update", rtrl_time / update_time, global_step)
+                writer.add_scalar("charts/policy_lag", policy_lag, global_step)
+                writer.add_scalar("charts/actor_restarts", actors.restarts, global_step)
+                writer.add_scalar("charts/SPS", sps, global_step)
+                if time.time() - last_print > 10 or update in (1, args.num_updates):
+                    last_print = time.time()
+                    mean_return = f"{np.mean(recent_returns):.2f}" if recent_returns else "n/a"
+                    print(f"global_step={global_step} SPS={sps} return(last {len(recent_returns)} episodes)={mean_return} "
+                          f"policy_lag={policy_lag:.2f} entropy={stats['entropy'] / (args.unroll_length * args.batch_size):.3f} "
+                          f"rtrl_share={rtrl_time / update_time:.3f}", flush=True)  # fmt: skip
+    finally:
+        actors.stop()  # also on an error: no actor or environment process outlives the learner
+
+    if distributed:  # ranks hold identical weights: each prints its digest, for anyone to compare
+        print(f"rank {rank}/{args.world_size}: weights sha256 {weights_digest(agent)}", flush=True)
+    if rank == 0:
+        if args.save_model or interrupted:
+            model_path = f"runs/{run_name}/model.pt"
+            save_checkpoint(agent, args, model_path)
+            print(f"model saved to {model_path}", flush=True)
+        if args.eval_episodes > 0 and not interrupted:
+            rng = actor_seed(args, rank, args.num_actors, 0)  # an actor id no actor has: unseen seeds
+            eval_seeds = rng.choice(2**31 - 1, size=min(args.eval_episodes, 8), replace=False)
+            eval_returns = evaluate(agent, args.env_id, eval_seeds, args.eval_episodes, device, workdir)
+            for i, eval_return in enumerate(eval_returns):
+                writer.add_scalar("eval/episodic_return", eval_return, i)
+            print(f"greedy evaluation over {len(eval_returns)} episodes: mean return {np.mean(eval_returns):.2f}")
+        writer.close()
+    shutil.rmtree(workdir, ignore_errors=True)
+    if distributed:
+        dist.destroy_process_group()
+    if interrupted and stop_signals:
+        sys.exit(128 + stop_signals[0])

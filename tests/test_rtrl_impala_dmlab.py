@@ -1,0 +1,402 @@
+"""Claims about rtrl_impala_dmlab.py, each checked against an independent float64 computation or what a run wrote.
+
+DeepMind Lab cannot be installed here: its adapter is checked against tests/fake_deepmind_lab, a fake of the
+`deepmind_lab` module's API with a known answer.
+"""
+
+import glob
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import a2c_checks as checks  # the claims every script's ELSTM must meet, and the shared references
+import helpers
+import rtrl_impala_dmlab as impala
+from helpers import episode_flags, rel_err
+
+SCRIPT = impala.__file__
+FAKE_LAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_deepmind_lab")
+OBS_SHAPE, NUM_ACTIONS, HIDDEN = (3, 12, 12), 4, 6
+
+
+# ---------------------------------------------------------------------------------------------
+# V-trace
+# ---------------------------------------------------------------------------------------------
+def reference_vtrace(rewards, values, bootstrap_value, log_rhos, terms, deads, gamma):
+    """The IMPALA paper's definition (Espeholt et al. 2018, eq. 1), as a forward sum for each s:
+
+        v_s = V(x_s) + sum_{t=s}^{s+n-1} gamma^{t-s} (prod_{i=s}^{t-1} c_i) rho_t (r_t + gamma V(x_{t+1}) - V(x_t))
+
+    with rho = c = min(1, pi/mu), cut where the episode ends: a terminating step has no gamma V(x_{t+1}) and
+    ends the sum; a dead step (terminal observation) is where the sum stops, its V bootstrapping a truncation.
+    Advantages rho_s (r_s + gamma v_{s+1} - V(x_s)), none on dead steps."""
+    steps, batch = rewards.shape
+    rho = log_rhos.exp().clamp(max=1.0)
+    value = lambda t, b: bootstrap_value[b] if t == steps else values[t, b]  # noqa: E731
+    vs, advantages = torch.zeros(steps, batch, dtype=torch.float64), torch.zeros(steps, batch, dtype=torch.float64)
+    for b in range(batch):
+        for s in range(steps):
+            total, weight = 0.0, 1.0
+            for t in range(s, steps):
+                if deads[t, b]:
+                    break
+                g = 0.0 if terms[t, b] else gamma
+                total += weight * rho[t, b] * (rewards[t, b] + g * value(t + 1, b) - values[t, b])
+                if terms[t, b]:
+                    break
+                weight *= gamma * rho[t, b]  # c_t, with c_bar = rho_bar = 1
+            vs[s, b] = values[s, b] + total
+        for s in range(steps):
+            if not deads[s, b]:
+                v_next = bootstrap_value[b] if s + 1 == steps else vs[s + 1, b]
+                g = 0.0 if terms[s, b] else gamma
+                advantages[s, b] = rho[s, b] * (rewards[s, b] + g * v_next - values[s, b])
+    return vs, advantages
+
+
+def random_vtrace_inputs(steps=12, batch=4, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    terms, deads, _ = episode_flags(steps, batch, g)
+    assert terms.any() and (deads[1:] & ~terms[:-1]).any(), "needs both kinds of episode end"
+    rewards = torch.rand(steps, batch, generator=g, dtype=torch.float64) * 2 - 1
+    values = torch.randn(steps, batch, generator=g, dtype=torch.float64)
+    bootstrap_value = torch.randn(batch, generator=g, dtype=torch.float64)
+    return rewards, values, bootstrap_value, terms, deads
+
+
+def script_vtrace(rewards, values, bootstrap_value, log_rhos, terms, deads, gamma):
+    discounts = gamma * (~terms).double()
+    return impala.vtrace(rewards, values, bootstrap_value, log_rhos, discounts, deads)
+
+
+def test_vtrace_equals_the_impala_definition_with_clipped_ratios_and_episode_ends():
+    rewards, values, bootstrap_value, terms, deads = random_vtrace_inputs()
+    g = torch.Generator().manual_seed(4)
+    log_pi = torch.log_softmax(torch.randn(*rewards.shape, 5, generator=g, dtype=torch.float64), -1)[..., 0]
+    log_mu = torch.log_softmax(torch.randn(*rewards.shape, 5, generator=g, dtype=torch.float64), -1)[..., 0]
+    log_rhos = log_pi - log_mu
+    assert (log_rhos > 0).any() and (log_rhos < 0).any(), "needs clipped and unclipped ratios"
+    expected = reference_vtrace(rewards, values, bootstrap_value, log_rhos, terms, deads, 0.9)
+    got = script_vtrace(rewards, values, bootstrap_value, log_rhos, terms, deads, 0.9)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-12, atol=1e-12)
+
+
+def test_vtrace_on_policy_is_the_n_step_return():
+    rewards, values, bootstrap_value, terms, deads = random_vtrace_inputs(seed=5)
+    vs, _ = script_vtrace(rewards, values, bootstrap_value, torch.zeros_like(rewards), terms, deads, 0.9)
+    unroll = SimpleNamespace(rewards=rewards, values=values, terms=terms, deads=deads)
+    torch.testing.assert_close(vs, checks.reference_returns(unroll, bootstrap_value, 0.9), rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# The eLSTM, its RTRL, and the actors' online sensitivities
+# ---------------------------------------------------------------------------------------------
+def test_forward_matches_spec_equations():
+    checks.check_forward_matches_spec(impala)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "step"])
+@pytest.mark.parametrize("chunk_len", [7, 1])
+def test_rtrl_equals_bptt_across_chunks_with_resets(impl, chunk_len):
+    checks.check_rtrl_equals_bptt_across_chunks(impala, impl, chunk_len)
+
+
+def test_carried_sensitivities_are_dc_dtheta_for_both_impls():
+    checks.check_carried_sensitivities_are_dc_dtheta(impala)
+
+
+def random_steps(steps, batch, seed):
+    """Observations, last rewards and episode flags (terms, deads, firsts) of `steps` consecutive steps."""
+    g = torch.Generator().manual_seed(seed)
+    terms, deads, firsts = episode_flags(steps, batch, g)
+    obs = torch.randint(0, 256, (steps, batch, *OBS_SHAPE), generator=g, dtype=torch.uint8)
+    return obs, 3 * torch.randn(steps, batch, generator=g, dtype=torch.float64), terms, deads, firsts
+
+
+def act_online(agent, obs, last_rewards, firsts, c, sens):
+    """What an actor does: one agent.act per step, c and sens advancing online (SPEC §2)."""
+    for t in range(len(obs)):
+        _, _, c, sens = agent.act(obs[t], last_rewards[t], c, firsts[t], sens)
+    return c, sens
+
+
+def test_actor_online_sensitivities_equal_the_learners_chunked_ones():
+    torch.manual_seed(0)
+    agent = impala.Agent(OBS_SHAPE, NUM_ACTIONS, HIDDEN).double()
+    obs, last_rewards, _, _, firsts = random_steps(9, 3, seed=6)
+    c0 = torch.randn(3, HIDDEN, dtype=torch.float64)
+    _, sens0 = agent.cell.initial_state(3)
+    sens0 = {k: torch.randn_like(s) for k, s in sens0.items()}  # as if carried from earlier unrolls
+    c, sens = act_online(agent, obs, last_rewards, firsts, c0, sens0)
+
+    x = agent.features(obs, last_rewards).detach()
+    _, learner_sens = agent.cell.rtrl(x, c0, firsts, sens0, torch.zeros(9, 3, HIDDEN, dtype=torch.float64), "chunked")
+    torch.testing.assert_close(c, agent.cell(x, c0, firsts)[-1], rtol=1e-12, atol=1e-12)
+    for k in checks.PARAMS:
+        assert rel_err(sens[k], learner_sens[k]) < 1e-10, k
+
+
+# ---------------------------------------------------------------------------------------------
+# The learner's update
+# ---------------------------------------------------------------------------------------------
+def random_unroll_after_history(history, T, batch, seed=7):
+    """An actor's history of `history` steps, then one unroll of T + 1 steps as the learner receives it."""
+    obs, last_rewards, terms, deads, firsts = random_steps(history + T + 1, batch, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    unroll = slice(history, history + T + 1)
+    return (obs[:history], last_rewards[:history], firsts[:history]), {
+        "obs": obs[unroll], "last_rewards": last_rewards[unroll], "firsts": firsts[unroll], "deads": deads[unroll],
+        "terms": terms[history : history + T], "rewards": 3 * torch.randn(T, batch, generator=g, dtype=torch.float64),
+        "actions": torch.randint(0, NUM_ACTIONS, (T, batch), generator=g),
+        "logits": torch.randn(T, batch, NUM_ACTIONS, generator=g, dtype=torch.float64),
+    }  # fmt: skip
+
+
+def reference_unroll_loss(agent, history, unroll, core, args):
+    """The unroll's loss as a function of all parameters, from SPEC §1 and §5 and the V-trace definition alone.
+
+    The cell's start state depends on its parameters through the actor's whole history (rtrl), or is cut at the
+    unroll's start (tbptt); the stem only sees the unroll. Step T only bootstraps.
+    """
+    T = len(unroll["actions"])
+    resets = lambda firsts: torch.ones_like(firsts) if core == "ff" else firsts  # noqa: E731
+    features = lambda o, r: torch.cat([agent.stem(o.flatten(0, 1).double() / 255).unflatten(0, o.shape[:2]),  # noqa: E731
+                                       r.clamp(-1, 1)[..., None]], -1)  # fmt: skip
+    obs, last_rewards, firsts = history
+    c = torch.zeros(obs.shape[1], HIDDEN, dtype=torch.float64)
+    c = checks.spec_cell(agent.cell, features(obs, last_rewards).detach(), c, resets(firsts))[-1]
+    c = c.detach() if core == "tbptt" else c
+    x = features(unroll["obs"], unroll["last_rewards"])
+    cs = checks.spec_cell(agent.cell, x, c, resets(unroll["firsts"]))
+    h = torch.sigmoid(agent.gate(torch.cat([x, cs], -1))) * cs
+    logp, values = torch.log_softmax(agent.actor(h), -1)[:T], agent.critic(h)[..., 0]
+    log_pi = logp.gather(-1, unroll["actions"][..., None])[..., 0]
+    log_mu = torch.log_softmax(unroll["logits"], -1).gather(-1, unroll["actions"][..., None])[..., 0]
+    deads = unroll["deads"][:T]
+    vs, advantages = reference_vtrace(unroll["rewards"].clamp(-1, 1), values[:T].detach(), values[T].detach(),
+                                      (log_pi - log_mu).detach(), unroll["terms"], deads, args.gamma)  # fmt: skip
+    live = (~deads).double()
+    pg = -(live * log_pi * advantages).sum()
+    entropy = -(live * (logp.exp() * logp).sum(-1)).sum()
+    return pg + args.vf_coef * 0.5 * (live * (vs - values[:T]) ** 2).sum() - args.ent_coef * entropy
+
+
+@pytest.mark.parametrize("core,impl", [("rtrl", "chunked"), ("rtrl", "step"), ("tbptt", "chunked"), ("ff", "chunked")])
+def test_update_gradients_equal_autograd_through_the_actors_history(core, impl):
+    torch.manual_seed(0)
+    agent = impala.Agent(OBS_SHAPE, NUM_ACTIONS, HIDDEN, core).double()
+    args = impala.Args(core=core, rtrl_impl=impl, unroll_length=5, gamma=0.9)
+    history, unroll = random_unroll_after_history(11, 5, 3)
+
+    c, sens = agent.cell.initial_state(3)
+    c0, sens0 = act_online(agent, *history, c, sens if core == "rtrl" else None)  # the actor's (c, sens)
+    agent.zero_grad(set_to_none=True)
+    impala.compute_gradients(agent, {**unroll, "c0": c0, "sens0": sens0}, args)
+    got = {k: p.grad for k, p in agent.named_parameters()}
+
+    loss = reference_unroll_loss(agent, history, unroll, core, args)
+    names, params = zip(*agent.named_parameters())
+    expected = torch.autograd.grad(loss, params, allow_unused=True)
+    for name, e in zip(names, expected):
+        e = torch.zeros_like(got[name]) if e is None else e
+        assert rel_err(got[name], e) < 1e-10 if e.norm() > 0 else got[name].norm() == 0, name
+    if core == "rtrl":  # the test has teeth: truncating at the unroll gives other eLSTM gradients
+        truncated = torch.autograd.grad(reference_unroll_loss(agent, history, unroll, "tbptt", args), agent.cell.w_z)
+        assert rel_err(truncated[0], got["cell.w_z"]) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# The DeepMind Lab adapter, against the fake deepmind_lab
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def lab(monkeypatch):
+    monkeypatch.syspath_prepend(FAKE_LAB)
+    import deepmind_lab
+
+    monkeypatch.setattr(deepmind_lab, "EPISODE_FRAMES", 30)
+    return deepmind_lab
+
+
+def test_dmlab_observations_are_72x96_rgb_from_each_envs_seeded_reset(lab):
+    envs = impala.DmLabEnvs("rooms_watermaze", [11, 12])
+    assert envs.obs.shape == (2, 3, 72, 96) and envs.obs.dtype == torch.uint8 and envs.first.all()
+    seeds = [env.seeds[-1] for env in envs.labs]
+    assert seeds[0] != seeds[1]
+    for i in range(2):  # channel-first RGB: the fake's red channel is the episode's seed
+        assert (envs.obs[i, 0] == seeds[i] % 256).all() and (envs.obs[i, 1] == 0).all()
+    envs.close()
+
+
+# IMPALA's action set as DMLab vectors, in DMLab's order: look left/right, look down/up, strafe, move, fire, jump, crouch
+IMPALA_ACTIONS = [
+    [0, 0, 0, 1, 0, 0, 0], [0, 0, 0, -1, 0, 0, 0], [0, 0, -1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0, 0],
+    [-20, 0, 0, 0, 0, 0, 0], [20, 0, 0, 0, 0, 0, 0], [-20, 0, 0, 1, 0, 0, 0], [20, 0, 0, 1, 0, 0, 0],
+    [0, 0, 0, 0, 1, 0, 0],
+]  # fmt: skip
+
+
+def test_dmlab_nine_actions_are_impalas_action_vectors(lab):
+    envs = impala.DmLabEnvs("rooms_watermaze", [1])
+    for i, expected in enumerate(IMPALA_ACTIONS):
+        envs.step(torch.tensor([i]))
+        assert envs.labs[0].actions[-1].tolist() == expected, i
+    assert impala.Agent((3, 72, 96), 9, 8).actor.out_features == len(IMPALA_ACTIONS) == impala.env_info("rooms_watermaze")[1]
+
+
+def test_dmlab_action_repeat_sums_four_frames_and_an_episode_end_resets(lab):
+    envs = impala.DmLabEnvs("rooms_watermaze", [5])
+    forward = torch.tensor([0])
+    for step in range(1, 8):  # 30-frame episodes: 7 steps of 4 frames, then one of 2
+        reward, term, episodes = envs.step(forward)
+        assert reward.item() == 4 and not term.item() and not episodes and not envs.first.item()
+        assert envs.labs[0].num_steps() == 4 * step and (envs.obs[0, 1] == 4 * step).all()
+    reward, term, episodes = envs.step(forward)
+    assert reward.item() == 2 and term.item() and episodes == [(30.0, 8)]
+    assert envs.first.item() and not envs.dead.any() and len(envs.labs[0].seeds) == 2  # reset, with a new seed
+    assert envs.labs[0].seeds[0] != envs.labs[0].seeds[1] and (envs.obs[0, 1] == 0).all()
+    reward, term, _ = envs.step(torch.tensor([8]))  # fire: no reward in the fake
+    assert reward.item() == 0 and not term.item() and not envs.first.item()
+
+
+# ---------------------------------------------------------------------------------------------
+# The script as a user runs it
+# ---------------------------------------------------------------------------------------------
+TINY = ["--hidden-size", "16", "--unroll-length", "5", "--batch-size", "2"]
+
+
+def user_env(tmp_path, fake_lab):
+    """The environment of a run: its temp dir (actors' working dirs) inside tmp_path, one thread per process."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir(exist_ok=True)
+    env = dict(os.environ, TMPDIR=str(tmp), OMP_NUM_THREADS="1")
+    if fake_lab:
+        env["PYTHONPATH"] = os.pathsep.join([FAKE_LAB, env.get("PYTHONPATH", "")])
+    return env
+
+
+def run_script(tmp_path, *flags, fake_lab=False):
+    return helpers.run_script(SCRIPT, tmp_path, *flags, env=user_env(tmp_path, fake_lab))
+
+
+def run_dir(tmp_path, env_id):
+    (path,) = glob.glob(str(tmp_path / "runs" / f"{env_id}__rtrl_impala_dmlab__1__*"))
+    return path
+
+
+def assert_nothing_left_behind(tmp_path):
+    """No process (actor or environment) works in the run's temp dir, and the actors' working dirs are gone."""
+    assert helpers.processes_under(tmp_path / "tmp") == []
+    assert glob.glob(str(tmp_path / "tmp" / "rtrl_impala_*")) == []
+
+
+def test_vizdoom_stand_in_with_two_actors_writes_scalars_and_a_checkpoint(tmp_path):
+    updates = 70
+    proc = run_script(tmp_path, "--env-id", "MyWayHome-v1", "--num-actors", "2", "--hidden-size", "16",
+                      "--unroll-length", "10", "--batch-size", "2", "--total-timesteps", str(updates * 20),
+                      "--eval-episodes", "1", "--save-model")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    path = run_dir(tmp_path, "MyWayHome-v1")
+    scalars = checks.read_scalars(path)
+    checks.check_update_scalars(scalars, updates)
+    assert len(scalars["charts/policy_lag"]) == updates and all(lag >= 0 for lag in scalars["charts/policy_lag"])
+    assert scalars["charts/actor_restarts"][-1] == 0
+    assert len(scalars["charts/episodic_return"]) >= 1  # each actor's env reaches the 525-step time limit
+    assert all(length > 0 for length in scalars["charts/episodic_length"])
+    assert len(scalars["eval/episodic_return"]) == 1
+    checkpoint = torch.load(os.path.join(path, "model.pt"), weights_only=True)
+    agent = impala.Agent((3, 72, 96), 18, checkpoint["args"]["hidden_size"], checkpoint["args"]["core"])
+    agent.load_state_dict(checkpoint["model"])
+    assert not glob.glob(os.path.join(path, "*.tmp")) and not (tmp_path / "_vizdoom").exists()
+    assert_nothing_left_behind(tmp_path)
+
+
+def test_torchrun_two_ranks_end_with_identical_weights(tmp_path):
+    updates = 10
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT, *TINY,
+           "--env-id", "rooms_watermaze", "--num-actors", "1", "--total-timesteps", str(updates * 2 * 5 * 2),
+           "--eval-episodes", "0"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=user_env(tmp_path, True), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    digests = dict(re.findall(r"rank (\d)/2: weights sha256 (\w+)", proc.stdout))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], proc.stdout
+    scalars = checks.read_scalars(run_dir(tmp_path, "rooms_watermaze"))  # rank 0 alone logs
+    checks.check_update_scalars(scalars, updates)
+    assert_nothing_left_behind(tmp_path)
+
+
+def actor_pids(learner):
+    """The learner's actor processes (its spawned children, not multiprocessing's resource tracker)."""
+    pids = []
+    for pid in helpers.child_pids(learner):
+        with open(f"/proc/{pid}/cmdline") as f:
+            if "spawn_main" in f.read():
+                pids.append(pid)
+    return pids
+
+
+def start_run(tmp_path, env_id, *flags):
+    """A run in the background (fake DMLab unless env_id is an EnvPool task); returned once its first update printed."""
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--env-id", env_id, *TINY, *flags], cwd=tmp_path,
+                            env=user_env(tmp_path, env_id == "rooms_watermaze"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    for line in proc.stdout:
+        if line.startswith("global_step="):
+            return proc
+    pytest.fail(f"the run ended before its first update: {proc.communicate()[1][-2000:]}")
+
+
+def test_an_actor_killed_mid_run_is_restarted_and_its_vizdoom_processes_do_not_outlive_it(tmp_path):
+    proc = start_run(tmp_path, "MyWayHome-v1", "--num-actors", "2", "--total-timesteps", "600", "--eval-episodes", "0")
+    before = actor_pids(proc.pid)
+    assert len(before) == 2
+    os.kill(before[0], signal.SIGKILL)  # its ViZDoom process survives that, and ignores SIGTERM
+    deadline, replaced = time.time() + 60, False
+    while time.time() < deadline and proc.poll() is None and not replaced:
+        replaced = bool(set(actor_pids(proc.pid)) - set(before))
+        time.sleep(0.2)
+    out, err = proc.communicate(timeout=300)
+    assert replaced, "no new actor process appeared"
+    assert proc.returncode == 0, err[-3000:]
+    assert f"actor 0 (pid {before[0]}) died with exit code -9; restarting it" in out
+    scalars = checks.read_scalars(run_dir(tmp_path, "MyWayHome-v1"))
+    checks.check_update_scalars(scalars, 60)
+    assert scalars["charts/actor_restarts"][-1] == 1
+    assert_nothing_left_behind(tmp_path)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_signal_stops_every_process_and_saves_a_checkpoint(tmp_path, signum):
+    proc = start_run(tmp_path, "rooms_watermaze", "--num-actors", "2", "--total-timesteps", "1000000")
+    actors = actor_pids(proc.pid)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, err[-3000:]
+    path = run_dir(tmp_path, "rooms_watermaze")
+    checkpoint = torch.load(os.path.join(path, "model.pt"), weights_only=True)  # saved although --save-model is off
+    assert checkpoint["args"]["total_timesteps"] == 1000000 and not glob.glob(os.path.join(path, "*.tmp"))
+    assert "greedy evaluation" not in out
+    assert len(actors) == 2 and not set(actors) & set(helpers.processes_under("/"))
+    assert_nothing_left_behind(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--env-id", "rooms_watermaz"], "did you mean rooms_watermaze"),
+        (["--env-id", "MyWayHom-v1"], "did you mean MyWayHome-v1"),
+        ([], "google-deepmind/lab"),  # the default level, without deepmind_lab
+        (["--env-id", "MyWayHome-v1", "--batch-size", "3", "--envs-per-actor", "2"], "must be a multiple"),
+        (["--env-id", "MyWayHome-v1", "--unroll-length", "0"], "--unroll-length must be at least 1"),
+        (["--env-id", "MyWayHome-v1", "--total-timesteps", "100"], "less than one update"),
+    ],
+)
+def test_bad_input_is_a_one_line_error(tmp_path, flags, message):
+    checks.check_bad_input_is_a_one_line_error(run_script(tmp_path, *flags), message, tmp_path)
