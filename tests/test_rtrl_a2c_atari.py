@@ -1,4 +1,4 @@
-"""Claims about rtrl_a2c_atari.py, each checked against an independent float64 computation (tests/a2c_checks.py)."""
+"""Claims about rtrl_a2c_atari.py, each checked against an independent float64 computation (tests/claims.py)."""
 
 import glob
 import os
@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-import a2c_checks as checks
+import claims as checks
 import helpers
 import rtrl_a2c_atari as atari
 

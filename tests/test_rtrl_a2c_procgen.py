@@ -1,4 +1,4 @@
-"""Claims about rtrl_a2c_procgen.py: the shared A2C claims (tests/a2c_checks.py) and held-out evaluation."""
+"""Claims about rtrl_a2c_procgen.py: the shared A2C claims (tests/claims.py) and held-out evaluation."""
 
 import ctypes.util
 import glob
@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-import a2c_checks as checks
+import claims as checks
 import helpers
 import rtrl_a2c_procgen as procgen
 

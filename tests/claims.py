@@ -1,7 +1,8 @@
-"""Claims every A2C script must meet, each checked against an independent float64 computation.
+"""Claims every script must meet, each checked against an independent float64 computation.
 
-Each check takes the script's module, so rtrl_a2c_atari.py and rtrl_a2c_procgen.py are held to the
-same references (written from SPEC §1, §2 and §5 alone) while importing nothing from each other.
+Each check takes the script's module, so the scripts are held to the same references (written from
+SPEC §1, §2 and §5 alone) while importing nothing from each other. The update checks are the A2C
+scripts'; rtrl_impala_dmlab.py's tests reuse the eLSTM checks and the references.
 """
 
 import glob
@@ -202,15 +203,19 @@ def check_update_gradients_equal_autograd(script, core, impl):
     rollouts = random_rollouts(script, 3, 5, 3)
     returns = torch.randn(5, 3, dtype=torch.float64)
     got = script_grads(script, agent, rollouts, returns, args)
+    assert_grads_equal_reference(agent, got, lambda c: reference_rollout_loss(agent, rollouts, returns, c, args), core)
 
-    loss = reference_rollout_loss(agent, rollouts, returns, core, args)
+
+def assert_grads_equal_reference(agent, got, reference_loss, core):
+    """`got` (name -> grad) equals autograd of reference_loss(core) on every parameter. For rtrl, the loss
+    truncated at the rollout must give other eLSTM gradients, so that the check has teeth."""
     names, params = zip(*agent.named_parameters())
-    expected = torch.autograd.grad(loss, params, allow_unused=True)
+    expected = torch.autograd.grad(reference_loss(core), params, allow_unused=True)
     for name, e in zip(names, expected):
         e = torch.zeros_like(got[name]) if e is None else e
         assert rel_err(got[name], e) < 1e-10 if e.norm() > 0 else got[name].norm() == 0, name
-    if core == "rtrl":  # the test has teeth: truncating at the rollout gives other eLSTM gradients
-        truncated = torch.autograd.grad(reference_rollout_loss(agent, rollouts, returns, "tbptt", args), agent.cell.w_z)
+    if core == "rtrl":
+        truncated = torch.autograd.grad(reference_loss("tbptt"), agent.cell.w_z)
         assert rel_err(truncated[0], got["cell.w_z"]) > 1e-3
 
 
