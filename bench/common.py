@@ -1,0 +1,85 @@
+"""What the benchmarks share: loading a script by path, this machine's description, timing, peak memory, tables."""
+
+import ctypes
+import importlib.util
+import math
+import os
+import platform
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(filename):
+    """The module of a top-level script (its main work sits under `if __name__ == "__main__"`), or None
+    with a printed note when the script does not exist (yet)."""
+    path = os.path.join(ROOT, filename)
+    if not os.path.exists(path):
+        print(f"note: {filename} does not exist yet; skipped")
+        return None
+    spec = importlib.util.spec_from_file_location(filename[: -len(".py")], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def machine():
+    """CPU model, cores, torch version and threads: the context every printed number needs."""
+    model = platform.processor() or "unknown CPU"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} torch threads"
+
+
+def min_times(fns, repeats, warmup=1):
+    """Minimum wall time in seconds of each of `fns` (name -> callable). The calls go round-robin, so load
+    from other processes hits every candidate alike; the minimum is the least disturbed run."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    best = {name: math.inf for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def _linux_status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+
+def peak_memory(fn):
+    """(peak bytes of resident memory that fn adds above what was resident before it, fn's result).
+
+    Linux: resets the process's resident high-water mark (VmHWM) and reads it after the call. glibc
+    is told to give every allocation above 64 KiB its own mapping, returned to the system when freed,
+    and to release free memory before the call, so resident memory follows live tensors. That slows
+    allocation for the rest of the process: time before measuring memory, not after. NaN where /proc is missing.
+    """
+    if not os.path.exists("/proc/self/clear_refs"):
+        return math.nan, fn()
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: fixed, so no freed block stays resident
+    libc.malloc_trim(0)  # release what earlier runs freed but kept resident
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident size
+    before = _linux_status("VmRSS")
+    result = fn()
+    return _linux_status("VmHWM") - before, result
+
+
+def print_table(headers, rows):
+    """A plain-text table with right-aligned columns (rows hold strings)."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
+    for row in [headers, ["-" * w for w in widths], *rows]:
+        print("  ".join(str(cell).rjust(w) for cell, w in zip(row, widths)))
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()

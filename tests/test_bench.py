@@ -1,0 +1,73 @@
+"""Smoke runs of bench/ at tiny sizes: each benchmark runs and prints its tables. No time is asserted."""
+
+import os
+import re
+
+import helpers
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+SCRIPTS = ("rtrl_a2c_atari.py", "rtrl_a2c_procgen.py", "rtrl_impala_dmlab.py")
+
+
+def run_bench(tmp_path, name, *flags):
+    proc = helpers.run_script(os.path.join(BENCH, name), tmp_path, "--tiny", *flags)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("machine: ") and " cores, torch " in proc.stdout.splitlines()[0]
+    return proc.stdout
+
+
+def table(stdout, first_header):
+    """Rows (lists of cells) of the table whose header line starts with `first_header`."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:1] == [first_header])
+    assert set(lines[start + 1]) <= {"-", " "}
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.strip() or line.startswith(("note:", "figure")):
+            break
+        rows.append(re.split(r"\s{2,}", line.strip()))
+    return lines[start], rows
+
+
+def test_rtrl_cost_times_every_existing_script_and_its_three_passes_agree(tmp_path):
+    out = run_bench(tmp_path, "rtrl_cost.py", "--repeats", "1", "--step-repeats", "1")
+    header, rows = table(out, "script")
+    present = [s for s in SCRIPTS if os.path.exists(os.path.join(os.path.dirname(BENCH), s))]
+    assert [row[0] for row in rows] == present
+    for s in set(SCRIPTS) - set(present):
+        assert f"note: {s} does not exist yet; skipped" in out
+    for row in rows:
+        assert len(row) == len(re.split(r"\s{2,}", header.strip())) == 11
+        assert all(float(cell) >= 0 for cell in row[2:8])  # times in ms, memory in MiB
+        assert row[8].endswith("x") and row[9].endswith("x")
+        assert float(row[10]) < 1e-4  # chunked and step RTRL give BPTT's gradient
+
+
+def test_memory_vs_history_prints_both_methods_and_saves_the_figure(tmp_path):
+    figure = tmp_path / "memory.png"
+    out = run_bench(tmp_path, "memory_vs_history.py", "--plot", str(figure))
+    _, rows = table(out, "L")
+    assert [int(row[0]) for row in rows] == [8, 16, 32]
+    for row in rows:
+        assert float(row[1]) >= 0 and float(row[2]) >= 0 and float(row[5]) < 1e-4  # RTRL equals BPTT
+    assert figure.stat().st_size > 0 and not list(tmp_path.glob("*.tmp*"))
+
+
+def test_memory_vs_history_stops_bptt_at_the_budget(tmp_path):
+    out = run_bench(tmp_path, "memory_vs_history.py", "--budget-gib", "0", "--plot", "")
+    _, rows = table(out, "L")
+    assert rows[0][3] != "-" and all(row[3].startswith("over budget") for row in rows[1:])
+
+
+def test_sps_runs_every_core_and_splits_the_iteration(tmp_path):
+    out = run_bench(tmp_path, "sps.py")
+    _, rows = table(out, "core")
+    assert [row[0] for row in rows] == ["rtrl", "tbptt", "ff"]
+    assert all(float(row[1]) > 0 for row in rows) and rows[1][3] == "1.00x"
+    _, parts = table(out, "part")
+    names = [row[0] for row in parts]
+    for part in ("rollout: stem forward", "update: RTRL (chunked)", "update: stem backward",
+                 "iteration (from steps/s)", "check: the script's compute_gradients"):  # fmt: skip
+        assert part in names
+    rtrl = dict((row[0], float(row[1])) for row in parts)
+    assert rtrl["update: RTRL (chunked)"] > 0 and rtrl["iteration (from steps/s)"] > 0
