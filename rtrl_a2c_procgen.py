@@ -11,6 +11,7 @@ fixed set of levels, evaluated greedily on those and on held-out levels.
 
 import ctypes
 import difflib
+import importlib
 import importlib.util
 import math
 import os
@@ -38,6 +39,8 @@ def load_qt_runtime():
     for name in ("libQt5Core.so.5", "libQt5Gui.so.5"):
         if os.path.exists(os.path.join(lib_dir, name)):
             ctypes.CDLL(os.path.join(lib_dir, name), mode=ctypes.RTLD_GLOBAL)
+    if "envpool.procgen" in sys.modules:  # envpool was imported before us, maybe without Qt: load ProcGen again
+        importlib.reload(sys.modules["envpool.procgen"])
 
 
 load_qt_runtime()
