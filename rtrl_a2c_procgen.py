@@ -138,6 +138,8 @@ def check_args(args):
         fail(f"--total-timesteps {args.total_timesteps} is less than one rollout "
              f"(--num-envs x --num-steps = {args.num_envs * args.num_steps})")
     train_end = args.start_level + args.num_levels if args.num_levels > 0 else math.inf  # 0 means every level
+    if train_end != math.inf and train_end > 2**31 - 1:
+        fail(f"training levels [{args.start_level}, {train_end}) are outside ProcGen's [0, 2^31 - 1)")
     for start in args.test_level_starts:
         if start < 0 or start + args.test_num_levels > 2**31 - 1:
             fail(f"test levels [{start}, {start + args.test_num_levels}) are outside ProcGen's [0, 2^31 - 1)")
