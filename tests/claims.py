@@ -106,20 +106,76 @@ def check_carried_sensitivities_are_dc_dtheta(script):
                 assert others.abs().max() == 0, f"{k}: c_T[{n}] depends on other units' parameters"
 
 
+def check_rtrl_scan_input_gradient_equals_autograd(script, impl):
+    """rtrl_scan's dL/dx (within the chunk) equals autograd's through the cell; its gradients and carried
+    sensitivities equal rtrl()'s."""
+    cell = make_cell(script)
+    x, done, dl_dc = random_history(1, 9, 3, 4, 5)
+    c0 = torch.randn(3, 5, dtype=torch.float64)
+    _, sens0 = cell.initial_state(3)
+    sens0 = {k: torch.randn_like(s) for k, s in sens0.items()}
+    x_leaf = x.clone().requires_grad_()
+    (expected,) = torch.autograd.grad((dl_dc * spec_cell(cell, x_leaf, c0, done)).sum(), x_leaf)
+    grads, sens_T, dl_dx = cell.rtrl_scan(x, cell.scan(x, c0, done), sens0, dl_dc, impl)
+    assert rel_err(dl_dx, expected) < 1e-12
+    grads_ref, sens_ref = cell.rtrl(x, c0, done, sens0, dl_dc, impl)
+    for k in PARAMS:
+        torch.testing.assert_close(grads[k], grads_ref[k], rtol=1e-12, atol=0)
+        torch.testing.assert_close(sens_T[k], sens_ref[k], rtol=1e-12, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # The update
 # ---------------------------------------------------------------------------------------------
-OBS_SHAPE, NUM_ACTIONS, HIDDEN = (2, 12, 12), 3, 6
+NUM_ACTIONS, HIDDEN = 3, 6
 
 
-def random_rollouts(script, num, steps, batch, seed=2):
+class Pixels:
+    """uint8 images; the stem sees them scaled to [0, 1] (SPEC §5)."""
+
+    shape = (2, 12, 12)
+
+    @staticmethod
+    def sample(steps, batch, g):
+        return torch.randint(0, 256, (steps, batch, *Pixels.shape), generator=g, dtype=torch.uint8)
+
+    @staticmethod
+    def stem_features(agent, obs):
+        return agent.stem(obs.flatten(0, 1).double() / 255).unflatten(0, obs.shape[:2])
+
+
+class SymbolicView:
+    """MiniGrid's 7x7 view of (object, colour, state) ids then the direction; the stem sees one-hots."""
+
+    shape, sizes = (7 * 7 * 3 + 1,), (11, 6, 3)
+
+    @staticmethod
+    def sample(steps, batch, g):
+        ids = [torch.randint(0, n, (steps, batch, 49, 1), generator=g) for n in SymbolicView.sizes]
+        direction = torch.randint(0, 4, (steps, batch, 1), generator=g)
+        return torch.cat([torch.cat(ids, -1).flatten(-2), direction], -1).to(torch.uint8)
+
+    @staticmethod
+    def stem_features(agent, obs):
+        """One-hots by scatter, cell by cell, id by id: independent of the script's encoder."""
+        hot = torch.zeros(*obs.shape[:2], 49 * 20 + 4, dtype=torch.float64)
+        offsets = (0, 11, 17)
+        for cell in range(49):
+            for i, offset in enumerate(offsets):
+                index = (cell * 20 + offset + obs[..., cell * 3 + i].long()).unsqueeze(-1)
+                hot.scatter_(-1, index, 1.0)
+        hot.scatter_(-1, (49 * 20 + obs[..., -1].long()).unsqueeze(-1), 1.0)
+        return agent.stem(hot)
+
+
+def random_rollouts(script, num, steps, batch, seed=2, obs_kind=Pixels):
     g = torch.Generator().manual_seed(seed)
     terms, deads, firsts = episode_flags(num * steps, batch, g)
     rollouts = []
     for i in range(num):
         span = slice(i * steps, (i + 1) * steps)
         rollouts.append(script.Rollout(
-            obs=torch.randint(0, 256, (steps, batch, *OBS_SHAPE), generator=g, dtype=torch.uint8),
+            obs=obs_kind.sample(steps, batch, g),
             last_rewards=3 * torch.randn(steps, batch, generator=g, dtype=torch.float64),
             firsts=firsts[span], deads=deads[span], terms=terms[span],
             actions=torch.randint(0, NUM_ACTIONS, (steps, batch), generator=g),
@@ -158,23 +214,38 @@ def check_returns_bootstrap_truncations_and_cut_terminations(script):
     torch.testing.assert_close(script.n_step_returns(r, next_value, 0.9), reference_returns(r, next_value, 0.9))
 
 
-def reference_rollout_loss(agent, rollouts, returns, core, args):
+def spec_lstm(lstm, x, state0, done):
+    """A standard LSTM (i, f, g, o gates, h = o * tanh(c)) step by step; state is [h ; c], zeroed at resets."""
+    w_ih, w_hh, bias = lstm.cell.weight_ih, lstm.cell.weight_hh, lstm.cell.bias_ih + lstm.cell.bias_hh
+    h, c = state0.chunk(2, -1)
+    out = []
+    for t in range(x.shape[0]):
+        keep = (1.0 - done[t].double())[:, None]
+        i, f, g, o = (x[t] @ w_ih.T + (h * keep) @ w_hh.T + bias).chunk(4, -1)
+        c = torch.sigmoid(f) * c * keep + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        out.append(torch.cat([h, c], -1))
+    return torch.stack(out)
+
+
+def reference_rollout_loss(agent, rollouts, returns, core, args, obs_kind=Pixels):
     """Loss of the last rollout as a function of all parameters, written from SPEC §1 and §5 alone.
 
-    The eLSTM's start state depends on its parameters through all earlier rollouts (rtrl), or is cut
-    at the rollout's start (tbptt); the stem only sees the current rollout's observations.
+    The recurrent state at the rollout's start depends on the cell's parameters through all earlier
+    rollouts (rtrl), or is cut at the rollout's start (tbptt, lstm); the stem only sees the current
+    rollout's observations.
     """
-    c = torch.zeros(rollouts[0].obs.shape[1], HIDDEN, dtype=torch.float64)
+    width = 2 * HIDDEN if core == "lstm" else HIDDEN
+    c = torch.zeros(rollouts[0].obs.shape[1], width, dtype=torch.float64)
     for j, r in enumerate(rollouts):
-        x = torch.cat([agent.stem(r.obs.flatten(0, 1).double() / 255).unflatten(0, r.obs.shape[:2]),
-                       r.last_rewards.clamp(-1, 1)[..., None]], -1)  # fmt: skip
+        x = torch.cat([obs_kind.stem_features(agent, r.obs), r.last_rewards.clamp(-1, 1)[..., None]], -1)
         current = j == len(rollouts) - 1
         x = x if current else x.detach()
-        c = c.detach() if core == "tbptt" and current else c
+        c = c.detach() if core in ("tbptt", "lstm") and current else c
         resets = torch.ones_like(r.firsts) if core == "ff" else r.firsts
-        cs = spec_cell(agent.cell, x, c, resets)
+        cs = spec_lstm(agent.cell, x, c, resets) if core == "lstm" else spec_cell(agent.cell, x, c, resets)
         c = cs[-1]
-    h = torch.sigmoid(agent.gate(torch.cat([x, cs], -1))) * cs
+    h = cs[..., :HIDDEN] if core == "lstm" else torch.sigmoid(agent.gate(torch.cat([x, cs], -1))) * cs
     logp = torch.log_softmax(agent.actor(h), -1)
     value = agent.critic(h)[..., 0]
     live = (~r.deads).double()
@@ -195,15 +266,16 @@ def script_grads(script, agent, rollouts, returns, args):
     return {k: p.grad for k, p in agent.named_parameters()}
 
 
-def check_update_gradients_equal_autograd(script, core, impl):
+def check_update_gradients_equal_autograd(script, core, impl, obs_kind=Pixels):
     """The whole update's gradient on every parameter, over 3 rollouts, equals autograd on the reference loss."""
     torch.manual_seed(0)
-    agent = script.Agent(OBS_SHAPE, NUM_ACTIONS, HIDDEN, core).double()
+    agent = script.Agent(obs_kind.shape, NUM_ACTIONS, HIDDEN, core).double()
     args = script.Args(core=core, rtrl_impl=impl)
-    rollouts = random_rollouts(script, 3, 5, 3)
+    rollouts = random_rollouts(script, 3, 5, 3, obs_kind=obs_kind)
     returns = torch.randn(5, 3, dtype=torch.float64)
     got = script_grads(script, agent, rollouts, returns, args)
-    assert_grads_equal_reference(agent, got, lambda c: reference_rollout_loss(agent, rollouts, returns, c, args), core)
+    reference = lambda c: reference_rollout_loss(agent, rollouts, returns, c, args, obs_kind)  # noqa: E731
+    assert_grads_equal_reference(agent, got, reference, core)
 
 
 def assert_grads_equal_reference(agent, got, reference_loss, core):

@@ -1,0 +1,179 @@
+"""Claims about rtrl_a2c_minigrid.py, each checked against an independent float64 computation (tests/claims.py),
+EnvPool MiniGrid's episode semantics, and the script as a user runs it."""
+
+import glob
+import os
+
+import envpool
+import numpy as np
+import pytest
+import torch
+
+import claims as checks
+import helpers
+import rtrl_a2c_minigrid as minigrid
+
+SCRIPT = minigrid.__file__
+ENV_ID = "MiniGrid-MemoryS7-v0"
+
+
+def test_forward_matches_spec_equations():
+    checks.check_forward_matches_spec(minigrid)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "step"])
+@pytest.mark.parametrize("chunk_len", [7, 1])
+def test_rtrl_equals_bptt_across_chunks_with_resets(impl, chunk_len):
+    checks.check_rtrl_equals_bptt_across_chunks(minigrid, impl, chunk_len)
+
+
+def test_carried_sensitivities_are_dc_dtheta_for_both_impls():
+    checks.check_carried_sensitivities_are_dc_dtheta(minigrid)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "step"])
+def test_rtrl_scan_input_gradient_equals_autograd(impl):
+    checks.check_rtrl_scan_input_gradient_equals_autograd(minigrid, impl)
+
+
+def test_returns_bootstrap_truncations_and_cut_terminations():
+    checks.check_returns_bootstrap_truncations_and_cut_terminations(minigrid)
+
+
+@pytest.mark.parametrize(
+    "core,impl", [("rtrl", "chunked"), ("rtrl", "step"), ("tbptt", "chunked"), ("lstm", "chunked"), ("ff", "chunked")]
+)
+def test_update_gradients_equal_autograd_on_equivalent_computation(core, impl):
+    checks.check_update_gradients_equal_autograd(minigrid, core, impl, obs_kind=checks.SymbolicView)
+
+
+# ---------------------------------------------------------------------------------------------
+# EnvPool MiniGrid's episode ends, and the flags the wrapper makes of them
+# ---------------------------------------------------------------------------------------------
+def test_envpool_minigrid_answers_the_step_after_an_episode_end_with_a_new_episode_ignoring_its_action():
+    """Two copies of one seeded env act alike until an episode ends, then differently for one step: the
+    observation after that step is the same in both (the action was ignored) and starts a new episode."""
+    envs = envpool.make(ENV_ID, env_type="gymnasium", num_envs=2, env_seed=[5, 5])
+    envs.reset()
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        a = rng.integers(0, 3)
+        obs, reward, term, trunc, info = envs.step(np.array([a, a]))
+        if term[0] or trunc[0]:
+            break
+    assert term[0] and term[1], "random play ends an S7 episode well within 2000 steps"
+    obs, reward, term, trunc, info = envs.step(np.array([0, 2]))  # turn left vs move forward
+    assert (info["elapsed_step"] == 0).all() and not term.any() and not trunc.any() and (reward == 0).all()
+    np.testing.assert_array_equal(obs["image"][0], obs["image"][1])
+    np.testing.assert_array_equal(obs["direction"], [0, 0])  # MiniGrid Memory starts facing right
+    envs.close()
+
+
+def test_wrapper_marks_the_terminal_step_dead_and_the_next_one_first_and_counts_successes():
+    envs = minigrid.Envs(ENV_ID, [11, 12, 13], torch.device("cpu"))
+    assert envs.first.all() and not envs.dead.any() and envs.num_actions == 3
+    g = torch.Generator().manual_seed(0)
+    ended, prev_dead = [], envs.dead.clone()
+    for _ in range(600):
+        reward, term, episodes = envs.step(torch.randint(0, 3, (3,), generator=g))
+        assert torch.equal(envs.first, prev_dead)  # first exactly one step after dead
+        for i, episode_return, length, success in episodes:
+            assert envs.dead[i] and length > 0
+            assert success == (episode_return > 0) and (not success or 0 < episode_return <= 1)
+            ended.append(success)
+        prev_dead = envs.dead.clone()
+    envs.close()
+    assert True in ended and False in ended, "random play both succeeds and fails in S7"
+
+
+def test_staleness_diagnostic_is_exact_when_parameters_do_not_change():
+    """With frozen parameters the carried sensitivities are exact: the rtrl update's eLSTM gradient equals
+    BPTT through each episode so far, and the truncated gradient does not."""
+    torch.manual_seed(0)
+    agent = minigrid.Agent(checks.SymbolicView.shape, 3, 6, "rtrl").double()
+    args = minigrid.Args(core="rtrl")
+    rollouts = checks.random_rollouts(minigrid, 4, 5, 3, obs_kind=checks.SymbolicView, seed=4)
+    assert rollouts[0].firsts[0].all()  # every env starts an episode at the first step
+    history, (c, sens) = minigrid.EpisodeHistory(3), agent.cell.initial_state(3)
+    returns = torch.randn(5, 3, dtype=torch.float64)
+    for r in rollouts:
+        agent.zero_grad(set_to_none=True)
+        _, sens_next, _ = minigrid.compute_gradients(agent, r, returns, c, sens, args)
+        diag = minigrid.gradient_staleness(agent, history, r, returns, args)
+        with torch.no_grad():
+            c = agent.cell(agent.features(r.obs, r.last_rewards), c, r.firsts)[-1]
+        history.extend(r)
+        sens = sens_next
+    assert diag["relerr_update_exact"] < 1e-10 and abs(diag["cos_update_exact"] - 1) < 1e-12
+    assert diag["cos_truncated_exact"] < 1 - 1e-6 and diag["episode_prefix_steps"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The script as a user runs it
+# ---------------------------------------------------------------------------------------------
+def run_script(tmp_path, *flags):
+    return helpers.run_script(SCRIPT, tmp_path, *flags)
+
+
+@pytest.mark.parametrize("core,num_steps", [("rtrl", 8), ("tbptt", 8), ("lstm", 8), ("ff", 8), ("rtrl", 1)])
+def test_training_run_writes_scalars_and_a_loadable_checkpoint(tmp_path, core, num_steps):
+    steps = 4 * num_steps * (100 if num_steps > 1 else 400)
+    proc = run_script(tmp_path, "--core", core, "--num-envs", "4", "--num-steps", str(num_steps),
+                      "--total-timesteps", str(steps), "--hidden-size", "16", "--eval-episodes", "3", "--save-model")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / f"{ENV_ID}__rtrl_a2c_minigrid__{core}__T{num_steps}__1__*"))
+    scalars = checks.read_scalars(run_dir)
+    checks.check_update_scalars(scalars, iterations=steps // (4 * num_steps))
+    for group in ("stem", "cell", "heads"):
+        assert len(scalars[f"losses/grad_norm_{group}"]) == steps // (4 * num_steps)
+    assert len(scalars["charts/episodic_return"]) == len(scalars["charts/success"]) >= 5  # S7 episodes are short
+    assert set(scalars["charts/success"]) <= {0.0, 1.0}
+    assert len(scalars["eval/episodic_return"]) == len(scalars["eval/success"]) == 3  # one episode per eval env
+    assert "eta=" in proc.stdout and "elapsed=" in proc.stdout
+
+    checkpoint = torch.load(os.path.join(run_dir, "model.pt"), weights_only=True)
+    assert checkpoint["args"]["core"] == core and not glob.glob(os.path.join(run_dir, "*.tmp"))
+    agent = minigrid.Agent((minigrid.Envs.OBS_SIZE,), 3, checkpoint["args"]["hidden_size"], core)
+    agent.load_state_dict(checkpoint["model"])
+
+
+@pytest.mark.parametrize("core", ["rtrl", "tbptt"])
+def test_staleness_diagnostic_logs_cosines_and_errors(tmp_path, core):
+    proc = run_script(tmp_path, "--core", core, "--num-envs", "3", "--num-steps", "4", "--total-timesteps", "480",
+                      "--hidden-size", "8", "--eval-episodes", "0", "--staleness-every", "5", "--run-name", "diag")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    scalars = checks.read_scalars(str(tmp_path / "runs" / "diag"))
+    diag = {k: v for k, v in scalars.items() if k.startswith("diag/")}
+    keys = ("cos_update_exact", "relerr_update_exact", "cos_truncated_exact", "episode_prefix_steps")
+    assert set(diag) == {f"diag/{k}" for k in keys}
+    assert all(len(v) == 480 // 12 // 5 for v in diag.values())
+    assert all(-1 <= v <= 1 for k in ("cos_update_exact", "cos_truncated_exact") for v in diag[f"diag/{k}"])
+    assert all(v >= 0 for v in diag["diag/relerr_update_exact"])
+
+
+def test_a_run_directory_is_never_shared(tmp_path):
+    flags = ("--num-envs", "2", "--num-steps", "4", "--total-timesteps", "8", "--eval-episodes", "0", "--hidden-size", "4")
+    assert run_script(tmp_path, *flags, "--run-name", "one").returncode == 0
+    before = sorted(os.listdir(tmp_path / "runs" / "one"))
+    proc = run_script(tmp_path, *flags, "--run-name", "one")
+    assert proc.returncode == 2 and "runs/one exists" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert sorted(os.listdir(tmp_path / "runs" / "one")) == before
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--env-id", "MiniGrid-MemoryS8-v0"], "did you mean MiniGrid-MemoryS9-v0, MiniGrid-MemoryS7-v0"),
+        (["--env-id", "Breakout-v5"], "unknown MiniGrid env id"),
+        (["--num-envs", "0"], "--num-envs must be at least 1"),
+        (["--num-steps", "0"], "--num-steps must be at least 1"),
+        (["--total-timesteps", "10", "--num-envs", "4", "--num-steps", "5"], "less than one rollout"),
+        (["--learning-rate", "-1"], "--learning-rate must be in"),
+        (["--gamma", "1.5"], "--gamma must be in"),
+        (["--max-grad-norm", "0"], "--max-grad-norm must be positive"),
+        (["--staleness-every", "-1"], "--staleness-every must be at least 0"),
+        (["--staleness-every", "5", "--core", "lstm"], "needs --core rtrl or tbptt"),
+    ],
+)
+def test_bad_input_is_a_one_line_error(tmp_path, flags, message):
+    checks.check_bad_input_is_a_one_line_error(run_script(tmp_path, *flags), message, tmp_path)
