@@ -86,6 +86,23 @@ def test_wrapper_marks_the_terminal_step_dead_and_the_next_one_first_and_counts_
     assert True in ended and False in ended, "random play both succeeds and fails in S7"
 
 
+@pytest.mark.parametrize("env_id,kept", [("CartPole-v1", [0, 2]), ("Acrobot-v1", [0, 1, 2, 3])])
+def test_masked_classic_control_shows_positions_only_and_counts_successes(env_id, kept):
+    envs = minigrid.Envs(env_id, [3, 4], torch.device("cpu"))
+    raw = envpool.make(env_id, env_type="gymnasium", num_envs=2, env_seed=[3, 4])
+    raw_obs, _ = raw.reset()
+    torch.testing.assert_close(envs.obs, torch.as_tensor(raw_obs[:, kept]))  # velocities hidden
+    assert envs.obs_shape == (len(kept),) and envs.num_actions == raw.action_space.n
+    for _ in range(30):
+        action = torch.randint(0, envs.num_actions, (2,))
+        raw_obs, _, term, trunc, _ = raw.step(action.numpy())
+        _, _, episodes = envs.step(action)
+        torch.testing.assert_close(envs.obs, torch.as_tensor(raw_obs[:, kept]))
+        for i, _, _, success in episodes:  # CartPole: success = lasting to the limit; Acrobot: swinging up
+            assert success == bool(trunc[i] if env_id == "CartPole-v1" else term[i])
+    envs.close(), raw.close()
+
+
 def test_staleness_diagnostic_is_exact_when_parameters_do_not_change():
     """With frozen parameters the carried sensitivities are exact: the rtrl update's eLSTM gradient equals
     BPTT through each episode so far, and the truncated gradient does not."""
@@ -151,6 +168,17 @@ def test_staleness_diagnostic_logs_cosines_and_errors(tmp_path, core):
     assert all(v >= 0 for v in diag["diag/relerr_update_exact"])
 
 
+def test_masked_cartpole_trains_through_the_same_agent(tmp_path):
+    proc = run_script(tmp_path, "--env-id", "CartPole-v1", "--num-envs", "4", "--num-steps", "4", "--total-timesteps", "3200",
+                      "--hidden-size", "8", "--eval-episodes", "2", "--run-name", "cartpole", "--save-model")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    scalars = checks.read_scalars(str(tmp_path / "runs" / "cartpole"))
+    checks.check_update_scalars(scalars, iterations=3200 // 16)
+    assert len(scalars["charts/episodic_return"]) >= 20 and len(scalars["eval/episodic_return"]) == 2
+    agent = minigrid.Agent((2,), 2, 8, "rtrl")
+    agent.load_state_dict(torch.load(tmp_path / "runs" / "cartpole" / "model.pt", weights_only=True)["model"])
+
+
 def test_a_run_directory_is_never_shared(tmp_path):
     flags = ("--num-envs", "2", "--num-steps", "4", "--total-timesteps", "8", "--eval-episodes", "0", "--hidden-size", "4")
     assert run_script(tmp_path, *flags, "--run-name", "one").returncode == 0
@@ -164,7 +192,7 @@ def test_a_run_directory_is_never_shared(tmp_path):
     "flags,message",
     [
         (["--env-id", "MiniGrid-MemoryS8-v0"], "did you mean MiniGrid-MemoryS9-v0, MiniGrid-MemoryS7-v0"),
-        (["--env-id", "Breakout-v5"], "unknown MiniGrid env id"),
+        (["--env-id", "Breakout-v5"], "unknown env id 'Breakout-v5' (MiniGrid-* or CartPole-v1 / Acrobot-v1)"),
         (["--num-envs", "0"], "--num-envs must be at least 1"),
         (["--num-steps", "0"], "--num-steps must be at least 1"),
         (["--total-timesteps", "10", "--num-envs", "4", "--num-steps", "5"], "less than one rollout"),
