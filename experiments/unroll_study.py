@@ -238,6 +238,9 @@ def summarize_events(run_dir, total_timesteps):
                    final_episodes=int((steps >= (1 - FINAL_FRACTION) * total_timesteps).sum()), episodes=len(steps),
                    eval_return=mean(series("eval/episodic_return")[1]), eval_success=mean(series("eval/success")[1]),
                    eval_episodes=len(series("eval/episodic_return")[1]), sps=mean(series("charts/SPS")[1]))  # fmt: skip
+    for group in ("", "_stem", "_cell", "_heads"):  # median gradient norms before clipping, per parameter group
+        values = series(f"losses/grad_norm{group}")[1]
+        metrics[f"median_grad_norm{group}"] = float(np.median(values)) if len(values) else None
     edges = np.linspace(0, total_timesteps, CURVE_BINS + 1)
     curve = dict(step=((edges[:-1] + edges[1:]) / 2).round(1).tolist(),  # bin centres
                  episodic_return=binned("charts/episodic_return"), success=binned("charts/success"))  # fmt: skip
