@@ -345,6 +345,102 @@ class ELSTM(nn.Module):
         """c_1..c_T (T x B x N), differentiable by autograd."""
         return torch.stack(self._scan(x, c0, done)[0])
 
+    @torch.no_grad()
+    def scan(self, x, c0, done):
+        """The forward pass without autograd, kept for rtrl_scan: (c_1..c_T, c_prev, z, f, notdone), stacked."""
+        return tuple(torch.stack(v) if isinstance(v, list) else v for v in self._scan(x, c0, done))
+
+    def rtrl(self, x, c0, done, sens, dl_dc, impl="chunked"):
+        """Exact gradients of sum_t <dl_dc[t], c_t> through the whole history, and the sensitivities at T.
+
+        `sens` are dc_0/dtheta carried from earlier chunks; dl_dc[t] is the local dL/dc_t (SPEC §2).
+        """
+        grads, sens_T, _ = self.rtrl_scan(x, self.scan(x, c0, done), sens, dl_dc, impl)
+        return grads, sens_T
+
+    @torch.no_grad()
+    def rtrl_scan(self, x, scan, sens, dl_dc, impl="chunked", overwrite=False):
+        """rtrl() from a scan() already made, plus dL/dx_t within the chunk: (grads, sens_T, dl_dx).
+
+        R_t below is the within-chunk dL/dc_t, so dL/dx_t = W_z^T (alpha_t R_t) + W_f^T (beta_t R_t):
+        the update gets the stem's gradient through the cell without an autograd pass over it.
+        overwrite=True lets the chunked pass update the B x N x D tensors of `sens` in place (they
+        become sens_T's): no new tensor of that size and one pass fewer over it. The caller gives them up.
+        """
+        _, c_prev, z, f, notdone = scan
+        T, B, N = c_prev.shape
+        # u = (alpha_t, beta_t), T x B x 2 x N: the increments of W_z's and W_f's sensitivities (times x_t)
+        # and of b_z's and b_f's; v_z's and v_f's are these times c_{t-1}. One tensor, so that W_z and W_f
+        # share every GEMM below.
+        u = c_prev.new_empty(T, B, 2, N)
+        alpha, beta = u.unbind(2)
+        one_minus_f = 1 - f
+        torch.addcmul(f.new_ones(()), z, z, value=-1, out=alpha).mul_(one_minus_f)  # dc_t / d pre-activation of z
+        torch.sub(c_prev, z, out=beta).mul_(f).mul_(one_minus_f)  # dc_t / d pre-activation of f
+        a = torch.addcmul(f, alpha, self.v_z).addcmul_(beta, self.v_f).mul_(notdone)  # J_t, zeroed across resets
+        # R_s = delta_s + a_{s+1} R_{s+1}: what step s's sensitivity is worth to the chunk's loss;
+        # P_s = a_{s+1} P_{s+1}: how much of step s's increment survives to T
+        R, P = torch.empty_like(dl_dc), torch.empty_like(a)
+        R[-1], P[-1] = dl_dc[-1], 1.0
+        for t in range(T - 2, -1, -1):
+            torch.addcmul(dl_dc[t], a[t + 1], R[t + 1], out=R[t])
+            torch.mul(a[t + 1], P[t + 1], out=P[t])
+        uR = u * R[:, :, None]  # (alpha_t R_t, beta_t R_t)
+        if impl == "chunked":
+            grads, sens_T = self._rtrl_chunked(x, c_prev, a, u, uR, R, P, sens, overwrite)
+        else:
+            grads, sens_T = self._rtrl_step(x, c_prev, a, u, sens, dl_dc)
+        dl_dx = torch.mm(uR.view(T * B, 2 * N), torch.cat([self.w_z, self.w_f])).view(T, B, -1)
+        return grads, sens_T, dl_dx
+
+    def _rtrl_step(self, x, c_prev, a, u, sens, dl_dc):
+        """SPEC §2: S_t = J_t * S_{t-1} + u_t (x) x_t;  grad += sum_b delta_t * S_t."""
+        alpha, beta = u.unbind(2)
+        u = {"w_z": alpha, "w_f": beta, "v_z": alpha * c_prev, "v_f": beta * c_prev, "b_z": alpha, "b_f": beta}
+        grads = {k: torch.zeros_like(p) for k, p in self.named_parameters()}
+        sens = dict(sens)
+        for t in range(x.shape[0]):
+            for k in grads:
+                if k in self.MATRICES:
+                    sens[k] = a[t, :, :, None] * sens[k] + u[k][t, :, :, None] * x[t, :, None, :]
+                    grads[k] += torch.einsum("bn,bnd->nd", dl_dc[t], sens[k])
+                else:
+                    sens[k] = a[t] * sens[k] + u[k][t]
+                    grads[k] += (dl_dc[t] * sens[k]).sum(0)
+        return grads, sens
+
+    def _rtrl_chunked(self, x, c_prev, a, u, uR, R, P, sens, overwrite):
+        """SPEC §3: the same numbers, reading S_0 once and turning the rest into matrix products."""
+        T, B, _, N = u.shape
+        aR0, aP0 = a[0] * R[0], a[0] * P[0]
+        # (alpha_t P_t, beta_t P_t), stored B x T x 2 x N: each batch row's N x T factor of S_T is a plain matrix
+        uP = torch.mul(u, P[:, :, None], out=u.new_empty(B, T, 2, N).transpose(0, 1)).transpose(0, 1)
+        # the chunk's own terms: sum_{t,b} (u_t R_t) x_t^T for W_z and W_f in one GEMM (2N x D), and the vectors'
+        w = torch.mm(uR.view(T * B, 2 * N).T, x.flatten(0, 1))
+        b, v = uR.sum((0, 1)), (uR * c_prev[:, :, None]).sum((0, 1))  # 2 x N: (b_z, b_f), (v_z, v_f)
+        sb, sv = uP.sum(1), (uP * c_prev.transpose(0, 1)[:, :, None]).sum(1)  # B x 2 x N, for S_T
+        chunk = {"w_z": (w[:N], uP[:, :, 0]), "w_f": (w[N:], uP[:, :, 1]), "v_z": (v[0], sv[:, 0]),
+                 "v_f": (v[1], sv[:, 1]), "b_z": (b[0], sb[:, 0]), "b_f": (b[1], sb[:, 1])}  # fmt: skip
+        # N x 1 x B, contiguous: then sum_b (a_1 R_1) * S_0 is one batched GEMM that reads S_0 where it lies
+        aR0_n1b = aR0.T.contiguous().unsqueeze(1)
+        x_bt = x.transpose(0, 1)  # B x T x D
+        grads, sens_T = {}, {}
+        for k, s0 in sens.items():
+            g, s = chunk[k]
+            if k in self.MATRICES:
+                grads[k] = torch.bmm(aR0_n1b, s0.transpose(0, 1)).squeeze(1).add_(g)
+                scaled = s0.mul_(aP0[:, :, None]) if overwrite else s0 * aP0[:, :, None]
+                sens_T[k] = scaled.baddbmm_(s.transpose(1, 2), x_bt)  # + sum_t (u_t P_t) x_t^T, batch row by row
+            else:
+                grads[k] = (aR0 * s0).sum(0).add_(g)
+                sens_T[k] = torch.addcmul(s, aP0, s0)
+        return grads, sens_T
+
+
+class OnlineELSTM(ELSTM):
+    """The ELSTM plus one step of RTRL online (SPEC §2), as the actors run it: c and its sensitivities
+    advance together at every environment step, and the learner's rtrl_scan starts from what they carried."""
+
     def _jacobian_and_increments(self, x, c0, done):
         """c_1..c_T, a_t = notdone_t * J_t and the increments u_t of every parameter's sensitivity (SPEC §2)."""
         cs, c_prev, z, f, notdone = self._scan(x, c0, done)
@@ -363,53 +459,11 @@ class ELSTM(nn.Module):
 
     @torch.no_grad()
     def step(self, x, c, done, sens):
-        """One environment step online, as the actors run it: (c_t, sens_t) from (c_{t-1}, sens_{t-1}); x: B x D."""
+        """One environment step online, as the actors run it: (c_t, sens_t) from (c_{t-1}, sens_{t-1}); x: B x D.
+
+        Out of place: the actor sends the sensitivities it had at an unroll's start after the unroll."""
         c, a, u = self._jacobian_and_increments(x[None], c, done[None])
         return c[0], self._sens_step(sens, a[0], {k: v[0] for k, v in u.items()}, x)
-
-    @torch.no_grad()
-    def rtrl(self, x, c0, done, sens, dl_dc, impl="chunked"):
-        """Exact gradients of sum_t <dl_dc[t], c_t> through the whole history, and the sensitivities at T.
-
-        `sens` are dc_0/dtheta carried from earlier chunks; dl_dc[t] is the local dL/dc_t (SPEC §2).
-        """
-        _, a, u = self._jacobian_and_increments(x, c0, done)
-        rtrl = self._rtrl_chunked if impl == "chunked" else self._rtrl_step
-        return rtrl(x, a, u, sens, dl_dc)
-
-    def _rtrl_step(self, x, a, u, sens, dl_dc):
-        """SPEC §2: S_t = J_t * S_{t-1} + u_t (x) x_t;  grad += sum_b delta_t * S_t."""
-        grads = {k: torch.zeros_like(p) for k, p in self.named_parameters()}
-        for t in range(x.shape[0]):
-            sens = self._sens_step(sens, a[t], {k: v[t] for k, v in u.items()}, x[t])
-            for k in grads:
-                grads[k] += torch.einsum("bn,bn...->n...", dl_dc[t], sens[k])
-        return grads, sens
-
-    def _rtrl_chunked(self, x, a, u, sens, dl_dc):
-        """SPEC §3: the same numbers, reading S_0 once and turning the rest into matrix products."""
-        # R_s = delta_s + a_{s+1} R_{s+1}: what step s's sensitivity is worth to the chunk's loss;
-        # P_s = a_{s+1} P_{s+1}: how much of step s's increment survives to T
-        R, P = torch.empty_like(dl_dc), torch.empty_like(a)
-        R[-1], P[-1] = dl_dc[-1], 1.0
-        for t in range(x.shape[0] - 2, -1, -1):
-            torch.addcmul(dl_dc[t], a[t + 1], R[t + 1], out=R[t])
-            torch.mul(a[t + 1], P[t + 1], out=P[t])
-        aR0, aP0 = a[0] * R[0], a[0] * P[0]
-        x_flat, x_bt = x.flatten(0, 1), x.transpose(0, 1)  # TB x D and B x T x D views for the GEMMs
-        uR = {k: u[k] * R for k in ("w_z", "w_f", "v_z", "v_f")}
-        uP = {k: u[k] * P for k in ("w_z", "w_f", "v_z", "v_f")}
-        for products in (uR, uP):
-            products["b_z"], products["b_f"] = products["w_z"], products["w_f"]  # b's u is W's: multiply once
-        grads, sens_T = {}, {}
-        for k, s0 in sens.items():
-            if k in self.MATRICES:
-                grads[k] = torch.einsum("bn,bnd->nd", aR0, s0).addmm_(uR[k].flatten(0, 1).T, x_flat)
-                sens_T[k] = torch.bmm(uP[k].permute(1, 2, 0), x_bt).addcmul_(aP0[:, :, None], s0)
-            else:
-                grads[k] = (aR0 * s0).sum(0) + uR[k].sum((0, 1))
-                sens_T[k] = aP0 * s0 + uP[k].sum(0)
-        return grads, sens_T
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,7 +497,7 @@ class Agent(nn.Module):
             flat = convs(torch.zeros(1, *obs_shape)).numel()
         self.stem = nn.Sequential(convs, nn.ReLU(), nn.Flatten(), nn.Linear(flat, 256), nn.ReLU())
         self.stem.to(memory_format=torch.channels_last)  # NHWC: CPU (oneDNN) convolutions run ~1.6x faster
-        self.cell = ELSTM(256 + 1, hidden_size)
+        self.cell = OnlineELSTM(256 + 1, hidden_size)
         self.gate = nn.Linear(256 + 1 + hidden_size, hidden_size)
         self.actor = nn.Linear(hidden_size, num_actions)
         self.critic = nn.Linear(hidden_size, 1)
@@ -684,20 +738,11 @@ def timer(device):
     return time.perf_counter()
 
 
-def compute_gradients(agent, batch, args):
-    """Fill every parameter's .grad for one batch of unrolls (T + 1 steps x B); return (stats, seconds in RTRL).
-
-    rtrl: the eLSTM gets exact untruncated gradients from the actors' carried sensitivities, recomputed over
-    the unroll with the learner's parameters; stem, gate and heads get backprop within the unroll (SPEC §5).
-    tbptt / ff: autograd within the unroll. Step T only bootstraps (its loss is the next unroll's).
-    """
+def unroll_loss(agent, batch, x, c, args):
+    """The V-trace actor-critic loss of T + 1 steps' features and states, summed over time and batch (SPEC §5),
+    and its parts for logging. Step T only bootstraps (its loss is the next unroll's)."""
     T = args.unroll_length
-    resets = agent.resets(batch["firsts"])
-    x = agent.features(batch["obs"], batch["last_rewards"])
-    x_leaf = x.detach().requires_grad_()
-    c = agent.cell(x_leaf, batch["c0"], resets)
-    c_leaf = c.detach().requires_grad_()  # its grad is the local delta_t = dL/dc_t (SPEC §2)
-    logits, values = agent.heads(x_leaf, c_leaf)
+    logits, values = agent.heads(x, c)
     logits, values, bootstrap_value = logits[:T], values[:T], values[T].detach()
     policy = torch.distributions.Categorical(logits=logits)
     log_pi = policy.log_prob(batch["actions"])
@@ -711,21 +756,38 @@ def compute_gradients(agent, batch, args):
     v_loss = 0.5 * (live * (vs - values) ** 2).sum()
     entropy = (live * policy.entropy()).sum()
     loss = pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy
-    loss.backward()
+    return loss, {"policy_loss": pg_loss.item(), "value_loss": v_loss.item(), "entropy": entropy.item()}
 
+
+def compute_gradients(agent, batch, args):
+    """Fill every parameter's .grad for one batch of unrolls (T + 1 steps x B); return (stats, seconds in RTRL).
+
+    rtrl: the eLSTM gets exact untruncated gradients from the actors' carried sensitivities, recomputed over
+    the unroll with the learner's parameters, and the stem its gradient through the cell within the unroll from
+    the same pass (rtrl_scan); stem, gate and heads get backprop (SPEC §5). tbptt / ff: autograd within the unroll.
+    """
+    T = args.unroll_length
+    resets = agent.resets(batch["firsts"])
+    x = agent.features(batch["obs"], batch["last_rewards"])
+    x_leaf = x.detach().requires_grad_()
     rtrl_time = 0.0
     if args.core == "rtrl":
-        c.backward(c_leaf.grad, inputs=[x_leaf])  # the stem's path through the cell, within the unroll
+        scan = agent.cell.scan(x_leaf.detach(), batch["c0"], resets)
+        c_leaf = scan[0].requires_grad_()  # its grad is the local delta_t = dL/dc_t (SPEC §2)
+        loss, stats = unroll_loss(agent, batch, x_leaf, c_leaf, args)
+        loss.backward()
         start = timer(x.device)
-        grads, _ = agent.cell.rtrl(x_leaf[:T].detach(), batch["c0"], resets[:T], batch["sens0"], c_leaf.grad[:T],
-                                   args.rtrl_impl)  # fmt: skip
+        unroll = tuple(v[:T] for v in scan)  # step T has no loss: nothing flows back through it
+        grads, _, dl_dx = agent.cell.rtrl_scan(x_leaf[:T].detach(), unroll, batch["sens0"], c_leaf.grad[:T],
+                                               args.rtrl_impl, overwrite=True)  # fmt: skip
         rtrl_time = timer(x.device) - start
         for name, p in agent.cell.named_parameters():
             p.grad = grads[name]
+        x_leaf.grad[:T] += dl_dx
     else:
-        c.backward(c_leaf.grad, inputs=[x_leaf, *agent.cell.parameters()])
+        loss, stats = unroll_loss(agent, batch, x_leaf, agent.cell(x_leaf, batch["c0"], resets), args)
+        loss.backward()
     x.backward(x_leaf.grad)
-    stats = {"policy_loss": pg_loss.item(), "value_loss": v_loss.item(), "entropy": entropy.item()}
     return stats, rtrl_time
 
 

@@ -4,9 +4,15 @@ For each script's own `ELSTM` (imported from the script file), float32, at the p
 gradient of the same loss sum_t <dl_dc[t], c_t> over one unroll: `rtrl(impl="chunked")`, `rtrl(impl="step")`
 (both also fold in the sensitivities carried from earlier unrolls) and autograd through `forward`.
 
+Then the pass the updates run, which also gives the stem its gradient through the cell: `scan` and
+`rtrl_scan` (chunked, the carried sensitivities updated in place as `compute_gradients` lets it), against
+autograd through `forward` returning the weight and the input gradients, at the Atari shapes and at
+rtrl_a2c_minigrid.py's, for every script, side by side.
+
     python bench/rtrl_cost.py                 # --tiny for a seconds-long smoke run
 """
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +26,10 @@ SHAPES = [
     ("rtrl_a2c_atari.py", 50, 32, 256, 257),
     ("rtrl_a2c_procgen.py", 50, 32, 256, 257),
     ("rtrl_impala_dmlab.py", 100, 32, 512, 257),
+    ("rtrl_a2c_minigrid.py", 8, 16, 128, 129),  # the MLP encoder's 128 features + last reward
 ]
+# the fused pass (rtrl_scan, with dL/dx) vs BPTT with weight and input gradients: at these shapes, for every script
+FUSED_SHAPES = [("Atari", 50, 32, 256, 257), ("MiniGrid", 8, 16, 128, 129)]
 TINY = (6, 3, 8, 5)
 
 
@@ -77,6 +86,31 @@ def passes(cell, T, B, seed):
     return fns, max(errors)
 
 
+def bptt_with_input(cell, x, c0, done, dl_dc):
+    """Autograd through the unroll returning what rtrl_scan returns: the weights' gradients and dL/dx."""
+    x = x.detach().requires_grad_()
+    names = [k for k, _ in cell.named_parameters()]
+    dl_dx, *grads = torch.autograd.grad(cell(x, c0, done), [x, *cell.parameters()], dl_dc)
+    return dict(zip(names, grads)), dl_dx
+
+
+def fused_passes(cell, T, B, seed):
+    """scan + rtrl_scan as the updates run it, the same out of place, and BPTT with input gradients;
+    and the largest relative difference of their weight and input gradients (no carried sensitivities)."""
+    x, c0, done, sens, dl_dc = problem(cell, T, B, seed)
+    overwrite = {"overwrite": True} if "overwrite" in inspect.signature(cell.rtrl_scan).parameters else {}
+    work = {k: s.clone() for k, s in sens.items()}  # overwritten call after call: its values stay bounded
+    fns = {
+        "fused": lambda: cell.rtrl_scan(x, cell.scan(x, c0, done), work, dl_dc, **overwrite),
+        "fused, copy": lambda: cell.rtrl_scan(x, cell.scan(x, c0, done), sens, dl_dc),
+        "bptt": lambda: bptt_with_input(cell, x, c0, done, dl_dc),
+    }
+    zero_sens = {k: torch.zeros_like(s) for k, s in sens.items()}
+    (expected, expected_dx), (grads, _, dl_dx) = bptt_with_input(cell, x, c0, done, dl_dc), cell.rtrl_scan(
+        x, cell.scan(x, c0, done), zero_sens, dl_dc)  # fmt: skip
+    return fns, max([rel_err(grads[k], expected[k]) for k in expected] + [rel_err(dl_dx, expected_dx)])
+
+
 def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -84,9 +118,11 @@ def main(args):
     print(f"machine: {machine()}")
     print(f"float32; time: min over {args.repeats} runs after a warm-up ({args.step_repeats} for step); "
           f"memory: peak resident memory the call adds")  # fmt: skip
+    scripts = {f: load_script(f) for f, *_ in SHAPES if not args.only or f in args.only}
+    scripts = {f: s for f, s in scripts.items() if s is not None}
     measured = []
     for filename, T, B, N, D in SHAPES:
-        script = load_script(filename) if not args.only or filename in args.only else None
+        script = scripts.get(filename)
         if script is None:
             continue
         T, B, N, D = TINY if args.tiny else (T, B, N, D)
@@ -94,6 +130,18 @@ def main(args):
         seconds = min_times({k: fns[k] for k in ("chunked", "bptt")}, args.repeats)
         seconds.update(min_times({"step": fns["step"]}, args.step_repeats))
         measured.append((filename, (T, B, N, D), fns, seconds, error))
+    fused = []  # timed here, before any memory is measured: see peak_memory
+    for filename, script in scripts.items():
+        if not hasattr(script.ELSTM, "rtrl_scan"):
+            print(f"note: {filename}'s ELSTM has no rtrl_scan; skipped")
+            continue
+        for label, T, B, N, D in FUSED_SHAPES:
+            T, B, N, D = TINY if args.tiny else (T, B, N, D)
+            fns, error = fused_passes(script.ELSTM(D, N), T, B, args.seed)
+            seconds = min_times(fns, args.repeats)
+            ratios = (f"{seconds[k] / seconds['bptt']:.2f}x" for k in ("fused", "fused, copy"))
+            fused.append([filename, label, f"{T},{B},{N},{D}", *(f"{1e3 * seconds[k]:.2f}" for k in fns), *ratios,
+                          f"{error:.0e}"])  # fmt: skip
     if args.profile:
         for filename, _, fns, _, _ in measured:
             for name in ("chunked", "bptt"):
@@ -114,6 +162,12 @@ def main(args):
         ])  # fmt: skip
     print_table(["script", "T,B,N,D", "chunked ms", "step ms", "bptt ms", "chunked MB", "step MB", "bptt MB",
                  "step/chunked", "chunked/bptt", "max rel.err"], rows)  # fmt: skip
+
+    print(f"\nthe update's pass, which also returns dL/dx: scan + rtrl_scan (chunked; sensitivities updated in "
+          f"place, and out of place) vs BPTT with weight and input gradients (forward + backward); min over "
+          f"{args.repeats} runs")  # fmt: skip
+    print_table(["script", "shapes", "T,B,N,D", "fused ms", "fused, copy ms", "bptt w+x ms", "fused/bptt",
+                 "fused, copy/bptt", "max rel.err"], fused)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,22 +1,27 @@
-"""End-to-end steps/s of rtrl_a2c_atari.py with --core rtrl, tbptt and ff, and where an iteration's time goes.
+"""End-to-end steps/s of an A2C script with --core rtrl, tbptt and ff, and where an iteration's time goes.
 
-The training runs are the script as a user runs it, one after another in this one invocation, with the same
-flags; steps/s is the steady state (from the end of the first iteration to the last, from the event file's
-wall times). The split replays one iteration piece by piece with the script's own modules, in the order
-`compute_gradients` runs them, and puts the script's `compute_gradients` itself beside it as a check.
+The script is rtrl_a2c_atari.py (the default) or rtrl_a2c_minigrid.py (`--script`), at its own defaults
+unless told. The training runs are the script as a user runs it, one after another in this one invocation,
+with the same flags; steps/s is the steady state (from the end of the first iteration to the last, from the
+event file's wall times). The split replays one iteration piece by piece with the script's own modules, in
+the order `compute_gradients` runs them, and puts the script's `compute_gradients` itself beside it as a check.
 
     python bench/sps.py                        # --tiny for a seconds-long smoke run
+    python bench/sps.py --script rtrl_a2c_minigrid.py
 """
 
 import glob
+import inspect
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import tyro
@@ -24,28 +29,37 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from common import ROOT, load_script, machine, print_table
 
-SCRIPT = "rtrl_a2c_atari.py"
-CLEANRL_LSTM_SPS = 224  # CleanRL ppo_atari_lstm.py on Breakout on these 2-core machines (issue 6)
-PARTS = ("rollout: stem forward", "rollout: cell, heads, sampling", "update: cell forward",
-         "update: heads forward+backward", "update: cell backward to x", "update: RTRL (chunked)",
-         "update: cell backward (BPTT)", "update: stem backward", "update: grad clip + RMSprop")  # fmt: skip
+# what the bench needs to know of each script: its observations and actions, whether its rollout keeps the
+# stem's graphs for the update (Atari) or the update runs the stem again (MiniGrid's small MLP), how many
+# iterations a run needs for a steady figure, and a reference steps/s to print beside it
+SCRIPTS = {  # Atari's reference: CleanRL ppo_atari_lstm.py on Breakout on these 2-core machines (issue 6)
+    "rtrl_a2c_atari.py": dict(obs_shape=(4, 84, 84), num_actions=4, keeps_stem_graphs=True, iterations=6, rounds=2,
+                              reference=("CleanRL LSTM", 224)),
+    "rtrl_a2c_minigrid.py": dict(obs_shape=(7 * 7 * 3 + 1,), num_actions=3, keeps_stem_graphs=False, iterations=200,
+                                 rounds=3, reference=None),
+}  # fmt: skip
+PARTS = ("rollout: stem forward", "rollout: cell, heads, sampling", "update: stem forward", "update: cell forward",
+         "update: heads forward+backward", "update: RTRL (chunked)", "update: cell backward (BPTT)",
+         "update: stem backward", "update: grad clip + RMSprop")  # fmt: skip
 CHECK = "check: the script's compute_gradients"
 
 
 @dataclass
 class Args:
-    iterations: int = 6
-    """training iterations per run (steps/s is measured over all but the first)"""
-    rounds: int = 2
-    """runs per core, interleaved (rtrl, tbptt, ff, rtrl, ...); the best is reported"""
+    script: Literal["rtrl_a2c_atari.py", "rtrl_a2c_minigrid.py"] = "rtrl_a2c_atari.py"
+    """the A2C script to measure"""
+    iterations: int = 0
+    """training iterations per run (steps/s is measured over all but the first); 0: 6 for Atari, 200 for MiniGrid"""
+    rounds: int = 0
+    """runs per core, interleaved (rtrl, tbptt, ff, rtrl, ...); the best is reported; 0: 2 for Atari, 3 for MiniGrid"""
     cores: tuple[str, ...] = ("rtrl", "tbptt", "ff")
     """the --core values to compare"""
-    num_envs: int = 16
-    """--num-envs of the runs and the split"""
-    num_steps: int = 50
-    """--num-steps of the runs and the split"""
-    hidden_size: int = 256
-    """--hidden-size of the runs and the split"""
+    num_envs: int = 0
+    """--num-envs of the runs and the split (0: the script's default)"""
+    num_steps: int = 0
+    """--num-steps of the runs and the split (0: the script's default)"""
+    hidden_size: int = 0
+    """--hidden-size of the runs and the split (0: the script's default)"""
     split_repeats: int = 3
     """replays of one iteration for the split (the minimum of each part is reported)"""
     tiny: bool = False
@@ -68,7 +82,7 @@ def training_run(core, args):
              args.hidden_size, "--total-timesteps", args.iterations * args.num_envs * args.num_steps,
              "--eval-episodes", 0]  # fmt: skip
     with tempfile.TemporaryDirectory() as cwd:
-        cmd = [sys.executable, os.path.join(ROOT, SCRIPT), *map(str, flags)]
+        cmd = [sys.executable, os.path.join(ROOT, args.script), *map(str, flags)]
         proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr}")
@@ -76,12 +90,13 @@ def training_run(core, args):
         return steady_sps(run_dir)
 
 
-def fake_rollout(script, T, B, g):
+def fake_rollout(script, obs_shape, num_actions, T, B, g):
     """A rollout with the shapes and flags of a real one; the values do not change the cost."""
+    high = 256 if len(obs_shape) == 3 else 3  # pixels, or MiniGrid's (object, colour, state) ids
     return script.Rollout(
-        obs=torch.randint(0, 256, (T, B, 4, 84, 84), generator=g, dtype=torch.uint8),
+        obs=torch.randint(0, high, (T, B, *obs_shape), generator=g, dtype=torch.uint8),
         last_rewards=torch.randn(T, B, generator=g), firsts=torch.rand(T, B, generator=g) < 0.01,
-        deads=torch.rand(T, B, generator=g) < 0.01, actions=torch.randint(0, 4, (T, B), generator=g),
+        deads=torch.rand(T, B, generator=g) < 0.01, actions=torch.randint(0, num_actions, (T, B), generator=g),
         rewards=torch.randn(T, B, generator=g), terms=torch.rand(T, B, generator=g) < 0.01,
         values=torch.randn(T, B, generator=g),
     )  # fmt: skip
@@ -90,12 +105,17 @@ def fake_rollout(script, T, B, g):
 def iteration_split(script, core, args):
     """Seconds per iteration of each part (min over replays), and of the script's compute_gradients."""
     T, B = args.num_steps, args.num_envs
+    known = SCRIPTS[args.script]
     g = torch.Generator().manual_seed(0)
-    agent = script.Agent((4, 84, 84), 4, args.hidden_size, core)
+    agent = script.Agent(known["obs_shape"], known["num_actions"], args.hidden_size, core)
     cfg = script.Args(core=core)
     optimizer = torch.optim.RMSprop(agent.parameters(), lr=cfg.learning_rate, alpha=cfg.rms_alpha, eps=cfg.rms_eps)
-    rollout, returns = fake_rollout(script, T, B, g), torch.randn(T, B, generator=g)
+    rollout = fake_rollout(script, known["obs_shape"], known["num_actions"], T, B, g)
+    returns = torch.randn(T, B, generator=g)
     c0, sens0 = agent.cell.initial_state(B)
+    # as compute_gradients calls it (if this script's rtrl_scan takes the flag)
+    rtrl_scan = getattr(agent.cell, "rtrl_scan", None)  # the LSTM core has none
+    overwrite = {"overwrite": True} if rtrl_scan and "overwrite" in inspect.signature(rtrl_scan).parameters else {}
     best = dict.fromkeys((*PARTS, CHECK), math.inf)
 
     def timed(part, fn):
@@ -104,36 +124,42 @@ def iteration_split(script, core, args):
         seconds[part] += time.perf_counter() - start
         return out
 
+    def copy(sens):  # the update may overwrite the carried sensitivities: every replay gets its own
+        return {k: s.clone() for k, s in sens.items()}
+
     for _ in range(args.split_repeats):
         seconds = dict.fromkeys(best, 0.0)
-        # the rollout: the stem with autograd (its graphs are kept for the update), then cell and heads
+        # the rollout: the stem (with autograd if its graphs are kept for the update), then cell and heads
         features, c = [], c0
-        for t in range(T):
-            obs, last_reward = rollout.obs[t], rollout.last_rewards[t]
-            features.append(timed("rollout: stem forward", lambda: agent.features(obs, last_reward)))
-            c = timed("rollout: cell, heads, sampling", lambda: agent.act(features[-1], c, rollout.firsts[t]))[2]
+        with torch.set_grad_enabled(known["keeps_stem_graphs"]):
+            for t in range(T):
+                obs, last_reward = rollout.obs[t], rollout.last_rewards[t]
+                features.append(timed("rollout: stem forward", lambda: agent.features(obs, last_reward)))
+                c = timed("rollout: cell, heads, sampling", lambda: agent.act(features[-1], c, rollout.firsts[t]))[2]
         # the update, as compute_gradients runs it
         optimizer.zero_grad()
         resets = agent.resets(rollout.firsts)
-        x = torch.stack(features)
-        x_leaf = x.detach().requires_grad_()
-        c = timed("update: cell forward", lambda: agent.cell(x_leaf, c0, resets))
-        c_leaf = c.detach().requires_grad_()
-
-        def heads():  # a loss of the same shapes as the script's
-            logits, value = agent.heads(x_leaf, c_leaf)
-            logp = torch.log_softmax(logits, -1)
-            (logp.gather(-1, rollout.actions[..., None]).sum() + ((returns - value) ** 2).sum()).backward()
-
-        timed("update: heads forward+backward", heads)
-        if core == "rtrl":
-            timed("update: cell backward to x", lambda: c.backward(c_leaf.grad, inputs=[x_leaf]))
-            dl_dc = c_leaf.grad
-            timed("update: RTRL (chunked)", lambda: agent.cell.rtrl(x_leaf.detach(), c0, resets, sens0, dl_dc))
+        if known["keeps_stem_graphs"]:
+            x = torch.stack(features)
         else:
+            x = timed("update: stem forward", lambda: agent.features(rollout.obs, rollout.last_rewards))
+        x_leaf = x.detach().requires_grad_()
+        heads = lambda: script.rollout_loss(agent, rollout, returns, x_leaf, c_leaf, cfg)[0].backward()  # noqa: E731
+        if core == "rtrl":  # the cell's forward without autograd; one pass gives the cell's and the stem's gradients
+            scan = timed("update: cell forward", lambda: agent.cell.scan(x_leaf.detach(), c0, resets))
+            c_leaf = scan[0].requires_grad_()
+            timed("update: heads forward+backward", heads)
+            sens, dl_dc = copy(sens0), c_leaf.grad
+            rtrl = lambda: agent.cell.rtrl_scan(x_leaf.detach(), scan, sens, dl_dc, **overwrite)  # noqa: E731
+            dl_dx = timed("update: RTRL (chunked)", rtrl)[2]
+            timed("update: stem backward", lambda: x.backward(x_leaf.grad + dl_dx))
+        else:
+            c = timed("update: cell forward", lambda: agent.cell(x_leaf, c0, resets))
+            c_leaf = c.detach().requires_grad_()
+            timed("update: heads forward+backward", heads)
             cell_inputs = [x_leaf, *agent.cell.parameters()]
             timed("update: cell backward (BPTT)", lambda: c.backward(c_leaf.grad, inputs=cell_inputs))
-        timed("update: stem backward", lambda: x.backward(x_leaf.grad))
+            timed("update: stem backward", lambda: x.backward(x_leaf.grad))
 
         def optimizer_step():
             torch.nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
@@ -141,24 +167,29 @@ def iteration_split(script, core, args):
 
         timed("update: grad clip + RMSprop", optimizer_step)
 
-        # the script's own update on the same rollout (stem graphs kept as in the rollout), as a check
-        rollout.features = torch.stack([agent.features(rollout.obs[t], rollout.last_rewards[t]) for t in range(T)])
+        # the script's own update on the same rollout (stem graphs kept as in the rollout, if they are), as a check
+        if known["keeps_stem_graphs"]:
+            rollout.features = torch.stack([agent.features(rollout.obs[t], rollout.last_rewards[t]) for t in range(T)])
         optimizer.zero_grad()
-        update = script.compute_gradients
-        timed(CHECK, lambda: update(agent, rollout, returns, c0, sens0, cfg))
+        update, sens = script.compute_gradients, copy(sens0)
+        timed(CHECK, lambda: update(agent, rollout, returns, c0, sens, cfg))
         for part, s in seconds.items():
             best[part] = min(best[part], s)
     return best
 
 
 def main(args):
+    script, known = load_script(args.script), SCRIPTS[args.script]
+    defaults = script.Args()
+    args.iterations, args.rounds = args.iterations or known["iterations"], args.rounds or known["rounds"]
+    args.num_envs, args.num_steps = args.num_envs or defaults.num_envs, args.num_steps or defaults.num_steps
+    args.hidden_size = args.hidden_size or defaults.hidden_size
     if args.tiny:
         args.iterations, args.rounds, args.num_envs, args.num_steps, args.hidden_size = 2, 1, 2, 4, 8
         args.split_repeats = 1
-    script = load_script(SCRIPT)
     print(f"machine: {machine()}")
     T, B = args.num_steps, args.num_envs
-    print(f"{SCRIPT}: {B} envs x {T} steps = {T * B} steps per iteration, hidden size {args.hidden_size}")
+    print(f"{args.script}: {B} envs x {T} steps = {T * B} steps per iteration, hidden size {args.hidden_size}")
 
     sps = defaultdict(list)
     for _ in range(args.rounds):
@@ -168,9 +199,20 @@ def main(args):
     reference = best["tbptt"][0] if "tbptt" in best else None
     print(f"\nsteps/s, best of {args.rounds} interleaved runs of {args.iterations} iterations each "
           f"(steady: after the first iteration)")  # fmt: skip
-    rows = [[core, f"{s:.0f}", f"{script_sps:.0f}", f"{s / reference:.2f}x" if reference else "-",
-             f"{s / CLEANRL_LSTM_SPS:.2f}x"] for core, (s, script_sps) in best.items()]  # fmt: skip
-    print_table(["core", "steps/s", "charts/SPS at end", "vs tbptt", f"vs CleanRL LSTM ({CLEANRL_LSTM_SPS})"], rows)
+    rows = [[core, f"{s:.0f}", f"{script_sps:.0f}", f"{s / reference:.2f}x" if reference else "-"]
+            for core, (s, script_sps) in best.items()]  # fmt: skip
+    headers = ["core", "steps/s", "charts/SPS at end", "vs tbptt"]
+    if known["reference"]:
+        name, other_sps = known["reference"]
+        headers.append(f"vs {name} ({other_sps})")
+        for row, (s, _) in zip(rows, best.values()):
+            row.append(f"{s / other_sps:.2f}x")
+    print_table(headers, rows)
+    if reference and "rtrl" in best:
+        median = {core: statistics.median(s for s, _ in sps[core]) for core in ("rtrl", "tbptt")}
+        runs = ", ".join(f"{core} {[round(s) for s, _ in sps[core]]}" for core in args.cores)
+        print(f"\nrtrl / tbptt steps/s: {best['rtrl'][0] / reference:.2f}x (best runs), "
+              f"{median['rtrl'] / median['tbptt']:.2f}x (median runs); each core's runs, steps/s: {runs}")
 
     splits = {core: iteration_split(script, core, args) for core in args.cores}
     print(f"\nseconds per iteration, in process (min over {args.split_repeats} replays; "
@@ -178,11 +220,11 @@ def main(args):
     iteration = {core: T * B / best[core][0] for core in args.cores}
     sums = {core: {"update": sum(splits[core][p] for p in PARTS if p.startswith("update")),
                    "all": sum(splits[core][p] for p in PARTS)} for core in args.cores}  # fmt: skip
-    rows = [[part, *(f"{splits[core][part]:.3f}" for core in args.cores)] for part in PARTS]
-    rows.append(["env stepping and the rest", *(f"{iteration[core] - sums[core]['all']:.3f}" for core in args.cores)])
-    rows.append(["iteration (from steps/s)", *(f"{iteration[core]:.3f}" for core in args.cores)])
-    rows.append(["update: sum of its parts", *(f"{sums[core]['update']:.3f}" for core in args.cores)])
-    rows.append([CHECK, *(f"{splits[core][CHECK]:.3f}" for core in args.cores)])
+    rows = [[part, *(f"{splits[core][part]:.4f}" for core in args.cores)] for part in PARTS]
+    rows.append(["env stepping and the rest", *(f"{iteration[core] - sums[core]['all']:.4f}" for core in args.cores)])
+    rows.append(["iteration (from steps/s)", *(f"{iteration[core]:.4f}" for core in args.cores)])
+    rows.append(["update: sum of its parts", *(f"{sums[core]['update']:.4f}" for core in args.cores)])
+    rows.append([CHECK, *(f"{splits[core][CHECK]:.4f}" for core in args.cores)])
     print_table(["part", *args.cores], rows)
 
 

@@ -3,10 +3,12 @@
 import os
 import re
 
+import pytest
+
 import helpers
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
-SCRIPTS = ("rtrl_a2c_atari.py", "rtrl_a2c_procgen.py", "rtrl_impala_dmlab.py")
+SCRIPTS = ("rtrl_a2c_atari.py", "rtrl_a2c_procgen.py", "rtrl_impala_dmlab.py", "rtrl_a2c_minigrid.py")
 
 
 def run_bench(tmp_path, name, *flags):
@@ -16,10 +18,10 @@ def run_bench(tmp_path, name, *flags):
     return proc.stdout
 
 
-def table(stdout, first_header):
-    """Rows (lists of cells) of the table whose header line starts with `first_header`."""
+def table(stdout, first_header, skip=0):
+    """Rows (lists of cells) of the table whose header line starts with `first_header` (after `skip` such tables)."""
     lines = stdout.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.split()[:1] == [first_header])
+    start = [i for i, line in enumerate(lines) if line.split()[:1] == [first_header]][skip]
     assert set(lines[start + 1]) <= {"-", " "}
     rows = []
     for line in lines[start + 2 :]:
@@ -41,6 +43,13 @@ def test_rtrl_cost_times_every_existing_script_and_its_three_passes_agree(tmp_pa
         assert all(float(cell) >= 0 for cell in row[2:8])  # times in ms, memory in MiB
         assert row[8].endswith("x") and row[9].endswith("x")
         assert float(row[10]) < 1e-4  # chunked and step RTRL give BPTT's gradient
+    header, rows = table(out, "script", skip=1)  # the update's pass, with dL/dx, vs BPTT with input gradients
+    assert [row[0] for row in rows] == [s for s in present for _ in ("Atari", "MiniGrid")]
+    assert [row[1] for row in rows] == ["Atari", "MiniGrid"] * len(present)
+    for row in rows:
+        assert len(row) == len(re.split(r"\s{2,}", header.strip())) == 9
+        assert all(float(cell) > 0 for cell in row[3:6]) and row[6].endswith("x") and row[7].endswith("x")
+        assert float(row[8]) < 1e-4  # rtrl_scan gives BPTT's weight and input gradients
 
 
 def test_memory_vs_history_prints_both_methods_and_saves_the_figure(tmp_path):
@@ -59,11 +68,14 @@ def test_memory_vs_history_stops_bptt_at_the_budget(tmp_path):
     assert rows[0][3] != "-" and all(row[3].startswith("over budget") for row in rows[1:])
 
 
-def test_sps_runs_every_core_and_splits_the_iteration(tmp_path):
-    out = run_bench(tmp_path, "sps.py")
+@pytest.mark.parametrize("script", ["rtrl_a2c_atari.py", "rtrl_a2c_minigrid.py"])
+def test_sps_runs_every_core_and_splits_the_iteration(tmp_path, script):
+    out = run_bench(tmp_path, "sps.py", "--script", script)
+    assert out.splitlines()[1].startswith(f"{script}: ")
     _, rows = table(out, "core")
     assert [row[0] for row in rows] == ["rtrl", "tbptt", "ff"]
     assert all(float(row[1]) > 0 for row in rows) and rows[1][3] == "1.00x"
+    assert re.search(r"^rtrl / tbptt steps/s: \d+\.\d\dx", out, re.M)
     _, parts = table(out, "part")
     names = [row[0] for row in parts]
     for part in ("rollout: stem forward", "update: RTRL (chunked)", "update: stem backward",

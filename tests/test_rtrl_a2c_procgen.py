@@ -29,6 +29,11 @@ def test_carried_sensitivities_are_dc_dtheta_for_both_impls():
     checks.check_carried_sensitivities_are_dc_dtheta(procgen)
 
 
+@pytest.mark.parametrize("impl", ["chunked", "step"])
+def test_rtrl_scan_input_gradient_equals_autograd(impl):
+    checks.check_rtrl_scan_input_gradient_equals_autograd(procgen, impl)
+
+
 def test_returns_bootstrap_truncations_and_cut_terminations():
     checks.check_returns_bootstrap_truncations_and_cut_terminations(procgen)
 

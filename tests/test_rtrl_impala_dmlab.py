@@ -113,6 +113,11 @@ def test_carried_sensitivities_are_dc_dtheta_for_both_impls():
     checks.check_carried_sensitivities_are_dc_dtheta(impala)
 
 
+@pytest.mark.parametrize("impl", ["chunked", "step"])
+def test_rtrl_scan_input_gradient_equals_autograd(impl):
+    checks.check_rtrl_scan_input_gradient_equals_autograd(impala, impl)
+
+
 def random_steps(steps, batch, seed):
     """Observations, last rewards and episode flags (terms, deads, firsts) of `steps` consecutive steps."""
     g = torch.Generator().manual_seed(seed)
