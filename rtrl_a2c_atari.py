@@ -456,7 +456,10 @@ if __name__ == "__main__":
     check_args(args)
     args.batch_size = args.num_envs * args.num_steps
     args.num_iterations = args.total_timesteps // args.batch_size
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    # the core and unroll are in the name: runs of a sweep started in the same second never share a directory
+    run_name = f"{args.env_id}__{args.exp_name}__{args.core}__T{args.num_steps}__{args.seed}__{int(time.time())}"
+    if os.path.exists(f"runs/{run_name}"):
+        fail(f"runs/{run_name} exists; a run directory is never shared by two runs")
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text(
         "hyperparameters",

@@ -843,9 +843,12 @@ if __name__ == "__main__":
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if distributed:
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    # the core and unroll are in the name: runs of a sweep started in the same second never share a directory
+    run_name = f"{args.env_id}__{args.exp_name}__{args.core}__T{args.unroll_length}__{args.seed}__{int(time.time())}"
     writer = None
     if rank == 0:
+        if os.path.exists(f"runs/{run_name}"):
+            fail(f"runs/{run_name} exists; a run directory is never shared by two runs")
         writer = SummaryWriter(f"runs/{run_name}")
         writer.add_text(
             "hyperparameters",

@@ -54,7 +54,7 @@ def test_training_run_writes_scalars_and_a_loadable_checkpoint(tmp_path, core, n
     proc = run_script(tmp_path, "--core", core, "--num-envs", "2", "--num-steps", str(num_steps),
                       "--total-timesteps", str(steps), "--hidden-size", "16", "--eval-episodes", "1", "--save-model")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    (run_dir,) = glob.glob(str(tmp_path / "runs" / "Breakout-v5__rtrl_a2c_atari__1__*"))
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / f"Breakout-v5__rtrl_a2c_atari__{core}__T{num_steps}__1__*"))
     scalars = checks.read_scalars(run_dir)
     checks.check_update_scalars(scalars, iterations=steps // (2 * num_steps))
     if num_steps > 1:

@@ -84,7 +84,7 @@ def test_training_run_on_a_memory_game_writes_both_eval_scalars(tmp_path, core, 
                       "--eval-episodes", "2", "--eval-every", str(steps // 2), "--test-level-starts", *test_sets,
                       "--save-model")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    (run_dir,) = glob.glob(str(tmp_path / "runs" / f"{MEMORY_GAME}__rtrl_a2c_procgen__1__*"))
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / f"{MEMORY_GAME}__rtrl_a2c_procgen__{core}__T{num_steps}__1__*"))
     scalars = checks.read_scalars(run_dir)
     checks.check_update_scalars(scalars, iterations=steps // (2 * num_steps))
     for tag in ("eval/train_levels_return", "eval/test_levels_return"):

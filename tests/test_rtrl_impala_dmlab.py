@@ -283,7 +283,7 @@ def run_script(tmp_path, *flags, fake_lab=False):
 
 
 def run_dir(tmp_path, env_id):
-    (path,) = glob.glob(str(tmp_path / "runs" / f"{env_id}__rtrl_impala_dmlab__1__*"))
+    (path,) = glob.glob(str(tmp_path / "runs" / f"{env_id}__rtrl_impala_dmlab__*__1__*"))
     return path
 
 
