@@ -451,9 +451,10 @@ def mean_sd(s, digits):
 def markdown_table(cells, env_id, return_metric, success_metric):
     cells = [c for c in cells if c["env_id"] == env_id]
     unrolls = sorted({c["num_steps"] for c in cells})
-    rows = {}  # line label -> unroll -> "mean ± sd (success mean ± sd) n=seeds"
+    rows = {}  # line label -> unroll -> "mean ± sd (success mean ± sd) n=seeds [each seed's return]"
     for c in cells:
-        text = f"{mean_sd(c[return_metric], 3)} ({mean_sd(c[success_metric], 2)}) n={c[return_metric]['n']}"
+        seeds = ", ".join("–" if v is None else f"{v:.3g}" for v in c[return_metric]["values"])
+        text = f"{mean_sd(c[return_metric], 3)} ({mean_sd(c[success_metric], 2)}) n={c[return_metric]['n']} [{seeds}]"
         rows.setdefault(line_label(c), {})[c["num_steps"]] = text
     lines = ["| core | " + " | ".join(f"--num-steps {u}" for u in unrolls) + " |", "| --- |" + " --- |" * len(unrolls)]
     for label, row in rows.items():

@@ -190,8 +190,9 @@ def test_cells_are_mean_and_sample_sd_over_seeds(tmp_path):
     assert tbptt["final_success"]["sd"] == pytest.approx(statistics.stdev(successes))
     assert cells[("rtrl", 8, "1e-3")]["n"] == 1 and cells[("rtrl", 8, "1e-3")]["final_return"]["mean"] == 0.9
     assert cells[("rtrl", 2, "1e-3")]["final_return"]["sd"] == pytest.approx(math.sqrt(0.02))
-    assert f"| tbptt, learning-rate=1e-3 | – | {mean:.3f} ± {sd:.3f} (0.58 ± 0.38) n=3 |" in table
-    assert "| rtrl, learning-rate=1e-3 | 0.500 ± 0.141 (0.50 ± 0.00) n=2 | 0.900 (1.00) n=1 |" in table
+    each = ", ".join(f"{r:.3g}" for r in returns)
+    assert f"| tbptt, learning-rate=1e-3 | – | {mean:.3f} ± {sd:.3f} (0.58 ± 0.38) n=3 [{each}] |" in table
+    assert "| rtrl, learning-rate=1e-3 | 0.500 ± 0.141 (0.50 ± 0.00) n=2 [0.4, 0.6] | 0.900 (1.00) n=1 [0.9] |" in table
     assert "Failed runs" not in table and len(rows) == len(records)  # the retried rtrl run is no failure any more
     assert results["swept"] == {"learning-rate": ["3e-4", "1e-3"]}
 
