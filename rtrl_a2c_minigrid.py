@@ -239,32 +239,44 @@ class ELSTM(nn.Module):
         return grads, sens_T
 
     @torch.no_grad()
-    def rtrl_scan(self, x, scan, sens, dl_dc, impl="chunked"):
+    def rtrl_scan(self, x, scan, sens, dl_dc, impl="chunked", overwrite=False):
         """rtrl() from a scan() already made, plus dL/dx_t within the chunk: (grads, sens_T, dl_dx).
 
         R_t below is the within-chunk dL/dc_t, so dL/dx_t = W_z^T (alpha_t R_t) + W_f^T (beta_t R_t):
         the update gets the stem's gradient through the cell without an autograd pass over it.
+        overwrite=True lets the chunked pass update the B x N x D tensors of `sens` in place (they
+        become sens_T's): no new tensor of that size and one pass fewer over it. The caller gives them up.
         """
         _, c_prev, z, f, notdone = scan
+        T, B, N = c_prev.shape
+        # u = (alpha_t, beta_t), T x B x 2 x N: the increments of W_z's and W_f's sensitivities (times x_t)
+        # and of b_z's and b_f's; v_z's and v_f's are these times c_{t-1}. One tensor, so that W_z and W_f
+        # share every GEMM below.
+        u = c_prev.new_empty(T, B, 2, N)
+        alpha, beta = u.unbind(2)
         one_minus_f = 1 - f
-        alpha = one_minus_f * (1 - z * z)  # dc_t / d pre-activation of z
-        beta = (c_prev - z).mul_(f).mul_(one_minus_f)  # dc_t / d pre-activation of f
+        torch.addcmul(f.new_ones(()), z, z, value=-1, out=alpha).mul_(one_minus_f)  # dc_t / d pre-activation of z
+        torch.sub(c_prev, z, out=beta).mul_(f).mul_(one_minus_f)  # dc_t / d pre-activation of f
         a = torch.addcmul(f, alpha, self.v_z).addcmul_(beta, self.v_f).mul_(notdone)  # J_t, zeroed across resets
-        u = {"w_z": alpha, "w_f": beta, "v_z": alpha * c_prev, "v_f": beta * c_prev, "b_z": alpha, "b_f": beta}
         # R_s = delta_s + a_{s+1} R_{s+1}: what step s's sensitivity is worth to the chunk's loss;
         # P_s = a_{s+1} P_{s+1}: how much of step s's increment survives to T
         R, P = torch.empty_like(dl_dc), torch.empty_like(a)
         R[-1], P[-1] = dl_dc[-1], 1.0
-        for t in range(x.shape[0] - 2, -1, -1):
+        for t in range(T - 2, -1, -1):
             torch.addcmul(dl_dc[t], a[t + 1], R[t + 1], out=R[t])
             torch.mul(a[t + 1], P[t + 1], out=P[t])
-        rtrl = self._rtrl_chunked if impl == "chunked" else self._rtrl_step
-        grads, sens_T = rtrl(x, a, u, R, P, sens, dl_dc)
-        dl_dx = torch.matmul(alpha * R, self.w_z).add_(torch.matmul(beta * R, self.w_f))
+        uR = u * R[:, :, None]  # (alpha_t R_t, beta_t R_t)
+        if impl == "chunked":
+            grads, sens_T = self._rtrl_chunked(x, c_prev, a, u, uR, R, P, sens, overwrite)
+        else:
+            grads, sens_T = self._rtrl_step(x, c_prev, a, u, sens, dl_dc)
+        dl_dx = torch.mm(uR.view(T * B, 2 * N), torch.cat([self.w_z, self.w_f])).view(T, B, -1)
         return grads, sens_T, dl_dx
 
-    def _rtrl_step(self, x, a, u, R, P, sens, dl_dc):
+    def _rtrl_step(self, x, c_prev, a, u, sens, dl_dc):
         """SPEC §2: S_t = J_t * S_{t-1} + u_t (x) x_t;  grad += sum_b delta_t * S_t."""
+        alpha, beta = u.unbind(2)
+        u = {"w_z": alpha, "w_f": beta, "v_z": alpha * c_prev, "v_f": beta * c_prev, "b_z": alpha, "b_f": beta}
         grads = {k: torch.zeros_like(p) for k, p in self.named_parameters()}
         sens = dict(sens)
         for t in range(x.shape[0]):
@@ -277,22 +289,31 @@ class ELSTM(nn.Module):
                     grads[k] += (dl_dc[t] * sens[k]).sum(0)
         return grads, sens
 
-    def _rtrl_chunked(self, x, a, u, R, P, sens, dl_dc):
+    def _rtrl_chunked(self, x, c_prev, a, u, uR, R, P, sens, overwrite):
         """SPEC §3: the same numbers, reading S_0 once and turning the rest into matrix products."""
+        T, B, _, N = u.shape
         aR0, aP0 = a[0] * R[0], a[0] * P[0]
-        x_flat, x_bt = x.flatten(0, 1), x.transpose(0, 1)  # TB x D and B x T x D views for the GEMMs
-        uR = {k: u[k] * R for k in ("w_z", "w_f", "v_z", "v_f")}
-        uP = {k: u[k] * P for k in ("w_z", "w_f", "v_z", "v_f")}
-        for products in (uR, uP):
-            products["b_z"], products["b_f"] = products["w_z"], products["w_f"]  # b's u is W's: multiply once
+        # (alpha_t P_t, beta_t P_t), stored B x T x 2 x N: each batch row's N x T factor of S_T is a plain matrix
+        uP = torch.mul(u, P[:, :, None], out=u.new_empty(B, T, 2, N).transpose(0, 1)).transpose(0, 1)
+        # the chunk's own terms: sum_{t,b} (u_t R_t) x_t^T for W_z and W_f in one GEMM (2N x D), and the vectors'
+        w = torch.mm(uR.view(T * B, 2 * N).T, x.flatten(0, 1))
+        b, v = uR.sum((0, 1)), (uR * c_prev[:, :, None]).sum((0, 1))  # 2 x N: (b_z, b_f), (v_z, v_f)
+        sb, sv = uP.sum(1), (uP * c_prev.transpose(0, 1)[:, :, None]).sum(1)  # B x 2 x N, for S_T
+        chunk = {"w_z": (w[:N], uP[:, :, 0]), "w_f": (w[N:], uP[:, :, 1]), "v_z": (v[0], sv[:, 0]),
+                 "v_f": (v[1], sv[:, 1]), "b_z": (b[0], sb[:, 0]), "b_f": (b[1], sb[:, 1])}  # fmt: skip
+        # N x 1 x B, contiguous: then sum_b (a_1 R_1) * S_0 is one batched GEMM that reads S_0 where it lies
+        aR0_n1b = aR0.T.contiguous().unsqueeze(1)
+        x_bt = x.transpose(0, 1)  # B x T x D
         grads, sens_T = {}, {}
         for k, s0 in sens.items():
+            g, s = chunk[k]
             if k in self.MATRICES:
-                grads[k] = torch.einsum("bn,bnd->nd", aR0, s0).addmm_(uR[k].flatten(0, 1).T, x_flat)
-                sens_T[k] = torch.bmm(uP[k].permute(1, 2, 0), x_bt).addcmul_(aP0[:, :, None], s0)
+                grads[k] = torch.bmm(aR0_n1b, s0.transpose(0, 1)).squeeze(1).add_(g)
+                scaled = s0.mul_(aP0[:, :, None]) if overwrite else s0 * aP0[:, :, None]
+                sens_T[k] = scaled.baddbmm_(s.transpose(1, 2), x_bt)  # + sum_t (u_t P_t) x_t^T, batch row by row
             else:
-                grads[k] = (aR0 * s0).sum(0) + uR[k].sum((0, 1))
-                sens_T[k] = aP0 * s0 + uP[k].sum(0)
+                grads[k] = (aR0 * s0).sum(0).add_(g)
+                sens_T[k] = torch.addcmul(s, aP0, s0)
         return grads, sens_T
 
 
@@ -436,7 +457,8 @@ def compute_gradients(agent, rollout, returns, c0, sens0, args):
         loss, stats = rollout_loss(agent, rollout, returns, x_leaf, c_leaf, args)
         loss.backward()
         start = timer(x.device)
-        grads, sens_T, dl_dx = agent.cell.rtrl_scan(x_leaf.detach(), scan, sens0, c_leaf.grad, args.rtrl_impl)
+        grads, sens_T, dl_dx = agent.cell.rtrl_scan(x_leaf.detach(), scan, sens0, c_leaf.grad, args.rtrl_impl,
+                                                    overwrite=True)  # sens0 is not used again
         rtrl_time = timer(x.device) - start
         for name, p in agent.cell.named_parameters():
             p.grad = grads[name]
