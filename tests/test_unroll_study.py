@@ -70,8 +70,7 @@ def assert_finite(*values):
 # ---------------------------------------------------------------------------------------------
 # The real script: --quick (the CI smoke run), then its restart
 # ---------------------------------------------------------------------------------------------
-JOBS = "2" if os.environ.get("CI") else "1"  # CI has the machine to itself; elsewhere experiments may be running
-QUICK_FLAGS = ("--quick", "--jobs", JOBS, "--out-dir", "out", "--work-dir", "work")
+QUICK_FLAGS = ("--quick", "--jobs", "2", "--out-dir", "out", "--work-dir", "work")
 
 
 @pytest.fixture(scope="module")
