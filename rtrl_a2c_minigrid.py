@@ -116,6 +116,12 @@ def check_args(args):
     if args.total_timesteps < args.num_envs * args.num_steps:
         fail(f"--total-timesteps {args.total_timesteps} is less than one rollout "
              f"(--num-envs x --num-steps = {args.num_envs * args.num_steps})")  # fmt: skip
+    if args.eval_episodes > 1024:
+        fail(f"--eval-episodes opens one environment per episode: at most 1024, got {args.eval_episodes}")
+    if args.run_name and (os.sep in args.run_name or args.run_name in (".", "..")):
+        fail(f"--run-name names one directory under runs/, got {args.run_name!r}")
+    if args.actions == "full" and args.env_id in Envs.MASKED_CLASSIC:
+        fail(f"--actions full is for MiniGrid; {args.env_id} has its own action set")
     if args.staleness_every and args.core not in ("rtrl", "tbptt"):
         fail(f"--staleness-every measures the eLSTM's gradient: needs --core rtrl or tbptt, got {args.core}")
     ids = sorted(k for k, v in envpool.registration.registry.specs.items() if v[0] == "envpool.minigrid")

@@ -201,6 +201,9 @@ def test_a_run_directory_is_never_shared(tmp_path):
         (["--max-grad-norm", "0"], "--max-grad-norm must be positive"),
         (["--staleness-every", "-1"], "--staleness-every must be at least 0"),
         (["--staleness-every", "5", "--core", "lstm"], "needs --core rtrl or tbptt"),
+        (["--eval-episodes", "100000"], "--eval-episodes opens one environment per episode"),
+        (["--run-name", "../elsewhere"], "--run-name names one directory under runs/"),
+        (["--env-id", "CartPole-v1", "--actions", "full"], "--actions full is for MiniGrid"),
     ],
 )
 def test_bad_input_is_a_one_line_error(tmp_path, flags, message):
