@@ -559,6 +559,20 @@ def load_weights(agent, weights, version, my_version):
         time.sleep(0.001)
 
 
+def keep_pipes_from_env_processes():
+    """Mark every open fd close-on-exec before the environments start their processes (ViZDoom's).
+
+    The fds that spawn handed us (our pipe to the learner, the process sentinel) arrive inheritable. An env
+    process holding our pipe's write end outlives us, so a message we die in the middle of would block the
+    learner's read forever instead of ending it.
+    """
+    fds = os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else range(3, 256)
+    for fd in map(int, fds):
+        with contextlib.suppress(OSError):
+            if fd > 2:
+                os.set_inheritable(fd, False)
+
+
 def actor_loop(args, obs_shape, num_actions, rank, actor_id, incarnation, workdir, weights, version, sender):
     """Step the environments, carrying c and its sensitivities online; send unrolls of T + 1 steps.
 
@@ -567,6 +581,7 @@ def actor_loop(args, obs_shape, num_actions, rank, actor_id, incarnation, workdi
     blocks until the learner reads: at most one unroll waits per actor.
     """
     os.setpgrp()  # our env processes join our group: the learner can kill them even if we die (see ActorPool)
+    keep_pipes_from_env_processes()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the learner decides when we stop
     torch.set_num_threads(1)
     os.chdir(workdir)  # ViZDoom instances sharing a directory race on creating ./_vizdoom

@@ -349,10 +349,19 @@ def start_run(tmp_path, env_id, *flags):
     pytest.fail(f"the run ended before its first update: {proc.communicate()[1][-2000:]}")
 
 
+def pipes(pid):
+    """The pipes a process holds open, but for its standard streams (pytest's pipes, shared by the whole run)."""
+    fds = [fd for fd in glob.glob(f"/proc/{pid}/fd/*") if int(os.path.basename(fd)) > 2]
+    return {os.readlink(fd) for fd in fds if os.readlink(fd).startswith("pipe:")}
+
+
 def test_an_actor_killed_mid_run_is_restarted_and_its_vizdoom_processes_do_not_outlive_it(tmp_path):
     proc = start_run(tmp_path, "MyWayHome-v1", "--num-actors", "2", "--total-timesteps", "600", "--eval-episodes", "0")
     before = actor_pids(proc.pid)
     assert len(before) == 2
+    # A ViZDoom process holding an actor's pipe to the learner would keep a message cut off by the kill open forever
+    vizdoom = [pid for actor in before for pid in helpers.child_pids(actor)]
+    assert vizdoom and not pipes(proc.pid) & {p for pid in vizdoom for p in pipes(pid)}
     os.kill(before[0], signal.SIGKILL)  # its ViZDoom process survives that, and ignores SIGTERM
     deadline, replaced = time.time() + 60, False
     while time.time() < deadline and proc.poll() is None and not replaced:
