@@ -5,7 +5,13 @@ Learning", ICLR 2024 (arXiv 2305.19044). The eLSTM's recurrence is diagonal, so 
 sensitivities cost O(B N D) per step, like its input projection: the recurrent parameters
 get untruncated gradients from carried sensitivities, with no stored history.
 
-    python rtrl_a2c_atari.py --env-id Breakout-v5            # --core tbptt | ff for baselines
+    python rtrl_a2c_atari.py --env-id Breakout-v5            # --core tbptt | lstm | ff for baselines
+
+The paper's two-stage recipe (its DMLab runs): pretrain the stem with TBPTT, then train the recurrent
+part by RTRL alone on that stem, frozen, so that nothing backpropagates through time:
+
+    python rtrl_a2c_atari.py --core tbptt --save-model
+    python rtrl_a2c_atari.py --core rtrl --init-stem-from runs/<that run>/model.pt --freeze-stem
 """
 
 import difflib
@@ -64,14 +70,22 @@ class Args:
     max_grad_norm: float = 40.0
     """the maximum global norm of the gradients"""
     hidden_size: int = 256
-    """N, the size of the eLSTM state"""
-    core: Literal["rtrl", "tbptt", "ff"] = "rtrl"
+    """N, the size of the recurrent state (eLSTM c; for lstm, h and c each)"""
+    core: Literal["rtrl", "tbptt", "lstm", "ff"] = "rtrl"
     """rtrl: eLSTM with exact untruncated RTRL gradients; tbptt: the same eLSTM with BPTT cut at each
-    rollout's start; ff: no memory (the cell with its state zeroed at every step)"""
+    rollout's start; lstm: a standard LSTM (nn.LSTMCell) with BPTT cut the same way; ff: no memory (the
+    eLSTM with its state zeroed at every step)"""
     rtrl_impl: Literal["chunked", "step"] = "chunked"
     """exact RTRL in one GEMM-shaped pass per rollout (chunked) or by the per-step recursion (step): same numbers"""
     eval_episodes: int = 10
-    """greedy evaluation games (all lives) after training; 0 skips it"""
+    """greedy evaluation games (all lives) after training, on min(this, num_envs) fresh envs that each play a
+    quota fixed before play (this // envs, one more for the first this % envs); 0 skips it"""
+    init_stem_from: str = ""
+    """a model.pt of this script (any core): start from its stem, every `stem.*` parameter (the IMPALA ResNet's
+    convolutions and the Linear layer after them); the cell and heads start fresh"""
+    freeze_stem: bool = False
+    """the stem gets no gradient and no update, so rtrl backpropagates through no time step at all; without
+    --init-stem-from the stem stays at its random initialization (a random-features baseline)"""
 
     # to be filled in runtime
     batch_size: int = 0
@@ -138,12 +152,12 @@ class AtariEnvs:
         self.game_return = np.zeros(n)
 
     def step(self, action):
-        """Returns (reward, terminated) of the step and the (return, length) of real games that ended."""
+        """Returns (reward, terminated) of the step and the (env, return, length) of real games that ended."""
         obs, reward, term, trunc, info = self.envs.step(action.cpu().numpy())
         self.game_return += reward
         games = []
         for i in np.flatnonzero(info["terminated"].astype(bool) | trunc):
-            games.append((self.game_return[i], int(info["elapsed_step"][i])))
+            games.append((int(i), self.game_return[i], int(info["elapsed_step"][i])))
             self.game_return[i] = 0.0
         self.first = self.dead  # the step after a dead one returns a new episode's first observation
         self.dead = torch.as_tensor(term | trunc, device=self.device)
@@ -290,8 +304,29 @@ class ELSTM(nn.Module):
         return grads, sens_T
 
 
+class LSTM(nn.Module):
+    """The conventional baseline (`--core lstm`): a standard LSTM, its state [h ; c] kept as one B x 2N
+    tensor so that it travels through the loop like the eLSTM's c, reset where `done` is set."""
+
+    def __init__(self, input_size, hidden_size):
+        super().__init__()
+        self.cell = nn.LSTMCell(input_size, hidden_size)
+
+    def initial_state(self, batch_size):
+        return self.cell.weight_hh.new_zeros(batch_size, 2 * self.cell.hidden_size), {}
+
+    def forward(self, x, state0, done):
+        notdone = (~done.bool()).unsqueeze(-1).to(x.dtype)
+        state, states = state0, []
+        for x_t, notdone_t in zip(x.unbind(), notdone.unbind()):
+            h, c = (state * notdone_t).chunk(2, -1)
+            state = torch.cat(self.cell(x_t, (h, c)), -1)
+            states.append(state)
+        return torch.stack(states)
+
+
 # ---------------------------------------------------------------------------------------------
-# The agent (SPEC §5): IMPALA ResNet stem -> [features ; clipped last reward] -> eLSTM -> heads
+# The agent (SPEC §5): IMPALA ResNet stem -> [features ; clipped last reward] -> eLSTM (or LSTM) -> heads
 # ---------------------------------------------------------------------------------------------
 class ResidualBlock(nn.Module):
     def __init__(self, channels):
@@ -313,23 +348,26 @@ def conv_sequence(in_channels, out_channels):
 
 
 class Agent(nn.Module):
-    def __init__(self, obs_shape, num_actions, hidden_size, core="rtrl"):
+    def __init__(self, obs_shape, num_actions, hidden_size, core="rtrl", freeze_stem=False):
         super().__init__()
         self.core = core
         convs = nn.Sequential(conv_sequence(obs_shape[0], 16), conv_sequence(16, 32), conv_sequence(32, 32))
         with torch.no_grad():
             flat = convs(torch.zeros(1, *obs_shape)).numel()
+        # the stem: everything before the cell that has parameters (--init-stem-from, --freeze-stem)
         self.stem = nn.Sequential(convs, nn.ReLU(), nn.Flatten(), nn.Linear(flat, 256), nn.ReLU())
         self.stem.to(memory_format=torch.channels_last)  # NHWC: CPU (oneDNN) convolutions run ~1.6x faster
-        self.cell = ELSTM(256 + 1, hidden_size)
-        self.gate = nn.Linear(256 + 1 + hidden_size, hidden_size)
+        self.stem.requires_grad_(not freeze_stem)  # frozen: its output has no graph, so nothing flows back into it
+        self.cell = LSTM(256 + 1, hidden_size) if core == "lstm" else ELSTM(256 + 1, hidden_size)
+        # the eLSTM's output gate (SPEC §1); the LSTM has its own
+        self.gate = None if core == "lstm" else nn.Linear(256 + 1 + hidden_size, hidden_size)
         self.actor = nn.Linear(hidden_size, num_actions)
         self.critic = nn.Linear(hidden_size, 1)
 
     def features(self, obs, last_reward):
         """x = [stem(obs) ; clip(last reward)], for any leading dims of obs (... x C x H x W)."""
         lead = obs.shape[:-3]
-        y = self.stem(obs.reshape(-1, *obs.shape[-3:]).to(self.gate.weight.dtype) / 255.0)
+        y = self.stem(obs.reshape(-1, *obs.shape[-3:]).to(self.critic.weight.dtype) / 255.0)
         return torch.cat([y.reshape(*lead, -1), last_reward.clamp(-1, 1).unsqueeze(-1).to(y.dtype)], -1)
 
     def resets(self, first):
@@ -337,8 +375,10 @@ class Agent(nn.Module):
         return torch.ones_like(first) if self.core == "ff" else first
 
     def heads(self, x, c):
-        o = torch.sigmoid(self.gate(torch.cat([x, c], -1)))  # output gate conditioned on c_t (SPEC §1)
-        h = o * c
+        if self.core == "lstm":
+            h = c[..., : self.actor.in_features]  # the LSTM's own output h_t
+        else:
+            h = torch.sigmoid(self.gate(torch.cat([x, c], -1))) * c  # output gate conditioned on c_t (SPEC §1)
         return self.actor(h), self.critic(h).squeeze(-1)
 
     @torch.no_grad()
@@ -401,11 +441,15 @@ def compute_gradients(agent, rollout, returns, c0, sens0, args):
 
     rtrl: the eLSTM gets exact untruncated gradients from the carried sensitivities, and the stem its
     gradient through the cell within the rollout from the same pass (rtrl_scan); stem, gate and heads
-    get backprop (SPEC §5). tbptt / ff: autograd within the rollout.
+    get backprop (SPEC §5). tbptt / lstm / ff: autograd within the rollout.
+
+    A frozen stem (its features have no graph) gets nothing: no stem backward, and for rtrl the only
+    backward pass is the heads' (per step, from leaves x_t and c_t); rtrl_scan's dL/dx goes unused.
     """
     resets = agent.resets(rollout.firsts)
     x = agent.features(rollout.obs, rollout.last_rewards) if rollout.features is None else rollout.features
-    x_leaf = x.detach().requires_grad_()
+    train_stem = x.requires_grad  # False with --freeze-stem
+    x_leaf = x.detach().requires_grad_(train_stem)
     rtrl_time, sens_T = 0.0, sens0
     if args.core == "rtrl":
         scan = agent.cell.scan(x_leaf.detach(), c0, resets)
@@ -418,11 +462,13 @@ def compute_gradients(agent, rollout, returns, c0, sens0, args):
         rtrl_time = timer(x.device) - start
         for name, p in agent.cell.named_parameters():
             p.grad = grads[name]
-        x.backward(x_leaf.grad + dl_dx)
+        if train_stem:
+            x.backward(x_leaf.grad + dl_dx)
     else:
         loss, stats = rollout_loss(agent, rollout, returns, x_leaf, agent.cell(x_leaf, c0, resets), args)
         loss.backward()
-        x.backward(x_leaf.grad)
+        if train_stem:
+            x.backward(x_leaf.grad)
     return stats, sens_T, rtrl_time
 
 
@@ -432,23 +478,60 @@ def env_seeds(seed, n):
 
 
 @torch.no_grad()
-def evaluate(agent, env_id, seeds, num_games, device):
-    """Greedy returns of `num_games` real games, from fresh environments."""
-    envs = AtariEnvs(env_id, seeds, device)
-    c, _ = agent.cell.initial_state(len(seeds))
-    games = []
-    while len(games) < num_games:
+def greedy_episodes(agent, envs, num_episodes):
+    """Greedy play until each of the n envs has ended its quota of episodes, num_episodes // n, plus one for
+    the first num_episodes % n envs. The quotas are fixed before play, so short episodes do not crowd out
+    long ones (keeping the first num_episodes to end would). Each kept episode's tuple without the env, env by env."""
+    n = len(envs.first)
+    quotas = [num_episodes // n + (i < num_episodes % n) for i in range(n)]
+    c, _ = agent.cell.initial_state(n)
+    finished = [[] for _ in range(n)]
+    while any(len(episodes) < quota for episodes, quota in zip(finished, quotas)):
         action, _, c = agent.act(agent.features(envs.obs, envs.last_reward), c, envs.first, greedy=True)
-        games += envs.step(action)[2]
+        for i, *episode in envs.step(action)[2]:
+            if len(finished[i]) < quotas[i]:
+                finished[i].append(tuple(episode))
+    return [episode for episodes in finished for episode in episodes]
+
+
+def evaluate(agent, env_id, seeds, num_games, device):
+    """Greedy returns of `num_games` real games on len(seeds) fresh environments, each playing its quota."""
+    envs = AtariEnvs(env_id, seeds, device)
+    games = greedy_episodes(agent, envs, num_games)
     envs.close()
-    return [g[0] for g in games[:num_games]]
+    return [game_return for game_return, _ in games]
 
 
 def save_checkpoint(agent, args, path):
     """Atomic: a crash mid-write never leaves a truncated model.pt behind."""
     tmp = f"{path}.tmp"
-    torch.save({"model": agent.state_dict(), "args": vars(args)}, tmp)
+    torch.save({"model": agent.state_dict(), "args": vars(args), "script": os.path.basename(__file__)}, tmp)
     os.replace(tmp, path)
+
+
+def load_stem(agent, path):
+    """--init-stem-from: copy every `stem.*` parameter from a model.pt of this script (any core). A file that is
+    not one, or whose stem does not fit (another script's, another observation shape), is a one-line error."""
+    if not os.path.isfile(path):
+        fail(f"--init-stem-from {path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, truncated, or pickled objects other than tensors
+        fail(f"--init-stem-from {path}: not a checkpoint ({(str(e).strip().splitlines() or [type(e).__name__])[0]})")
+    model = checkpoint.get("model") if isinstance(checkpoint, dict) else None
+    if not isinstance(model, dict):
+        fail(f"--init-stem-from {path}: not a checkpoint (no model state dict)")
+    writer = checkpoint.get("script", os.path.basename(__file__))  # older checkpoints: their stem's shapes decide
+    if writer != os.path.basename(__file__):
+        fail(f"--init-stem-from {path}: written by {writer}; the stem must come from {os.path.basename(__file__)}")
+    stem = {k.removeprefix("stem."): v for k, v in model.items() if isinstance(k, str) and k.startswith("stem.")}
+    own = agent.stem.state_dict()
+    shape = lambda t: "x".join(map(str, t.shape)) if isinstance(t, torch.Tensor) else "missing"  # noqa: E731
+    for name in sorted(set(own) | set(stem)):
+        if shape(stem.get(name)) != shape(own.get(name)):
+            fail(f"--init-stem-from {path}: its stem does not fit this agent's (stem.{name} is {shape(stem.get(name))} "
+                 f"there, {shape(own.get(name))} here): another script's checkpoint, or another observation shape")
+    agent.stem.load_state_dict(stem)
 
 
 if __name__ == "__main__":
@@ -460,11 +543,6 @@ if __name__ == "__main__":
     run_name = f"{args.env_id}__{args.exp_name}__{args.core}__T{args.num_steps}__{args.seed}__{int(time.time())}"
     if os.path.exists(f"runs/{run_name}"):
         fail(f"runs/{run_name} exists; a run directory is never shared by two runs")
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -472,10 +550,23 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
+    num_actions = envpool.make_spec(args.env_id).action_space.n
+    agent = Agent((4, 84, 84), num_actions, args.hidden_size, args.core, args.freeze_stem).to(device)
+    if args.init_stem_from:  # before anything is written or any env starts: a wrong file costs nothing
+        load_stem(agent, args.init_stem_from)
+    elif args.freeze_stem:
+        print("--freeze-stem without --init-stem-from: the stem stays at its random initialization")
+    # a frozen stem's parameters get no gradient, and no optimizer state either
+    optimizer = torch.optim.RMSprop([p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate,
+                                    alpha=args.rms_alpha, eps=args.rms_eps)  # fmt: skip
+
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+    )
     seeds = env_seeds(args.seed, args.num_envs + max(args.eval_episodes, 1))
     envs = AtariEnvs(args.env_id, seeds[: args.num_envs], device)
-    agent = Agent((4, 84, 84), envs.num_actions, args.hidden_size, args.core).to(device)
-    optimizer = torch.optim.RMSprop(agent.parameters(), lr=args.learning_rate, alpha=args.rms_alpha, eps=args.rms_eps)
 
     T, B = args.num_steps, args.num_envs
     rollout = Rollout(
@@ -505,7 +596,7 @@ if __name__ == "__main__":
             action, rollout.values[step], c = agent.act(features[-1], c, envs.first)
             rollout.actions[step] = action
             rollout.rewards[step], rollout.terms[step], games = envs.step(action)
-            for game_return, game_length in games:
+            for _, game_return, game_length in games:
                 writer.add_scalar("charts/episodic_return", game_return, global_step)
                 writer.add_scalar("charts/episodic_length", game_length, global_step)
                 recent_returns = (recent_returns + [game_return])[-20:]

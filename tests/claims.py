@@ -317,3 +317,129 @@ def check_bad_input_is_a_one_line_error(proc, message, tmp_path):
     assert proc.returncode == 2
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Greedy evaluation, and a stem loaded or frozen (the pixel A2C scripts)
+# ---------------------------------------------------------------------------------------------
+class FakeEvalEnvs:
+    """Env i's episodes last lengths[i] steps; its k-th returns bases[i] + k / 100. So an env that ends its
+    episodes fast with low returns is over-represented by any evaluation that keeps the first episodes to end."""
+
+    def __init__(self, lengths, bases, obs_shape=Pixels.shape):
+        n = len(lengths)
+        self.lengths, self.bases, self.steps, self.ended = lengths, bases, [0] * n, [0] * n
+        self.obs = torch.zeros(n, *obs_shape, dtype=torch.uint8)
+        self.last_reward, self.first = torch.zeros(n), torch.ones(n, dtype=torch.bool)
+
+    def step(self, action):
+        assert action.shape == (len(self.lengths),)
+        episodes = []
+        for i, length in enumerate(self.lengths):
+            self.steps[i] += 1
+            if self.steps[i] == length:
+                episodes.append((i, self.bases[i] + self.ended[i] / 100, length, self.ended[i]))
+                self.steps[i], self.ended[i] = 0, self.ended[i] + 1
+        return self.last_reward, torch.zeros(len(self.lengths), dtype=torch.bool), episodes
+
+
+def check_greedy_evaluation_plays_a_fixed_quota_per_env(script):
+    """Env i keeps its first num // n (+1 for i < num % n) episodes, however fast the others end theirs."""
+    torch.manual_seed(0)
+    agent = script.Agent(Pixels.shape, NUM_ACTIONS, HIDDEN)
+    cases = [(6, [0, 0.01, 1, 1.01, 10, 10.01]), (5, [0, 0.01, 1, 1.01, 10]), (4, [0, 0.01, 1, 10]), (2, [0, 1])]
+    for num, expected in cases:
+        episodes = script.greedy_episodes(agent, FakeEvalEnvs([1, 3, 7], [0.0, 1.0, 10.0]), num)
+        assert [round(e[0], 6) for e in episodes] == expected, (num, episodes)
+
+
+def reachable_parameters(agent, tensor):
+    """Names of the agent's parameters that a backward pass from `tensor` reaches (its graph's leaves)."""
+    names = {id(p): name for name, p in agent.named_parameters()}
+    found, seen, nodes = set(), set(), [tensor.grad_fn]
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable") and id(node.variable) in names:
+            found.add(names[id(node.variable)])
+        nodes.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
+
+def backward_passes(agent, run):
+    """run(), recording the parameters each backward pass it makes (Tensor.backward) reaches."""
+    passes, original = [], torch.Tensor.backward
+
+    def recording(tensor, *rest, **kwargs):
+        passes.append(reachable_parameters(agent, tensor))
+        return original(tensor, *rest, **kwargs)
+
+    torch.Tensor.backward = recording
+    try:
+        run()
+    finally:
+        torch.Tensor.backward = original
+    return passes
+
+
+def check_frozen_stem_gets_nothing_and_the_rest_is_exact(script, core, impl):
+    """--freeze-stem: no backward pass reaches the stem, and for rtrl none reaches the cell either (only the
+    heads'); the stem gets no gradient and so no update; every other gradient equals the float64 reference."""
+    torch.manual_seed(0)
+    agent = script.Agent(Pixels.shape, NUM_ACTIONS, HIDDEN, core, freeze_stem=True).double()
+    args = script.Args(core=core, rtrl_impl=impl, freeze_stem=True)
+    rollouts = random_rollouts(script, 3, 5, 3)
+    returns = torch.randn(5, 3, dtype=torch.float64)
+    stem_before = {k: v.clone() for k, v in agent.stem.state_dict().items()}
+    got = {}
+    passes = backward_passes(agent, lambda: got.update(script_grads(script, agent, rollouts, returns, args)))
+
+    cell = {f"cell.{k}" for k, _ in agent.cell.named_parameters()}
+    heads = {k for k, _ in agent.named_parameters() if not k.startswith(("stem.", "cell."))}
+    assert len(passes) == len(rollouts), passes  # one per update: the loss's, no second one into the stem
+    assert all(p <= (heads if core == "rtrl" else heads | cell) for p in passes), passes
+    trained = [(k, p) for k, p in agent.named_parameters() if not k.startswith("stem.")]
+    assert all(got[k] is None for k, _ in agent.stem.named_parameters(prefix="stem"))
+    reference = reference_rollout_loss(agent, rollouts, returns, core, args)
+    expected = torch.autograd.grad(reference, [p for _, p in trained])
+    for (name, _), e in zip(trained, expected):
+        assert rel_err(got[name], e) < 1e-10, name
+    torch.optim.RMSprop(agent.parameters(), lr=1.0).step()  # every parameter offered: the stem's have no grad
+    assert all(torch.equal(v, stem_before[k]) for k, v in agent.stem.state_dict().items())
+
+
+def check_init_stem_from(script, tmp_path, capsys, obs_shape, other_obs_shape):
+    """--init-stem-from copies exactly the stem of a checkpoint written with another core; a missing file, a
+    file that is not a checkpoint, another script's or another observation shape's is a one-line error, exit 2."""
+    torch.manual_seed(0)
+    source = script.Agent(obs_shape, NUM_ACTIONS, HIDDEN, "tbptt")
+    script.save_checkpoint(source, script.Args(core="tbptt"), str(tmp_path / "tbptt.pt"))
+    agent = script.Agent(obs_shape, NUM_ACTIONS, HIDDEN, "rtrl")
+    cell_before = {k: v.clone() for k, v in agent.cell.state_dict().items()}
+    script.load_stem(agent, str(tmp_path / "tbptt.pt"))
+    for k, v in source.stem.state_dict().items():
+        assert torch.equal(agent.stem.state_dict()[k], v), k
+    assert all(torch.equal(v, cell_before[k]) for k, v in agent.cell.state_dict().items())
+
+    other_shape = script.Agent(other_obs_shape, NUM_ACTIONS, HIDDEN)
+    script.save_checkpoint(other_shape, script.Args(), str(tmp_path / "shape.pt"))
+    torch.save({"model": source.state_dict(), "args": {}, "script": "other_script.py"}, tmp_path / "other.pt")
+    mlp_stem = {"stem.0.weight": torch.zeros(256, 984), "stem.0.bias": torch.zeros(256)}  # as MiniGrid's, no "script"
+    torch.save({"model": mlp_stem, "args": {}}, tmp_path / "mlp.pt")
+    torch.save([1, 2], tmp_path / "list.pt")
+    (tmp_path / "text.pt").write_text("not a checkpoint\n")
+    cases = {"missing.pt": "no such file", "text.pt": "not a checkpoint", "list.pt": "not a checkpoint",
+             "other.pt": "written by other_script.py", "mlp.pt": "its stem does not fit",
+             "shape.pt": "its stem does not fit"}  # fmt: skip
+    capsys.readouterr()
+    for name, message in cases.items():
+        try:
+            script.load_stem(agent, str(tmp_path / name))
+        except SystemExit as e:
+            assert e.code == 2, name
+        else:
+            raise AssertionError(f"{name} was accepted")
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (name, err)

@@ -36,9 +36,27 @@ def test_returns_bootstrap_truncations_and_cut_terminations():
     checks.check_returns_bootstrap_truncations_and_cut_terminations(atari)
 
 
-@pytest.mark.parametrize("core,impl", [("rtrl", "chunked"), ("rtrl", "step"), ("tbptt", "chunked"), ("ff", "chunked")])
+@pytest.mark.parametrize(
+    "core,impl", [("rtrl", "chunked"), ("rtrl", "step"), ("tbptt", "chunked"), ("lstm", "chunked"), ("ff", "chunked")]
+)
 def test_update_gradients_equal_autograd_on_equivalent_computation(core, impl):
     checks.check_update_gradients_equal_autograd(atari, core, impl)
+
+
+FROZEN_CORES = [("rtrl", "chunked"), ("rtrl", "step"), ("tbptt", "chunked"), ("lstm", "chunked")]
+
+
+@pytest.mark.parametrize("core,impl", FROZEN_CORES)
+def test_frozen_stem_gets_no_gradient_nor_backward_pass_and_the_rest_equals_autograd(core, impl):
+    checks.check_frozen_stem_gets_nothing_and_the_rest_is_exact(atari, core, impl)
+
+
+def test_init_stem_from_copies_the_stem_and_refuses_what_does_not_fit(tmp_path, capsys):
+    checks.check_init_stem_from(atari, tmp_path, capsys, (4, 84, 84), (3, 64, 64))
+
+
+def test_greedy_evaluation_plays_a_fixed_quota_per_env():
+    checks.check_greedy_evaluation_plays_a_fixed_quota_per_env(atari)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,11 +66,20 @@ def run_script(tmp_path, *flags):
     return helpers.run_script(SCRIPT, tmp_path, *flags)
 
 
-@pytest.mark.parametrize("core,num_steps", [("rtrl", 8), ("tbptt", 8), ("ff", 8), ("rtrl", 1)])
-def test_training_run_writes_scalars_and_a_loadable_checkpoint(tmp_path, core, num_steps):
+# tbptt runs the update code ff runs (the eLSTM by autograd, another reset mask): lstm takes its smoke run;
+# the fully online run also loads a pretrained stem and freezes it
+@pytest.mark.parametrize(
+    "core,num_steps,frozen", [("rtrl", 8, False), ("lstm", 8, False), ("ff", 8, False), ("rtrl", 1, True)]
+)
+def test_training_run_writes_scalars_and_a_loadable_checkpoint(tmp_path, core, num_steps, frozen):
     steps = 2 * num_steps * (40 if num_steps > 1 else 64)
+    torch.manual_seed(0)
+    pretrained = atari.Agent((4, 84, 84), 4, 8, "tbptt")
+    atari.save_checkpoint(pretrained, atari.Args(core="tbptt"), str(tmp_path / "pretrained.pt"))
+    stem_flags = ["--init-stem-from", "pretrained.pt", "--freeze-stem"] if frozen else []
     proc = run_script(tmp_path, "--core", core, "--num-envs", "2", "--num-steps", str(num_steps),
-                      "--total-timesteps", str(steps), "--hidden-size", "16", "--eval-episodes", "1", "--save-model")  # fmt: skip
+                      "--total-timesteps", str(steps), "--hidden-size", "16", "--eval-episodes", "1", "--save-model",
+                      *stem_flags)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     (run_dir,) = glob.glob(str(tmp_path / "runs" / f"Breakout-v5__rtrl_a2c_atari__{core}__T{num_steps}__1__*"))
     scalars = checks.read_scalars(run_dir)
@@ -66,6 +93,10 @@ def test_training_run_writes_scalars_and_a_loadable_checkpoint(tmp_path, core, n
     assert checkpoint["args"]["core"] == core and not glob.glob(os.path.join(run_dir, "*.tmp"))
     agent = atari.Agent((4, 84, 84), 4, checkpoint["args"]["hidden_size"], core)
     agent.load_state_dict(checkpoint["model"])
+    assert checkpoint["script"] == "rtrl_a2c_atari.py" and checkpoint["args"]["freeze_stem"] == frozen
+    trained_stem = agent.stem.state_dict()
+    stem_kept = [torch.equal(trained_stem[k], v) for k, v in pretrained.stem.state_dict().items()]
+    assert all(stem_kept) if frozen else not any(stem_kept)  # loaded and left alone, or trained from its own start
 
 
 @pytest.mark.parametrize(
@@ -78,6 +109,7 @@ def test_training_run_writes_scalars_and_a_loadable_checkpoint(tmp_path, core, n
         (["--learning-rate", "-1"], "--learning-rate must be in"),
         (["--gamma", "1.5"], "--gamma must be in"),
         (["--max-grad-norm", "-1"], "--max-grad-norm must be positive"),
+        (["--init-stem-from", "missing.pt"], "--init-stem-from missing.pt: no such file"),
     ],
 )
 def test_bad_input_is_a_one_line_error(tmp_path, flags, message):

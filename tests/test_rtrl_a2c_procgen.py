@@ -38,14 +38,38 @@ def test_returns_bootstrap_truncations_and_cut_terminations():
     checks.check_returns_bootstrap_truncations_and_cut_terminations(procgen)
 
 
-@pytest.mark.parametrize("core,impl", [("rtrl", "chunked"), ("rtrl", "step"), ("tbptt", "chunked"), ("ff", "chunked")])
+@pytest.mark.parametrize(
+    "core,impl", [("rtrl", "chunked"), ("rtrl", "step"), ("tbptt", "chunked"), ("lstm", "chunked"), ("ff", "chunked")]
+)
 def test_update_gradients_equal_autograd_on_equivalent_computation(core, impl):
     checks.check_update_gradients_equal_autograd(procgen, core, impl)
+
+
+@pytest.mark.parametrize("core,impl", [("rtrl", "chunked"), ("tbptt", "chunked"), ("lstm", "chunked")])
+def test_frozen_stem_gets_no_gradient_nor_backward_pass_and_the_rest_equals_autograd(core, impl):
+    checks.check_frozen_stem_gets_nothing_and_the_rest_is_exact(procgen, core, impl)
+
+
+def test_init_stem_from_copies_the_stem_and_refuses_what_does_not_fit(tmp_path, capsys):
+    checks.check_init_stem_from(procgen, tmp_path, capsys, (3, 64, 64), (4, 84, 84))
+
+
+def test_greedy_evaluation_plays_a_fixed_quota_per_env():
+    checks.check_greedy_evaluation_plays_a_fixed_quota_per_env(procgen)
 
 
 # ---------------------------------------------------------------------------------------------
 # Levels
 # ---------------------------------------------------------------------------------------------
+def test_defaults_make_the_papers_chaser_hard_on_500_training_levels():
+    args = procgen.Args()
+    envs = procgen.ProcgenEnvs(args.env_id, [1], args.start_level, args.num_levels, torch.device("cpu"))
+    config = envs.envs.spec.config
+    envs.close()
+    assert (config.env_name, config.distribution_mode) == ("chaser", 1)  # EnvPool's 1 = procgen's "hard"
+    assert (config.start_level, config.num_levels, args.num_steps) == (0, 500, 50)
+
+
 def test_eval_uses_only_held_out_levels(tmp_path):
     """EnvPool's info["level_seed"] of every evaluation episode lies in its own level set."""
     args = procgen.Args(env_id="ChaserEasy-v0", start_level=10, num_levels=5, test_level_starts=(20, 40),
@@ -76,13 +100,19 @@ def run_script(tmp_path, *flags, env=None):
     return helpers.run_script(SCRIPT, tmp_path, *flags, env=env)
 
 
-@pytest.mark.parametrize("core,num_steps,test_sets", [("rtrl", 8, ["1000", "1200", "1400"]), ("ff", 1, ["3000"])])
+# the second run: the fully online lstm on a pretrained, frozen stem (ff: the Atari smoke runs, the gradient test)
+@pytest.mark.parametrize("core,num_steps,test_sets", [("rtrl", 8, ["1000", "1200", "1400"]), ("lstm", 1, ["3000"])])
 def test_training_run_on_a_memory_game_writes_both_eval_scalars(tmp_path, core, num_steps, test_sets):
     steps = 2 * num_steps * (40 if num_steps > 1 else 64)
+    frozen = core == "lstm"
+    torch.manual_seed(0)
+    pretrained = procgen.Agent((3, 64, 64), 15, 8, "tbptt")
+    procgen.save_checkpoint(pretrained, procgen.Args(core="tbptt"), str(tmp_path / "pretrained.pt"))
+    stem_flags = ["--init-stem-from", "pretrained.pt", "--freeze-stem"] if frozen else []
     proc = run_script(tmp_path, "--env-id", MEMORY_GAME, "--core", core, "--num-envs", "2",
                       "--num-steps", str(num_steps), "--total-timesteps", str(steps), "--hidden-size", "16",
                       "--eval-episodes", "2", "--eval-every", str(steps // 2), "--test-level-starts", *test_sets,
-                      "--save-model")  # fmt: skip
+                      "--save-model", *stem_flags)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     (run_dir,) = glob.glob(str(tmp_path / "runs" / f"{MEMORY_GAME}__rtrl_a2c_procgen__{core}__T{num_steps}__1__*"))
     scalars = checks.read_scalars(run_dir)
@@ -96,6 +126,10 @@ def test_training_run_on_a_memory_game_writes_both_eval_scalars(tmp_path, core, 
     assert checkpoint["args"]["core"] == core and not glob.glob(os.path.join(run_dir, "*.tmp"))
     agent = procgen.Agent((3, 64, 64), 15, checkpoint["args"]["hidden_size"], core)
     agent.load_state_dict(checkpoint["model"])
+    assert checkpoint["script"] == "rtrl_a2c_procgen.py" and checkpoint["args"]["freeze_stem"] == frozen
+    trained_stem = agent.stem.state_dict()
+    stem_kept = [torch.equal(trained_stem[k], v) for k, v in pretrained.stem.state_dict().items()]
+    assert all(stem_kept) if frozen else not any(stem_kept)  # loaded and left alone, or trained from its own start
 
 
 @pytest.mark.parametrize(
@@ -112,6 +146,7 @@ def test_training_run_on_a_memory_game_writes_both_eval_scalars(tmp_path, core, 
         (["--num-envs", "0"], "--num-envs must be at least 1"),
         (["--total-timesteps", "10", "--num-envs", "4", "--num-steps", "5"], "less than one rollout"),
         (["--gamma", "1.5"], "--gamma must be in"),
+        (["--init-stem-from", "missing.pt"], "--init-stem-from missing.pt: no such file"),
     ],
 )
 def test_bad_input_is_a_one_line_error(tmp_path, flags, message):
