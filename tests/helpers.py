@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 
@@ -56,3 +57,12 @@ def processes_under(path):
             if cwd_path == path or cwd_path.startswith(path.rstrip(os.sep) + os.sep):
                 found.append(int(cwd.split("/")[2]))
     return found
+
+
+def bad_input_in_process(parse, flags, message, capsys):
+    """`parse(flags)` (a script's argument checks, run in-process: no interpreter start, no import) exits 2
+    with one line naming the problem. Each script keeps one subprocess case showing its main runs these checks."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse(list(flags))
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr

@@ -8,6 +8,7 @@ import envpool
 import numpy as np
 import pytest
 import torch
+import tyro
 
 import claims as checks
 import helpers
@@ -206,5 +207,10 @@ def test_a_run_directory_is_never_shared(tmp_path):
         (["--env-id", "CartPole-v1", "--actions", "full"], "--actions full is for MiniGrid"),
     ],
 )
-def test_bad_input_is_a_one_line_error(tmp_path, flags, message):
-    checks.check_bad_input_is_a_one_line_error(run_script(tmp_path, *flags), message, tmp_path)
+def test_bad_input_is_a_one_line_error(flags, message, capsys):
+    helpers.bad_input_in_process(lambda argv: minigrid.check_args(tyro.cli(minigrid.Args, args=argv)), flags, message,
+                                 capsys)  # fmt: skip
+
+
+def test_the_script_checks_its_input_before_it_starts(tmp_path):
+    checks.check_bad_input_is_a_one_line_error(run_script(tmp_path, "--gamma", "1.5"), "--gamma must be in", tmp_path)

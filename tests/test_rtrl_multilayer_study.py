@@ -362,8 +362,12 @@ def test_quick_run_writes_the_whole_report(tmp_path):
         (["--rl-total-timesteps", "10"], "less than one rollout"),
     ],
 )
-def test_bad_input_is_a_one_line_error(tmp_path, flags, message):
-    proc = run_script(tmp_path, *flags, "--out-dir", "report")
-    assert proc.returncode == 2
-    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+def test_bad_input_is_a_one_line_error(tmp_path, flags, message, capsys):
+    helpers.bad_input_in_process(study.parse_args, [*flags, "--out-dir", str(tmp_path / "report")], message, capsys)
     assert not (tmp_path / "report").exists()
+
+
+def test_the_script_checks_its_input_before_it_starts(tmp_path):
+    proc = run_script(tmp_path, "--num-layers", "0", "--out-dir", "report")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "--num-layers must be positive" in proc.stderr and not (tmp_path / "report").exists()
