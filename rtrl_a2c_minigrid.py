@@ -14,6 +14,7 @@ run through the same agent (an MLP on the remaining observation), as smaller mem
 import difflib
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -42,6 +43,12 @@ class Args:
     """if toggled, cuda will be used when available"""
     save_model: bool = False
     """whether to save the model and its args to `runs/{run_name}/model.pt`"""
+    checkpoint_every: int = 0
+    """agent steps between checkpoints, written atomically to `runs/{run_name}/checkpoint.pt` (0 = none); one is
+    also written at the end when this is set, and always on Ctrl-C / SIGTERM"""
+    resume: str = ""
+    """a checkpoint.pt to continue: model, optimizer, LR position, step and RNG states are restored and the run
+    directory's logs go on; every environment starts a new episode with zero recurrent state and sensitivities"""
 
     # Algorithm specific arguments
     env_id: str = "MiniGrid-MemoryS7-v0"
@@ -101,7 +108,7 @@ def check_args(args):
     for name in ("total_timesteps", "num_envs", "num_steps", "hidden_size"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("eval_episodes", "staleness_every"):
+    for name in ("eval_episodes", "staleness_every", "checkpoint_every"):
         if getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}")
     ranges = {  # inclusive bounds
@@ -557,11 +564,86 @@ def evaluate(agent, env_id, seeds, device, actions):
     return [finished[i] for i in range(len(seeds))]
 
 
-def save_checkpoint(agent, args, path):
-    """Atomic: a crash mid-write never leaves a truncated model.pt behind."""
+def save_checkpoint(agent, args, path, **extra):
+    """Atomic: a crash mid-write never leaves a truncated file behind, and the previous one stays until the new
+    one is complete. `extra` makes it a checkpoint to resume from (see training_state)."""
     tmp = f"{path}.tmp"
-    torch.save({"model": agent.state_dict(), "args": vars(args)}, tmp)
+    torch.save({"script": os.path.basename(__file__), "model": agent.state_dict(), "args": vars(args), **extra}, tmp)
     os.replace(tmp, path)
+
+
+def training_state(optimizer, run_name, iteration, global_step):
+    """What --resume restores besides the model. Not (c, sens) nor the environments: EnvPool cannot snapshot an
+    episode, so a resumed run starts new episodes, and a state belongs only to the episode that made it."""
+    np_state = np.random.get_state()
+    rng = {"python": random.getstate(), "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+           "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}  # fmt: skip
+    return dict(optimizer=optimizer.state_dict(), run_name=run_name, iteration=iteration, global_step=global_step, rng=rng)
+
+
+RESUME_KEYS = {"script", "model", "args", "optimizer", "run_name", "iteration", "global_step", "rng"}
+# flags a resumed run may change; any other must equal the checkpoint's
+RESUME_MAY_CHANGE = {"total_timesteps", "checkpoint_every", "resume", "save_model", "eval_episodes", "cuda",
+                     "batch_size", "num_iterations"}  # fmt: skip
+
+
+def load_resume(args):
+    """The checkpoint --resume names, checked against this command before anything is made; None without --resume."""
+    if not args.resume:
+        return None
+    try:
+        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        fail(f"--resume: no such file {args.resume!r}")
+    except Exception as e:  # truncated, corrupt, or not written by torch.save
+        fail(f"--resume: {args.resume!r} is not a readable checkpoint ({type(e).__name__}: {str(e).split('. ')[0][:120]})")
+    if not isinstance(checkpoint, dict) or not RESUME_KEYS <= set(checkpoint):
+        missing = sorted(RESUME_KEYS - set(checkpoint)) if isinstance(checkpoint, dict) else sorted(RESUME_KEYS)
+        fail(f"--resume: {args.resume!r} is not a checkpoint to resume from (no {', '.join(missing)}; "
+             "model.pt from --save-model holds weights only)")  # fmt: skip
+    if checkpoint["script"] != os.path.basename(__file__):
+        fail(f"--resume: {args.resume!r} was written by {checkpoint['script']}, not {os.path.basename(__file__)}")
+    ours, theirs = vars(args), checkpoint["args"]
+    ours = {**ours, "run_name": ours["run_name"] or theirs.get("run_name")}  # left out, it is the checkpoint's
+    differ = [f"--{k.replace('_', '-')} {ours[k]} (checkpoint: {theirs.get(k)})" for k in ours
+              if k not in RESUME_MAY_CHANGE and ours[k] != theirs.get(k)]  # fmt: skip
+    if differ:
+        fail(f"--resume: this command differs from the checkpoint's run: {', '.join(differ)}")
+    if args.total_timesteps < checkpoint["global_step"]:
+        fail(f"--resume: --total-timesteps {args.total_timesteps} is below the checkpoint's step {checkpoint['global_step']}")
+    return checkpoint
+
+
+def restore(checkpoint, agent, optimizer):
+    """Load what training_state saved (the RNG states last: nothing may draw after them); returns (iteration, step)."""
+    try:
+        agent.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        fail(f"--resume: the checkpoint does not fit this agent ({str(e).splitlines()[0][:160]})")
+    rng = checkpoint["rng"]
+    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+    np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy(), *rng["numpy"][2:]))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return checkpoint["iteration"], checkpoint["global_step"]
+
+
+class StopSignals:
+    """Ctrl-C / SIGTERM: recorded, so that the loop can finish its update, checkpoint and exit 128 + signum."""
+
+    def __init__(self):
+        self.signum = None
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._record)
+
+    def _record(self, signum, frame):
+        self.signum = signum
+
+    def restore(self):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 if __name__ == "__main__":
@@ -569,10 +651,16 @@ if __name__ == "__main__":
     check_args(args)
     args.batch_size = args.num_envs * args.num_steps
     args.num_iterations = args.total_timesteps // args.batch_size
-    run_name = args.run_name or f"{args.env_id}__{args.exp_name}__{args.core}__T{args.num_steps}__{args.seed}__{int(time.time())}"
-    if os.path.exists(f"runs/{run_name}"):
-        fail(f"runs/{run_name} exists; a run directory is never shared by two runs")
-    writer = SummaryWriter(f"runs/{run_name}")
+    resumed = load_resume(args)
+    if resumed:  # the logs go on in the checkpoint's run directory
+        run_name = resumed["run_name"]
+        writer = SummaryWriter(f"runs/{run_name}", purge_step=resumed["global_step"] + 1)  # drops what came after it
+    else:
+        run_name = args.run_name or f"{args.env_id}__{args.exp_name}__{args.core}__T{args.num_steps}__{args.seed}__{int(time.time())}"
+        if os.path.exists(f"runs/{run_name}"):
+            fail(f"runs/{run_name} exists; a run directory is never shared by two runs")
+        writer = SummaryWriter(f"runs/{run_name}")
+    args.run_name = run_name  # saved with the args: a resumed run finds its directory
     writer.add_text(
         "hyperparameters",
         "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
@@ -585,9 +673,17 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     seeds = env_seeds(args.seed, args.num_envs + max(args.eval_episodes, 1))
-    envs = Envs(args.env_id, seeds[: args.num_envs], device, args.actions)
+    # resumed: new episodes from new seeds, not a replay of the run's start (evaluation keeps the run's own)
+    train_seeds = env_seeds([args.seed, resumed["global_step"]], args.num_envs) if resumed else seeds[: args.num_envs]
+    envs = Envs(args.env_id, train_seeds, device, args.actions)
     agent = Agent(envs.obs_shape, envs.num_actions, args.hidden_size, args.core).to(device)
     optimizer = torch.optim.RMSprop(agent.parameters(), lr=args.learning_rate, alpha=args.rms_alpha, eps=args.rms_eps)
+    start_iteration, global_step = restore(resumed, agent, optimizer) if resumed else (0, 0)
+    if resumed:
+        print(f"resumed runs/{run_name} at global_step={global_step}: every environment starts a new episode, "
+              "recurrent state and sensitivities zero")  # fmt: skip
+    checkpoint_path, next_checkpoint = f"runs/{run_name}/checkpoint.pt", global_step + args.checkpoint_every
+    stop = StopSignals()
 
     T, B = args.num_steps, args.num_envs
     rollout = Rollout(
@@ -602,9 +698,9 @@ if __name__ == "__main__":
     )
     c, sens = agent.cell.initial_state(B)
     history = EpisodeHistory(B) if args.staleness_every else None
-    global_step, start_time, last_print, recent = 0, time.time(), 0.0, []
+    start_step, start_time, last_print, recent = global_step, time.time(), 0.0, []
 
-    for iteration in range(1, args.num_iterations + 1):
+    for iteration in range(start_iteration + 1, args.num_iterations + 1):
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * args.learning_rate
 
@@ -641,7 +737,7 @@ if __name__ == "__main__":
             history.extend(rollout)
         update_time = timer(device) - update_start
 
-        sps = int(global_step / (time.time() - start_time))
+        sps = int((global_step - start_step) / (time.time() - start_time))
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
         for key, value in stats.items():
             writer.add_scalar(f"losses/{key}", value, global_step)
@@ -654,8 +750,21 @@ if __name__ == "__main__":
             eta = (args.num_iterations - iteration) * B * T / max(sps, 1)
             summary = f"{np.mean([r for r, _ in recent]):.3f} success {np.mean([s for _, s in recent]):.2f}" if recent else "n/a"
             print(f"global_step={global_step} SPS={sps} elapsed={elapsed / 60:.1f}min eta={eta / 60:.1f}min "
-                  f"return(last {len(recent)} episodes)={summary} entropy={stats['entropy'] / (T * B):.3f}")  # fmt: skip
+                  f"return(last {len(recent)} episodes)={summary} entropy={stats['entropy'] / (T * B):.3f}", flush=True)  # fmt: skip
+        if stop.signum or (args.checkpoint_every and global_step >= next_checkpoint):
+            save_checkpoint(agent, args, checkpoint_path, **training_state(optimizer, run_name, iteration, global_step))
+            next_checkpoint = global_step + args.checkpoint_every
+        if stop.signum:
+            envs.close()
+            writer.close()
+            print(f"stopped by {signal.Signals(stop.signum).name} at global_step={global_step}; checkpoint: "
+                  f"{checkpoint_path} (continue with --resume {checkpoint_path})", flush=True)  # fmt: skip
+            sys.exit(128 + stop.signum)
     envs.close()
+    stop.restore()  # Ctrl-C during the evaluation below stops it at once
+    if args.checkpoint_every:
+        final = max(start_iteration, args.num_iterations)
+        save_checkpoint(agent, args, checkpoint_path, **training_state(optimizer, run_name, final, global_step))
 
     if args.save_model:
         model_path = f"runs/{run_name}/model.pt"

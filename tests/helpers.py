@@ -66,3 +66,24 @@ def bad_input_in_process(parse, flags, message, capsys):
         parse(list(flags))
     stderr = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+
+
+def scalar_steps(run_dir):
+    """{tag: [(step, value), ...]} over every event file of a run directory, as TensorBoard shows it (a resumed
+    run's purge of the steps after its checkpoint applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def same_tensors(a, b):
+    """a == b bit for bit, through nested dicts, lists and tuples of tensors and plain values."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_tensors(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(same_tensors, a, b))
+    return a == b

@@ -3,6 +3,10 @@ EnvPool MiniGrid's episode semantics, and the script as a user runs it."""
 
 import glob
 import os
+import shutil
+import signal
+import subprocess
+import sys
 
 import envpool
 import numpy as np
@@ -214,3 +218,91 @@ def test_bad_input_is_a_one_line_error(flags, message, capsys):
 
 def test_the_script_checks_its_input_before_it_starts(tmp_path):
     checks.check_bad_input_is_a_one_line_error(run_script(tmp_path, "--gamma", "1.5"), "--gamma must be in", tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Long runs: --checkpoint-every, --resume, Ctrl-C (masked CartPole: short episodes, so some end after a resume)
+# ---------------------------------------------------------------------------------------------
+RESUMABLE = ("--env-id", "CartPole-v1", "--num-envs", "2", "--num-steps", "4", "--hidden-size", "8", "--eval-episodes",
+             "0", "--checkpoint-every", "16")  # fmt: skip
+SAVED_STEP = 48  # 6 updates of 2 envs x 4 steps; checkpoints at 16, 32, 48 (the end)
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory):
+    """A run that wrote checkpoints, with a copy of its last one (resuming overwrites the run's own)."""
+    tmp_path = tmp_path_factory.mktemp("checkpointed")
+    proc = run_script(tmp_path, *RESUMABLE, "--total-timesteps", str(SAVED_STEP), "--run-name", "a")
+    assert proc.returncode == 0, proc.stderr
+    shutil.copy(tmp_path / "runs" / "a" / "checkpoint.pt", tmp_path / "saved.pt")
+    return tmp_path, torch.load(tmp_path / "saved.pt", weights_only=True)
+
+
+def test_resume_restores_every_tensor_bit_for_bit_and_the_run_goes_on_from_its_step(checkpointed):
+    tmp_path, saved = checkpointed
+    assert saved["global_step"] == SAVED_STEP and saved["iteration"] == 6 and saved["script"] == "rtrl_a2c_minigrid.py"
+    resume = ("--resume", "runs/a/checkpoint.pt")
+    proc = run_script(tmp_path, *RESUMABLE, *resume, "--total-timesteps", str(SAVED_STEP))  # loads, trains 0, saves
+    assert proc.returncode == 0, proc.stderr
+    assert f"resumed runs/a at global_step={SAVED_STEP}: every environment starts a new episode" in proc.stdout
+    again = torch.load(tmp_path / "runs" / "a" / "checkpoint.pt", weights_only=True)
+    for key in ("model", "optimizer", "rng", "iteration", "global_step", "run_name"):
+        assert helpers.same_tensors(saved[key], again[key]), key
+    assert saved["optimizer"]["state"] and len(saved["rng"]["python"][1]) == 625  # RMSprop's averages, MT's state
+
+    proc = run_script(tmp_path, *RESUMABLE, *resume, "--total-timesteps", str(3 * SAVED_STEP))
+    assert proc.returncode == 0, proc.stderr
+    scalars = helpers.scalar_steps(tmp_path / "runs" / "a")
+    assert [step for step, _ in scalars["charts/SPS"]] == list(range(8, 3 * SAVED_STEP + 1, 8))  # one run, no gaps
+    lr = dict(scalars["charts/learning_rate"])  # the schedule goes on from update 7 of now 18 (the new total)
+    assert lr[SAVED_STEP] == pytest.approx(1e-3 * 1 / 6) and lr[SAVED_STEP + 8] == pytest.approx(1e-3 * (1 - 6 / 18))
+    after = [(step, length) for step, length in scalars["charts/episodic_length"] if step > SAVED_STEP]
+    assert after and all(length <= (step - SAVED_STEP) / 2 for step, length in after)  # all started after the resume
+
+
+def test_the_same_seed_logs_identical_losses(checkpointed):
+    tmp_path, _ = checkpointed
+    assert run_script(tmp_path, *RESUMABLE, "--total-timesteps", str(SAVED_STEP), "--run-name", "b").returncode == 0
+    a, b = (helpers.scalar_steps(tmp_path / "runs" / name) for name in ("a", "b"))
+    losses = [tag for tag in a if tag.startswith("losses/")]
+    assert len(losses) >= 6 and all(a[tag][:6] == b[tag][:6] for tag in losses)  # first updates, float for float
+
+
+def test_ctrl_c_finishes_the_update_writes_a_checkpoint_and_exits_130(tmp_path):
+    proc = subprocess.Popen([sys.executable, SCRIPT, *RESUMABLE, "--checkpoint-every", "0", "--total-timesteps",
+                             "10000000", "--run-name", "c"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    for line in proc.stdout:
+        if line.startswith("global_step="):
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    checkpoint = torch.load(tmp_path / "runs" / "c" / "checkpoint.pt", weights_only=True)
+    assert f"stopped by SIGINT at global_step={checkpoint['global_step']}; checkpoint: runs/c/checkpoint.pt" in out
+    assert checkpoint["global_step"] == 8 * checkpoint["iteration"] and not glob.glob(str(tmp_path / "runs/c/*.tmp"))
+
+
+@pytest.mark.parametrize(
+    "change,flags,message",
+    [
+        (None, ["--resume", "missing.pt"], "--resume: no such file 'missing.pt'"),
+        ("truncate", [], "is not a readable checkpoint"),
+        ("weights only", [], "is not a checkpoint to resume from (no global_step, iteration, optimizer"),
+        ("other script", [], "was written by rtrl_a2c_atari.py, not rtrl_a2c_minigrid.py"),
+        (None, ["--hidden-size", "16", "--core", "tbptt"], "differs from the checkpoint's run: --hidden-size 16 (checkpoint: 8), --core tbptt (checkpoint: rtrl)"),
+        (None, ["--env-id", "Acrobot-v1"], "--env-id Acrobot-v1 (checkpoint: CartPole-v1)"),
+        (None, ["--run-name", "b"], "--run-name b (checkpoint: a)"),
+        (None, ["--total-timesteps", "40"], "--total-timesteps 40 is below the checkpoint's step 48"),
+    ],
+)
+def test_a_bad_checkpoint_to_resume_is_a_one_line_error(checkpointed, tmp_path, capsys, change, flags, message):
+    saved_dir, saved = checkpointed
+    path = tmp_path / "ck.pt"
+    if change == "truncate":
+        path.write_bytes((saved_dir / "saved.pt").read_bytes()[:2000])
+    else:
+        edited = {"weights only": {"model": saved["model"], "args": saved["args"]}, "other script": {**saved, "script": "rtrl_a2c_atari.py"}}
+        torch.save(edited.get(change, saved), path)
+    argv = [*RESUMABLE, "--total-timesteps", "96", "--resume", str(path), *flags]
+    helpers.bad_input_in_process(lambda a: minigrid.load_resume(tyro.cli(minigrid.Args, args=a)), argv, message, capsys)
