@@ -8,10 +8,15 @@ recomputes each unroll's sensitivities from the actor's ones with its own parame
 recurrent parameters get untruncated gradients with no stored history.
 
     python rtrl_impala_dmlab.py --env-id rooms_watermaze          # needs deepmind_lab, built from source
+    python rtrl_impala_dmlab.py --env-id rooms_watermaze --core rtrl --init-stem-from PRETRAINED.pt --freeze-stem
     python rtrl_impala_dmlab.py --env-id MyWayHome-v1             # pip-installable stand-in (EnvPool ViZDoom)
     torchrun --nproc_per_node 2 rtrl_impala_dmlab.py --env-id MyWayHome-v1 --num-actors 4
+
+The learner takes the oldest waiting unrolls first (FIFO); charts/unroll_age logs, in seconds, how long before
+its update the oldest unroll of each batch was finished, charts/policy_lag how many updates its weights were behind.
 """
 
+import collections
 import contextlib
 import difflib
 import hashlib
@@ -80,14 +85,30 @@ class Args:
     max_grad_norm: float = 40.0
     """the maximum global norm of the gradients"""
     hidden_size: int = 512
-    """N, the size of the eLSTM state"""
-    core: Literal["rtrl", "tbptt", "ff"] = "rtrl"
+    """N, the size of the recurrent state (eLSTM c; for lstm, h and c each)"""
+    core: Literal["rtrl", "tbptt", "lstm", "ff"] = "rtrl"
     """rtrl: eLSTM with exact untruncated RTRL gradients; tbptt: the same eLSTM with BPTT cut at each
-    unroll's start; ff: no memory (the cell with its state zeroed at every step)"""
+    unroll's start; lstm: a standard LSTM with BPTT cut the same way; ff: no memory (the eLSTM with its
+    state zeroed at every step)"""
     rtrl_impl: Literal["chunked", "step"] = "chunked"
-    """the learner's exact RTRL in one GEMM-shaped pass per unroll (chunked) or by the per-step recursion (step)"""
+    """the learner's exact RTRL in one GEMM-shaped pass per unroll (chunked) or by the per-step recursion (step);
+    with --freeze-stem the learner runs the forward recursion alone"""
+    init_stem_from: str = ""
+    """a model.pt of this script (any core): start from its stem, every `stem.*` parameter, i.e. everything
+    before the cell (the IMPALA ResNet's convolutions and the Linear layer after them); the cell and heads start fresh"""
+    freeze_stem: bool = False
+    """the stem gets no gradient and no update (the paper's --freeze_conv --freeze_fc); rtrl then propagates
+    nothing backward through time (see compute_gradients); without --init-stem-from the stem stays at its
+    random initialization (a random-features baseline)"""
     eval_episodes: int = 10
-    """greedy evaluation episodes after training; 0 skips it"""
+    """greedy evaluation episodes after training, split evenly over the evaluation envs; 0 skips it. DMLab
+    evaluates on the held-out `_test` variant of a level where DMLab-30 has one"""
+    dmlab_dataset_path: str | None = None
+    """DMLab's `datasetPath`: the directory of the Brady, Konkle & Oliva (2008) images that
+    psychlab_arbitrary_visuomotor_mapping and psychlab_continuous_recognition need"""
+    actor_timeout: float = 60.0
+    """seconds: an actor the learner waits on that sends nothing for max(this, 10x the median unroll time) is
+    taken as hung, its process group killed and the actor restarted (a first unroll gets ACTOR_STARTUP_SECONDS)"""
 
     # to be filled in runtime
     num_updates: int = 0
@@ -117,6 +138,14 @@ DMLAB30 = (
     "explore_obstructed_goals_small", "explore_obstructed_goals_large", "explore_goal_locations_small",
     "explore_goal_locations_large", "explore_object_rewards_few", "explore_object_rewards_many",
 )  # fmt: skip
+# Evaluation as DeepMind's scalable_agent does it: the held-out variant where DMLab-30 defines one, hold-out levels
+# allowed and a fixed mixerSeed (XOR'd into every reset seed: other layouts than training's), so that scores
+# compare with published ones
+DMLAB30_TEST_LEVELS = {"rooms_collect_good_objects_train": "rooms_collect_good_objects_test",
+                       "rooms_exploit_deferred_effects_train": "rooms_exploit_deferred_effects_test"}  # fmt: skip
+DMLAB_EVAL_CONFIG = {"allowHoldOutLevels": "true", "mixerSeed": str(0x600D5EED)}
+# the levels whose factories load the Brady, Konkle & Oliva (2008) images (datasets/brady_konkle_oliva2008.lua)
+DMLAB_NEEDS_DATASET = ("psychlab_arbitrary_visuomotor_mapping", "psychlab_continuous_recognition")
 # IMPALA's 9 actions for DMLab (Espeholt et al. 2018, appendix), by DMLab action name; unnamed ones are 0
 DMLAB_ACTIONS = (
     {"MOVE_BACK_FORWARD": 1},  # forward
@@ -195,13 +224,13 @@ class EnvPoolEnvs:
         self.episode_return = np.zeros(n)
 
     def step(self, action):
-        """Returns (reward, terminated) of the step and the (return, length) of episodes that ended."""
+        """Returns (reward, terminated) of the step and the (env, return, length) of episodes that ended."""
         obs, reward, term, trunc, info = self.envs.step(action.numpy())
         reward = reward + self.goal_reward * term
         self.episode_return += reward
         episodes = []
         for i in np.flatnonzero(term | trunc):
-            episodes.append((self.episode_return[i], int(info["elapsed_step"][i])))
+            episodes.append((int(i), self.episode_return[i], int(info["elapsed_step"][i])))
             self.episode_return[i] = 0.0
         self.first = self.dead  # the step after a dead one returns a new episode's first observation
         self.dead = torch.as_tensor(term | trunc)
@@ -221,10 +250,14 @@ class DmLabEnvs:
     (no bootstrap) and the next observation is the new episode's first: there are no dead steps.
     """
 
-    def __init__(self, level, seeds):
+    def __init__(self, level, seeds, dataset_path=None, test=False):
         import deepmind_lab
 
         config = {"width": str(OBS_WIDTH), "height": str(OBS_HEIGHT), "logLevel": "WARN"}
+        if dataset_path is not None:
+            config["datasetPath"] = dataset_path
+        if test:
+            level, config = DMLAB30_TEST_LEVELS.get(level, level), config | DMLAB_EVAL_CONFIG
         self.labs = [deepmind_lab.Lab(f"contributed/dmlab30/{level}", ["RGB_INTERLEAVED"], config=config) for _ in seeds]
         names = [spec["name"] for spec in self.labs[0].action_spec()]
         self.action_vectors = np.zeros((len(DMLAB_ACTIONS), len(names)), dtype=np.intc)
@@ -253,12 +286,12 @@ class DmLabEnvs:
         self.obs = self.obs.clone()  # a new tensor per step, as EnvPool's: actors keep the old ones
         reward, term, episodes = np.zeros(n), np.zeros(n, dtype=bool), []
         for i, a in enumerate(action.tolist()):
-            reward[i] = self.labs[i].step(self.action_vectors[a], num_steps=ACTION_REPEAT)
+            reward[i] = self.labs[i].step(self.action_vectors[a], num_steps=ACTION_REPEAT)  # sums the 4 frames' rewards
             self.episode_return[i] += reward[i]
             self.episode_length[i] += 1
             term[i] = not self.labs[i].is_running()
             if term[i]:
-                episodes.append((self.episode_return[i], int(self.episode_length[i])))
+                episodes.append((i, self.episode_return[i], int(self.episode_length[i])))
                 self.episode_return[i], self.episode_length[i] = 0.0, 0
                 self._reset(i)
             else:
@@ -272,8 +305,9 @@ class DmLabEnvs:
             lab.close()
 
 
-def make_envs(env_id, seeds):
-    return DmLabEnvs(env_id, seeds) if env_id in DMLAB30 else EnvPoolEnvs(env_id, seeds)
+def make_envs(env_id, seeds, dataset_path=None, test=False):
+    """The training envs, or with `test` the evaluation ones (DMLab's held-out variants; EnvPool's are the same)."""
+    return DmLabEnvs(env_id, seeds, dataset_path, test) if env_id in DMLAB30 else EnvPoolEnvs(env_id, seeds)
 
 
 def check_args(args):
@@ -292,6 +326,8 @@ def check_args(args):
             fail(f"--{name.replace('_', '-')} must be in [{low}, {high}], got {getattr(args, name)}")
     if args.max_grad_norm <= 0:
         fail(f"--max-grad-norm must be positive, got {args.max_grad_norm}")
+    if args.actor_timeout <= 0:
+        fail(f"--actor-timeout must be positive, got {args.actor_timeout}")
     if args.batch_size % args.envs_per_actor:
         fail(f"--batch-size {args.batch_size} must be a multiple of --envs-per-actor {args.envs_per_actor} "
              f"(an actor sends its environments' unrolls together)")  # fmt: skip
@@ -299,7 +335,12 @@ def check_args(args):
     if args.total_timesteps < per_update:
         fail(f"--total-timesteps {args.total_timesteps} is less than one update "
              f"(--batch-size x --unroll-length x learners = {per_update})")  # fmt: skip
-    return env_info(args.env_id)
+    obs_shape, num_actions = env_info(args.env_id)
+    if args.env_id in DMLAB_NEEDS_DATASET and args.dmlab_dataset_path is None:
+        fail(f"{args.env_id} needs DMLab's Brady, Konkle & Oliva (2008) image dataset: download it as "
+             "https://github.com/google-deepmind/lab/tree/master/data/brady_konkle_oliva2008 says and pass its "
+             "directory as --dmlab-dataset-path")  # fmt: skip
+    return obs_shape, num_actions
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,10 +479,12 @@ class ELSTM(nn.Module):
 
 
 class OnlineELSTM(ELSTM):
-    """The ELSTM plus one step of RTRL online (SPEC §2), as the actors run it: c and its sensitivities
-    advance together at every environment step, and the learner's rtrl_scan starts from what they carried."""
+    """The ELSTM plus RTRL forward in time (SPEC §2), as the actors run it: c and its sensitivities advance
+    together at every environment step, and the learner's rtrl_scan starts from what they carried. With a
+    frozen stem the learner runs it too (rtrl_forward): then nothing propagates backward through time."""
 
-    def _jacobian_and_increments(self, x, c0, done):
+    @torch.no_grad()
+    def scan_with_increments(self, x, c0, done):
         """c_1..c_T, a_t = notdone_t * J_t and the increments u_t of every parameter's sensitivity (SPEC §2)."""
         cs, c_prev, z, f, notdone = self._scan(x, c0, done)
         c, c_prev, z, f = torch.stack(cs), torch.stack(c_prev), torch.stack(z), torch.stack(f)
@@ -452,18 +495,56 @@ class OnlineELSTM(ELSTM):
         u = {"w_z": alpha, "w_f": beta, "v_z": alpha * c_prev, "v_f": beta * c_prev, "b_z": alpha, "b_f": beta}
         return c, a, u
 
-    def _sens_step(self, sens, a, u, x):
-        """SPEC §2, one step: S_t = J_t * S_{t-1} + u_t (x) x_t (the outer product for the matrices only)."""
-        return {k: a[:, :, None] * s + u[k][:, :, None] * x[:, None, :] if k in self.MATRICES else a * s + u[k]
-                for k, s in sens.items()}  # fmt: skip
+    def _sens_step(self, sens, a, u, x, in_place=False):
+        """SPEC §2, one step: S_t = J_t * S_{t-1} + u_t (x) x_t (the outer product for the matrices only); over
+        `sens`' own tensors if in_place (the B x N x D ones are then read and written once, with no temporary)."""
+        sens = sens if in_place else {k: s.clone() for k, s in sens.items()}
+        return {k: s.mul_(a[:, :, None]).addcmul_(u[k][:, :, None], x[:, None, :]) if k in self.MATRICES
+                else s.mul_(a).add_(u[k]) for k, s in sens.items()}  # fmt: skip
 
     @torch.no_grad()
     def step(self, x, c, done, sens):
         """One environment step online, as the actors run it: (c_t, sens_t) from (c_{t-1}, sens_{t-1}); x: B x D.
 
         Out of place: the actor sends the sensitivities it had at an unroll's start after the unroll."""
-        c, a, u = self._jacobian_and_increments(x[None], c, done[None])
+        c, a, u = self.scan_with_increments(x[None], c, done[None])
         return c[0], self._sens_step(sens, a[0], {k: v[0] for k, v in u.items()}, x)
+
+    @torch.no_grad()
+    def rtrl_forward(self, x, a, u, sens, dl_dc):
+        """Exact gradients of sum_t <dl_dc[t], c_t> (and sens_T) from scan_with_increments' a and u, by SPEC §2's
+        recursion alone: S_t = J_t * S_{t-1} + u_t (x) x_t, grad += sum_b delta_t * S_t. Unlike rtrl_scan (whose
+        R_t runs from T back to 1, SPEC §3), nothing here goes backward in time; it gives no dL/dx."""
+        grads = {k: torch.zeros_like(p) for k, p in self.named_parameters()}
+        for t in range(len(dl_dc)):
+            sens = self._sens_step(sens, a[t], {k: v[t] for k, v in u.items()}, x[t], in_place=t > 0)
+            for k, s in sens.items():
+                if k in self.MATRICES:  # sum_b as one batched GEMM over n that reads S_t where it lies
+                    grads[k] += torch.bmm(dl_dc[t].T.unsqueeze(1), s.transpose(0, 1)).squeeze(1)
+                else:
+                    grads[k] += (dl_dc[t] * s).sum(0)
+        return grads, sens
+
+
+class LSTM(nn.Module):
+    """The conventional baseline (`--core lstm`): a standard LSTM, its state [h ; c] kept as one B x 2N
+    tensor so that it travels through actors and learner like the eLSTM's c, reset where `done` is set."""
+
+    def __init__(self, input_size, hidden_size):
+        super().__init__()
+        self.cell = nn.LSTMCell(input_size, hidden_size)
+
+    def initial_state(self, batch_size):
+        return self.cell.weight_hh.new_zeros(batch_size, 2 * self.cell.hidden_size), {}
+
+    def forward(self, x, state0, done):
+        notdone = (~done.bool()).unsqueeze(-1).to(x.dtype)
+        state, states = state0, []
+        for x_t, notdone_t in zip(x.unbind(), notdone.unbind()):
+            h, c = (state * notdone_t).chunk(2, -1)
+            state = torch.cat(self.cell(x_t, (h, c)), -1)
+            states.append(state)
+        return torch.stack(states)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,7 +570,7 @@ def conv_sequence(in_channels, out_channels):
 
 
 class Agent(nn.Module):
-    def __init__(self, obs_shape, num_actions, hidden_size, core="rtrl"):
+    def __init__(self, obs_shape, num_actions, hidden_size, core="rtrl", freeze_stem=False):
         super().__init__()
         self.core = core
         convs = nn.Sequential(conv_sequence(obs_shape[0], 16), conv_sequence(16, 32), conv_sequence(32, 32))
@@ -497,15 +578,17 @@ class Agent(nn.Module):
             flat = convs(torch.zeros(1, *obs_shape)).numel()
         self.stem = nn.Sequential(convs, nn.ReLU(), nn.Flatten(), nn.Linear(flat, 256), nn.ReLU())
         self.stem.to(memory_format=torch.channels_last)  # NHWC: CPU (oneDNN) convolutions run ~1.6x faster
-        self.cell = OnlineELSTM(256 + 1, hidden_size)
-        self.gate = nn.Linear(256 + 1 + hidden_size, hidden_size)
+        self.stem.requires_grad_(not freeze_stem)  # frozen: its output has no graph, so nothing flows back into it
+        self.cell = LSTM(256 + 1, hidden_size) if core == "lstm" else OnlineELSTM(256 + 1, hidden_size)
+        # the eLSTM's output gate (SPEC §1); the LSTM has its own
+        self.gate = None if core == "lstm" else nn.Linear(256 + 1 + hidden_size, hidden_size)
         self.actor = nn.Linear(hidden_size, num_actions)
         self.critic = nn.Linear(hidden_size, 1)
 
     def features(self, obs, last_reward):
         """x = [stem(obs) ; clip(last reward)], for any leading dims of obs (... x C x H x W)."""
         lead = obs.shape[:-3]
-        y = self.stem(obs.reshape(-1, *obs.shape[-3:]).to(self.gate.weight.dtype) / 255.0)
+        y = self.stem(obs.reshape(-1, *obs.shape[-3:]).to(self.critic.weight.dtype) / 255.0)
         return torch.cat([y.reshape(*lead, -1), last_reward.clamp(-1, 1).unsqueeze(-1).to(y.dtype)], -1)
 
     def resets(self, first):
@@ -513,8 +596,10 @@ class Agent(nn.Module):
         return torch.ones_like(first) if self.core == "ff" else first
 
     def heads(self, x, c):
-        o = torch.sigmoid(self.gate(torch.cat([x, c], -1)))  # output gate conditioned on c_t (SPEC §1)
-        h = o * c
+        if self.core == "lstm":
+            h = c[..., : self.actor.in_features]  # the LSTM's own output h_t
+        else:
+            h = torch.sigmoid(self.gate(torch.cat([x, c], -1))) * c  # output gate conditioned on c_t (SPEC §1)
         return self.actor(h), self.critic(h).squeeze(-1)
 
     @torch.no_grad()
@@ -577,8 +662,9 @@ def actor_loop(args, obs_shape, num_actions, rank, actor_id, incarnation, workdi
     """Step the environments, carrying c and its sensitivities online; send unrolls of T + 1 steps.
 
     An unroll's last step is the next unroll's first (IMPALA's overlap): the learner uses it only to bootstrap.
-    With it go the (c, sens) before its first step, and the weights' version for the policy lag. Sending
-    blocks until the learner reads: at most one unroll waits per actor.
+    With it go the (c, sens) before its first step, the weights' version for the policy lag, and when it was
+    finished: time.monotonic() is one clock for all processes of a machine (CLOCK_MONOTONIC), so the learner
+    can take the oldest first. Sending blocks while the learner holds an unread unroll of ours.
     """
     os.setpgrp()  # our env processes join our group: the learner can kill them even if we die (see ActorPool)
     keep_pipes_from_env_processes()
@@ -587,13 +673,15 @@ def actor_loop(args, obs_shape, num_actions, rank, actor_id, incarnation, workdi
     os.chdir(workdir)  # ViZDoom instances sharing a directory race on creating ./_vizdoom
     rng = actor_seed(args, rank, actor_id, incarnation)
     torch.manual_seed(int(rng.integers(2**31 - 1)))
-    envs = make_envs(args.env_id, rng.choice(2**31 - 1, size=args.envs_per_actor, replace=False))
+    seeds = rng.choice(2**31 - 1, size=args.envs_per_actor, replace=False)
+    envs = make_envs(args.env_id, seeds, args.dmlab_dataset_path)
     agent = Agent(obs_shape, num_actions, args.hidden_size, args.core)
     c, sens = agent.cell.initial_state(args.envs_per_actor)
     sens = sens if args.core == "rtrl" else None
     episodes, my_version = [], -1
     try:
         while True:
+            start = time.monotonic()
             my_version = load_weights(agent, weights, version, my_version)
             unroll = {k: [] for k in UNROLL_KEYS}
             c0, sens0 = c, sens
@@ -609,7 +697,8 @@ def actor_loop(args, obs_shape, num_actions, rank, actor_id, incarnation, workdi
             unroll["firsts"].append(envs.first), unroll["deads"].append(envs.dead)
             item = {k: torch.stack(v).numpy() for k, v in unroll.items()}
             item.update(c0=c0.numpy(), sens0=None if sens0 is None else {k: s.numpy() for k, s in sens0.items()},
-                        version=my_version, actor=actor_id, episodes=episodes)  # fmt: skip
+                        version=my_version, actor=actor_id, episodes=episodes, finished=time.monotonic(),
+                        seconds=time.monotonic() - start)  # fmt: skip
             sender.send(item)
             episodes = []
     except (BrokenPipeError, ConnectionResetError):
@@ -618,8 +707,12 @@ def actor_loop(args, obs_shape, num_actions, rank, actor_id, incarnation, workdi
         envs.close()
 
 
+ACTOR_STARTUP_SECONDS = 600  # an actor's first unroll includes starting its envs: DMLab compiles its level's map
+
+
 class ActorPool:
-    """One learner's actors: start them, restart the dead ones, publish weights, stop them all.
+    """One learner's actors: start them, restart the dead and the hung ones, hand out the oldest unrolls,
+    publish weights, stop them all.
 
     Each actor has its own pipe (a shared queue can be left locked or half-written by a killed actor), and
     leads its own process group, so killing the group also kills the environment processes it started
@@ -633,7 +726,10 @@ class ActorPool:
         self.version = self.ctx.Value("q", 0, lock=False)  # 2 x the number of published updates; odd while writing
         n = args.num_actors
         self.procs, self.receivers, self.incarnations = [None] * n, [None] * n, [0] * n
-        self.sent, self.early_deaths, self.restarts = [0] * n, [0] * n, 0
+        self.sent, self.early_deaths, self.restarts, self.hangs = [0] * n, [0] * n, 0, 0
+        self.waiting = [None] * n  # the one unroll read from each actor and not yet in a batch
+        self.waiting_since = [0.0] * n  # when we began to wait for actor i's next unroll
+        self.unroll_seconds = collections.deque(maxlen=100)  # how long the latest unrolls took their actors
         for i in range(n):
             self._start(i)
 
@@ -652,49 +748,86 @@ class ActorPool:
         )  # fmt: skip
         self.procs[i].start()
         sender.close()  # the actor holds the only writing end: if it dies, our reads end instead of hanging
-        self.sent[i] = 0
+        self.sent[i], self.waiting_since[i] = 0, time.monotonic()
 
     def _kill_group(self, i):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.procs[i].pid, signal.SIGKILL)
 
+    def _restart(self, i, what):
+        """Replace actor i, which `what` (died, hung); a user error once it failed 3 times before its first unroll."""
+        p = self.procs[i]
+        self.early_deaths[i] = 0 if self.sent[i] else self.early_deaths[i] + 1
+        if self.early_deaths[i] >= 3:
+            self.stop()
+            fail(f"actor {i} failed {self.early_deaths[i]} times before sending an unroll (last: {what}); "
+                 "see its output above")  # fmt: skip
+        print(f"actor {i} (pid {p.pid}) {what}; restarting it", flush=True)
+        self._kill_group(i)  # a hung actor, or a dead one's orphaned environment processes
+        p.join(timeout=10)
+        self.receivers[i].close()
+        self.incarnations[i] += 1
+        self.restarts += 1
+        self._start(i)
+
     def restart_dead(self):
         for i, p in enumerate(self.procs):
-            if p.is_alive():
+            if not p.is_alive():
+                self._restart(i, f"died with exit code {p.exitcode}")
+
+    def restart_hung(self):
+        """An actor alive that sends nothing (a stuck environment) while we wait for it: 10x the median unroll
+        time, at least --actor-timeout, or ACTOR_STARTUP_SECONDS for a first unroll. An actor whose unroll
+        waits here is only blocked on sending the next one, and is not timed."""
+        deadline = max(self.args.actor_timeout, 10 * float(np.median(self.unroll_seconds or [0.0])))
+        for i in range(len(self.procs)):
+            waited = time.monotonic() - self.waiting_since[i]
+            limit = deadline if self.sent[i] else ACTOR_STARTUP_SECONDS
+            if self.waiting[i] is None and waited > limit:
+                self.hangs += 1
+                self._restart(i, f"sent no unroll for {waited:.1f} s (deadline {limit:.1f} s): hung")
+
+    def _read_ready(self, timeout):
+        """Read the unrolls ready from actors with none waiting here, waiting up to `timeout` seconds for one."""
+        waited_for = {r: i for i, r in enumerate(self.receivers) if self.waiting[i] is None and not r.closed}
+        if not waited_for:
+            return
+        for receiver in multiprocessing.connection.wait(list(waited_for), timeout=timeout):
+            i = waited_for[receiver]
+            try:
+                self.waiting[i] = receiver.recv()
+            except (EOFError, OSError):  # its actor died, perhaps mid-message: restart_dead replaces it
+                receiver.close()
                 continue
-            self.early_deaths[i] = 0 if self.sent[i] else self.early_deaths[i] + 1
-            if self.early_deaths[i] >= 3:
-                self.stop()
-                fail(f"actor {i} died {self.early_deaths[i]} times before sending an unroll (exit code {p.exitcode}); "
-                     "its error is above")  # fmt: skip
-            print(f"actor {i} (pid {p.pid}) died with exit code {p.exitcode}; restarting it", flush=True)
-            self._kill_group(i)  # its orphaned environment processes
-            self.receivers[i].close()
-            self.incarnations[i] += 1
-            self.restarts += 1
-            self._start(i)
+            self.sent[i] += 1
+            self.unroll_seconds.append(self.waiting[i]["seconds"])
 
     def get_batch(self, should_stop):
-        """--batch-size unrolls, stacked along the batch; None if asked to stop. Never waits on a dead actor."""
+        """--batch-size unrolls, stacked along the batch, the oldest waiting first; None if asked to stop.
+
+        FIFO, as IMPALA's and torchbeast's queues: taking ready pipes in actor order would let the low-index
+        actors fill every batch whenever the learner is the slower side. Never waits on a dead or hung actor.
+        """
         items = []
         while len(items) * self.args.envs_per_actor < self.args.batch_size:
             self.restart_dead()
             if should_stop():
                 return None
-            for receiver in multiprocessing.connection.wait([r for r in self.receivers if not r.closed], timeout=1.0):
-                if len(items) * self.args.envs_per_actor == self.args.batch_size:
-                    break
-                try:
-                    items.append(receiver.recv())
-                    self.sent[items[-1]["actor"]] += 1
-                except (EOFError, OSError):  # its actor died, perhaps mid-message: restart_dead replaces it
-                    receiver.close()
+            self._read_ready(timeout=0.0 if any(w is not None for w in self.waiting) else 0.2)
+            self.restart_hung()
+            ready = [i for i, w in enumerate(self.waiting) if w is not None]
+            if ready:
+                oldest = min(ready, key=lambda i: self.waiting[i]["finished"])
+                items.append(self.waiting[oldest])
+                self.waiting[oldest], self.waiting_since[oldest] = None, time.monotonic()
         batch = {k: torch.from_numpy(np.concatenate([it[k] for it in items], axis=1)) for k in UNROLL_KEYS}
         batch["c0"] = torch.from_numpy(np.concatenate([it["c0"] for it in items]))
         batch["sens0"] = None if items[0]["sens0"] is None else {
             k: torch.from_numpy(np.concatenate([it["sens0"][k] for it in items])) for k in items[0]["sens0"]}  # fmt: skip
         batch["versions"] = [it["version"] for it in items]
+        batch["actors"] = [it["actor"] for it in items]
         batch["episodes"] = [e for it in items for e in it["episodes"]]
+        batch["unroll_age"] = time.monotonic() - min(it["finished"] for it in items)  # seconds, the oldest's
         return batch
 
     def publish(self, agent):
@@ -775,41 +908,52 @@ def unroll_loss(agent, batch, x, c, args):
 
 
 def compute_gradients(agent, batch, args):
-    """Fill every parameter's .grad for one batch of unrolls (T + 1 steps x B); return (stats, seconds in RTRL).
+    """Fill every trained parameter's .grad for one batch of unrolls (T + 1 steps x B); return (stats, seconds in RTRL).
 
     rtrl: the eLSTM gets exact untruncated gradients from the actors' carried sensitivities, recomputed over
     the unroll with the learner's parameters, and the stem its gradient through the cell within the unroll from
-    the same pass (rtrl_scan); stem, gate and heads get backprop (SPEC §5). tbptt / ff: autograd within the unroll.
+    the same pass (rtrl_scan); stem, gate and heads get backprop (SPEC §5). With a frozen stem no dL/dx is
+    needed, and rtrl_forward runs SPEC §2 forward in time alone: the only backward pass is the heads', step
+    by step. tbptt / lstm / ff: autograd within the unroll.
     """
     T = args.unroll_length
     resets = agent.resets(batch["firsts"])
-    x = agent.features(batch["obs"], batch["last_rewards"])
-    x_leaf = x.detach().requires_grad_()
+    stem_learns = any(p.requires_grad for p in agent.stem.parameters())
+    x = agent.features(batch["obs"], batch["last_rewards"])  # no graph when the stem is frozen
+    x_leaf = x.detach().requires_grad_(stem_learns)
     rtrl_time = 0.0
     if args.core == "rtrl":
-        scan = agent.cell.scan(x_leaf.detach(), batch["c0"], resets)
-        c_leaf = scan[0].requires_grad_()  # its grad is the local delta_t = dL/dc_t (SPEC §2)
+        if stem_learns:
+            scan = agent.cell.scan(x_leaf.detach(), batch["c0"], resets)
+            c_leaf = scan[0].requires_grad_()  # its grad is the local delta_t = dL/dc_t (SPEC §2)
+        else:
+            c_leaf, a, u = agent.cell.scan_with_increments(x_leaf, batch["c0"], resets)
+            c_leaf.requires_grad_()
         loss, stats = unroll_loss(agent, batch, x_leaf, c_leaf, args)
         loss.backward()
         start = timer(x.device)
-        unroll = tuple(v[:T] for v in scan)  # step T has no loss: nothing flows back through it
-        grads, _, dl_dx = agent.cell.rtrl_scan(x_leaf[:T].detach(), unroll, batch["sens0"], c_leaf.grad[:T],
-                                               args.rtrl_impl, overwrite=True)  # fmt: skip
+        if stem_learns:
+            unroll = tuple(v[:T] for v in scan)  # step T has no loss: nothing flows back through it
+            grads, _, dl_dx = agent.cell.rtrl_scan(x_leaf[:T].detach(), unroll, batch["sens0"], c_leaf.grad[:T],
+                                                   args.rtrl_impl, overwrite=True)  # fmt: skip
+            x_leaf.grad[:T] += dl_dx
+        else:
+            u = {k: v[:T] for k, v in u.items()}
+            grads, _ = agent.cell.rtrl_forward(x_leaf[:T], a[:T], u, batch["sens0"], c_leaf.grad[:T])
         rtrl_time = timer(x.device) - start
         for name, p in agent.cell.named_parameters():
             p.grad = grads[name]
-        x_leaf.grad[:T] += dl_dx
     else:
         loss, stats = unroll_loss(agent, batch, x_leaf, agent.cell(x_leaf, batch["c0"], resets), args)
         loss.backward()
-    x.backward(x_leaf.grad)
+    if stem_learns:
+        x.backward(x_leaf.grad)
     return stats, rtrl_time
 
 
-def all_reduce_gradients(agent, stop):
+def all_reduce_gradients(params, stop):
     """Sum every learner's gradients in one flat all-reduce (the update of one learner with the whole global
     batch, as the losses are sums); a stop request from any rank rides along so that all ranks stop together."""
-    params = list(agent.parameters())
     flat = torch.cat([p.grad.flatten() for p in params] + [torch.tensor([float(stop)], device=params[0].device)])
     dist.all_reduce(flat)
     offset = 0
@@ -820,17 +964,62 @@ def all_reduce_gradients(agent, stop):
 
 
 @torch.no_grad()
-def evaluate(agent, env_id, seeds, num_episodes, device, workdir):
-    """Greedy returns of `num_episodes` episodes, from fresh environments."""
-    with contextlib.chdir(workdir):
-        envs = make_envs(env_id, seeds)
-    c, _ = agent.cell.initial_state(len(seeds))
-    returns = []
-    while len(returns) < num_episodes:
+def greedy_episodes(agent, envs, num_episodes):
+    """Greedy play until each of the n envs has ended its quota of episodes, num_episodes // n, plus one for
+    the first num_episodes % n envs. The quotas are fixed before play, so short episodes do not crowd out
+    long ones (keeping the first num_episodes to end would). Each kept episode's tuple without the env, env by env."""
+    n, device = len(envs.first), agent.critic.weight.device
+    quotas = [num_episodes // n + (i < num_episodes % n) for i in range(n)]
+    c, _ = agent.cell.initial_state(n)
+    finished = [[] for _ in range(n)]
+    while any(len(episodes) < quota for episodes, quota in zip(finished, quotas)):
         action, _, c, _ = agent.act(envs.obs.to(device), envs.last_reward.to(device), c, envs.first.to(device), greedy=True)
-        returns += [r for r, _ in envs.step(action.cpu())[2]]
+        for i, *episode in envs.step(action.cpu())[2]:
+            if len(finished[i]) < quotas[i]:
+                finished[i].append(tuple(episode))
+    return [episode for episodes in finished for episode in episodes]
+
+
+def evaluate(agent, args, seeds, workdir):
+    """Greedy returns of --eval-episodes episodes on len(seeds) fresh environments, each playing its quota:
+    on DMLab the held-out variant of the level where DMLab-30 has one. Returns (returns, level played)."""
+    with contextlib.chdir(workdir):
+        envs = make_envs(args.env_id, seeds, args.dmlab_dataset_path, test=True)
+    episodes = greedy_episodes(agent, envs, args.eval_episodes)
     envs.close()
-    return returns[:num_episodes]
+    return [episode[0] for episode in episodes], DMLAB30_TEST_LEVELS.get(args.env_id, args.env_id)  # (return, length)
+
+
+def save_checkpoint(agent, args, path):
+    """Atomic: a crash mid-write never leaves a truncated model.pt behind."""
+    tmp = f"{path}.tmp"
+    torch.save({"model": agent.state_dict(), "args": vars(args), "script": os.path.basename(__file__)}, tmp)
+    os.replace(tmp, path)
+
+
+def load_stem(agent, path):
+    """--init-stem-from: copy every `stem.*` parameter from a model.pt of this script (any core). A file that is
+    not one, or whose stem does not fit (another script's, another observation shape), is a one-line error."""
+    if not os.path.isfile(path):
+        fail(f"--init-stem-from {path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, truncated, or pickled objects other than tensors
+        fail(f"--init-stem-from {path}: not a checkpoint ({(str(e).strip().splitlines() or [type(e).__name__])[0]})")
+    model = checkpoint.get("model") if isinstance(checkpoint, dict) else None
+    if not isinstance(model, dict):
+        fail(f"--init-stem-from {path}: not a checkpoint (no model state dict)")
+    writer = checkpoint.get("script", os.path.basename(__file__))  # older checkpoints: their stem's shapes decide
+    if writer != os.path.basename(__file__):
+        fail(f"--init-stem-from {path}: written by {writer}; the stem must come from {os.path.basename(__file__)}")
+    stem = {k.removeprefix("stem."): v for k, v in model.items() if isinstance(k, str) and k.startswith("stem.")}
+    own = agent.stem.state_dict()
+    shape = lambda t: "x".join(map(str, t.shape)) if isinstance(t, torch.Tensor) else "missing"  # noqa: E731
+    for name in sorted(set(own) | set(stem)):
+        if shape(stem.get(name)) != shape(own.get(name)):
+            fail(f"--init-stem-from {path}: its stem does not fit this agent's (stem.{name} is {shape(stem.get(name))} "
+                 f"there, {shape(own.get(name))} here): another script's checkpoint, or another observation shape")
+    agent.stem.load_state_dict(stem)
 
 
 def weights_digest(agent):
@@ -838,13 +1027,6 @@ def weights_digest(agent):
     for v in agent.state_dict().values():
         h.update(v.detach().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def save_checkpoint(agent, args, path):
-    """Atomic: a crash mid-write never leaves a truncated model.pt behind."""
-    tmp = f"{path}.tmp"
-    torch.save({"model": agent.state_dict(), "args": vars(args)}, tmp)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
@@ -860,15 +1042,8 @@ if __name__ == "__main__":
         dist.init_process_group("nccl" if use_cuda else "gloo")
     # the core and unroll are in the name: runs of a sweep started in the same second never share a directory
     run_name = f"{args.env_id}__{args.exp_name}__{args.core}__T{args.unroll_length}__{args.seed}__{int(time.time())}"
-    writer = None
-    if rank == 0:
-        if os.path.exists(f"runs/{run_name}"):
-            fail(f"runs/{run_name} exists; a run directory is never shared by two runs")
-        writer = SummaryWriter(f"runs/{run_name}")
-        writer.add_text(
-            "hyperparameters",
-            "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-        )
+    if rank == 0 and os.path.exists(f"runs/{run_name}"):
+        fail(f"runs/{run_name} exists; a run directory is never shared by two runs")
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -878,11 +1053,23 @@ if __name__ == "__main__":
         local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size - args.num_actors))
 
-    agent = Agent(obs_shape, num_actions, args.hidden_size, args.core).to(device)
+    agent = Agent(obs_shape, num_actions, args.hidden_size, args.core, args.freeze_stem).to(device)
+    if args.init_stem_from:  # before anything is written or any actor starts: a wrong file costs nothing
+        load_stem(agent, args.init_stem_from)
+    elif args.freeze_stem and rank == 0:
+        print("--freeze-stem without --init-stem-from: the stem stays at its random initialization")
     if distributed:  # identical initial weights on every rank
         for p in agent.parameters():
             dist.broadcast(p.data, src=0)
-    optimizer = torch.optim.RMSprop(agent.parameters(), lr=args.learning_rate, alpha=args.rms_alpha, eps=args.rms_eps)
+    trained = [p for p in agent.parameters() if p.requires_grad]  # a frozen stem's get no gradient, no optimizer state
+    optimizer = torch.optim.RMSprop(trained, lr=args.learning_rate, alpha=args.rms_alpha, eps=args.rms_eps)
+    writer = None
+    if rank == 0:
+        writer = SummaryWriter(f"runs/{run_name}")
+        writer.add_text(
+            "hyperparameters",
+            "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+        )
 
     stop_signals = []  # Ctrl-C / SIGTERM: finish the current update, stop every process, save, exit
     signal.signal(signal.SIGINT, lambda signum, frame: stop_signals.append(signum))
@@ -902,15 +1089,15 @@ if __name__ == "__main__":
                 batch = to_device(batch, device)
                 stats, rtrl_time = compute_gradients(agent, batch, args)
             else:  # stopping: take part in this round's all-reduce with no gradient
-                for p in agent.parameters():
+                for p in trained:
                     p.grad = torch.zeros_like(p)
             stop = batch is None
             if distributed:
-                stop = all_reduce_gradients(agent, stop)
+                stop = all_reduce_gradients(trained, stop)
             if stop:
                 interrupted = True
                 break
-            grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+            grad_norm = nn.utils.clip_grad_norm_(trained, args.max_grad_norm)
             optimizer.step()
             update_time = timer(device) - update_start
             policy_lag = np.mean([actors.updates - v for v in batch["versions"]])  # updates behind the learner
@@ -918,7 +1105,7 @@ if __name__ == "__main__":
 
             global_step += args.batch_size * args.unroll_length * args.world_size
             if rank == 0:
-                for episode_return, episode_length in batch["episodes"]:
+                for _, episode_return, episode_length in batch["episodes"]:
                     writer.add_scalar("charts/episodic_return", episode_return, global_step)
                     writer.add_scalar("charts/episodic_length", episode_length, global_step)
                     recent_returns = (recent_returns + [episode_return])[-20:]
@@ -929,13 +1116,16 @@ if __name__ == "__main__":
                 writer.add_scalar("losses/grad_norm", grad_norm.item(), global_step)
                 writer.add_scalar("charts/rtrl_share_of_update", rtrl_time / update_time, global_step)
                 writer.add_scalar("charts/policy_lag", policy_lag, global_step)
+                writer.add_scalar("charts/unroll_age", batch["unroll_age"], global_step)
                 writer.add_scalar("charts/actor_restarts", actors.restarts, global_step)
+                writer.add_scalar("charts/actor_hangs", actors.hangs, global_step)
                 writer.add_scalar("charts/SPS", sps, global_step)
                 if time.time() - last_print > 10 or update in (1, args.num_updates):
                     last_print = time.time()
                     mean_return = f"{np.mean(recent_returns):.2f}" if recent_returns else "n/a"
                     print(f"global_step={global_step} SPS={sps} return(last {len(recent_returns)} episodes)={mean_return} "
-                          f"policy_lag={policy_lag:.2f} entropy={stats['entropy'] / (args.unroll_length * args.batch_size):.3f} "
+                          f"policy_lag={policy_lag:.2f} unroll_age={batch['unroll_age']:.2f}s "
+                          f"entropy={stats['entropy'] / (args.unroll_length * args.batch_size):.3f} "
                           f"rtrl_share={rtrl_time / update_time:.3f}", flush=True)  # fmt: skip
     finally:
         actors.stop()  # also on an error: no actor or environment process outlives the learner
@@ -950,10 +1140,11 @@ if __name__ == "__main__":
         if args.eval_episodes > 0 and not interrupted:
             rng = actor_seed(args, rank, args.num_actors, 0)  # an actor id no actor has: unseen seeds
             eval_seeds = rng.choice(2**31 - 1, size=min(args.eval_episodes, 8), replace=False)
-            eval_returns = evaluate(agent, args.env_id, eval_seeds, args.eval_episodes, device, workdir)
+            eval_returns, eval_level = evaluate(agent, args, eval_seeds, workdir)
             for i, eval_return in enumerate(eval_returns):
                 writer.add_scalar("eval/episodic_return", eval_return, i)
-            print(f"greedy evaluation over {len(eval_returns)} episodes: mean return {np.mean(eval_returns):.2f}")
+            print(f"greedy evaluation over {len(eval_returns)} episodes of {eval_level}: "
+                  f"mean return {np.mean(eval_returns):.2f}")
         writer.close()
     shutil.rmtree(workdir, ignore_errors=True)
     if distributed:

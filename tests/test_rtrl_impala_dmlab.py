@@ -13,8 +13,10 @@ import sys
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+import tyro
 
 import claims as checks  # the claims every script's ELSTM must meet, and the shared references
 import helpers
@@ -169,19 +171,20 @@ def reference_unroll_loss(agent, history, unroll, core, args):
     """The unroll's loss as a function of all parameters, from SPEC §1 and §5 and the V-trace definition alone.
 
     The cell's start state depends on its parameters through the actor's whole history (rtrl), or is cut at the
-    unroll's start (tbptt); the stem only sees the unroll. Step T only bootstraps.
+    unroll's start (tbptt, lstm); the stem only sees the unroll. Step T only bootstraps.
     """
     T = len(unroll["actions"])
     resets = lambda firsts: torch.ones_like(firsts) if core == "ff" else firsts  # noqa: E731
     features = lambda o, r: torch.cat([agent.stem(o.flatten(0, 1).double() / 255).unflatten(0, o.shape[:2]),  # noqa: E731
                                        r.clamp(-1, 1)[..., None]], -1)  # fmt: skip
+    cell = checks.spec_lstm if core == "lstm" else checks.spec_cell
     obs, last_rewards, firsts = history
-    c = torch.zeros(obs.shape[1], HIDDEN, dtype=torch.float64)
-    c = checks.spec_cell(agent.cell, features(obs, last_rewards).detach(), c, resets(firsts))[-1]
-    c = c.detach() if core == "tbptt" else c
+    c = torch.zeros(obs.shape[1], 2 * HIDDEN if core == "lstm" else HIDDEN, dtype=torch.float64)
+    c = cell(agent.cell, features(obs, last_rewards).detach(), c, resets(firsts))[-1]
+    c = c.detach() if core in ("tbptt", "lstm") else c
     x = features(unroll["obs"], unroll["last_rewards"])
-    cs = checks.spec_cell(agent.cell, x, c, resets(unroll["firsts"]))
-    h = torch.sigmoid(agent.gate(torch.cat([x, cs], -1))) * cs
+    cs = cell(agent.cell, x, c, resets(unroll["firsts"]))
+    h = cs[..., :HIDDEN] if core == "lstm" else torch.sigmoid(agent.gate(torch.cat([x, cs], -1))) * cs
     logp, values = torch.log_softmax(agent.actor(h), -1)[:T], agent.critic(h)[..., 0]
     log_pi = logp.gather(-1, unroll["actions"][..., None])[..., 0]
     log_mu = torch.log_softmax(unroll["logits"], -1).gather(-1, unroll["actions"][..., None])[..., 0]
@@ -194,19 +197,53 @@ def reference_unroll_loss(agent, history, unroll, core, args):
     return pg + args.vf_coef * 0.5 * (live * (vs - values[:T]) ** 2).sum() - args.ent_coef * entropy
 
 
-@pytest.mark.parametrize("core,impl", [("rtrl", "chunked"), ("rtrl", "step"), ("tbptt", "chunked"), ("ff", "chunked")])
-def test_update_gradients_equal_autograd_through_the_actors_history(core, impl):
+def actor_history_and_unroll(core, impl="chunked", frozen_stem=False):
+    """An agent, an actor's history, the unroll that follows, and the unroll as the learner gets it: with the
+    (c, sens) the actor carried to its start. Returns (agent, history, unroll, args, batch)."""
     torch.manual_seed(0)
-    agent = impala.Agent(OBS_SHAPE, NUM_ACTIONS, HIDDEN, core).double()
-    args = impala.Args(core=core, rtrl_impl=impl, unroll_length=5, gamma=0.9)
+    agent = impala.Agent(OBS_SHAPE, NUM_ACTIONS, HIDDEN, core, freeze_stem=frozen_stem).double()
+    args = impala.Args(core=core, rtrl_impl=impl, unroll_length=5, gamma=0.9, freeze_stem=frozen_stem)
     history, unroll = random_unroll_after_history(11, 5, 3)
-
     c, sens = agent.cell.initial_state(3)
-    c0, sens0 = act_online(agent, *history, c, sens if core == "rtrl" else None)  # the actor's (c, sens)
+    c0, sens0 = act_online(agent, *history, c, sens if core == "rtrl" else None)
+    return agent, history, unroll, args, {**unroll, "c0": c0, "sens0": sens0}
+
+
+def learner_grads(agent, batch, args):
     agent.zero_grad(set_to_none=True)
-    impala.compute_gradients(agent, {**unroll, "c0": c0, "sens0": sens0}, args)
-    got = {k: p.grad for k, p in agent.named_parameters()}
-    checks.assert_grads_equal_reference(agent, got, lambda c: reference_unroll_loss(agent, history, unroll, c, args), core)
+    impala.compute_gradients(agent, batch, args)
+    return {k: p.grad for k, p in agent.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    "core,impl", [("rtrl", "chunked"), ("rtrl", "step"), ("tbptt", "chunked"), ("lstm", "chunked"), ("ff", "chunked")]
+)
+def test_update_gradients_equal_autograd_through_the_actors_history(core, impl):
+    agent, history, unroll, args, batch = actor_history_and_unroll(core, impl)
+    reference = lambda c: reference_unroll_loss(agent, history, unroll, c, args)  # noqa: E731
+    checks.assert_grads_equal_reference(agent, learner_grads(agent, batch, args), reference, core)
+
+
+def test_frozen_stem_rtrl_goes_forward_in_time_only_and_its_gradients_equal_the_reference(monkeypatch):
+    """--freeze-stem: no stem gradient; nothing backward through the cell's time steps: the one backward pass
+    (the loss's) reaches the heads alone, and rtrl_scan (whose R_t runs from T back to 1) is not used; the
+    gradient of every other parameter is exact."""
+
+    def backward_in_time(*args, **kwargs):
+        raise AssertionError("rtrl_scan: a pass backward through the unroll's time steps")
+
+    agent, history, unroll, args, batch = actor_history_and_unroll("rtrl", frozen_stem=True)
+    monkeypatch.setattr(impala.ELSTM, "rtrl_scan", backward_in_time)
+    got = {}
+    passes = checks.backward_passes(agent, lambda: got.update(learner_grads(agent, batch, args)))
+    monkeypatch.undo()
+    heads = {k for k, _ in agent.named_parameters() if k.startswith(("gate.", "actor.", "critic."))}
+    assert len(passes) == 1 and passes[0] <= heads, passes
+    assert all(got[k] is None for k in got if k.startswith("stem.")) and got["cell.w_z"] is not None
+    trained = SimpleNamespace(cell=agent.cell, named_parameters=lambda: [(k, p) for k, p in agent.named_parameters()
+                                                                         if p.requires_grad])  # fmt: skip
+    reference = lambda c: reference_unroll_loss(agent, history, unroll, c, args)  # noqa: E731
+    checks.assert_grads_equal_reference(trained, got, reference, "rtrl")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,11 +292,69 @@ def test_dmlab_action_repeat_sums_four_frames_and_an_episode_end_resets(lab):
         assert reward.item() == 4 and not term.item() and not episodes and not envs.first.item()
         assert envs.labs[0].num_steps() == 4 * step and (envs.obs[0, 1] == 4 * step).all()
     reward, term, episodes = envs.step(forward)
-    assert reward.item() == 2 and term.item() and episodes == [(30.0, 8)]
+    assert reward.item() == 2 and term.item() and episodes == [(0, 30.0, 8)]
     assert envs.first.item() and not envs.dead.any() and len(envs.labs[0].seeds) == 2  # reset, with a new seed
     assert envs.labs[0].seeds[0] != envs.labs[0].seeds[1] and (envs.obs[0, 1] == 0).all()
-    reward, term, _ = envs.step(torch.tensor([8]))  # fire: no reward in the fake
-    assert reward.item() == 0 and not term.item() and not envs.first.item()
+    for action in range(1, 9):  # the fake rewards the exact Forward vector only: look left + forward earns nothing
+        reward, term, _ = envs.step(torch.tensor([action]))
+        assert reward.item() == 0 and term.item() == (action == 8), action  # 8 steps: the next episode's end
+
+
+@pytest.mark.parametrize(
+    "call,error",
+    [
+        (lambda lab: lab.reset(seed=np.int64(3)), ValueError),  # numpy integers are not PyLong
+        (lambda lab: lab.step([0, 0, 0, 1, 0, 0, 0]), TypeError),
+        (lambda lab: lab.step(np.zeros(7, dtype=np.int64)), ValueError),
+        (lambda lab: lab.step(np.zeros(8, dtype=np.intc)), ValueError),
+        (lambda lab: lab.step(np.array([999, 0, 0, 1, 0, 0, 0], dtype=np.intc)), None),  # values are not checked
+    ],
+    ids=["numpy-seed", "list-action", "int64-action", "shape-8-action", "out-of-range"],
+)
+def test_the_fake_lab_fails_where_dmlab_module_c_does(lab, call, error):
+    env = lab.Lab("contributed/dmlab30/rooms_watermaze", ["RGB_INTERLEAVED"], config={"width": "96", "height": "72"})
+    env.reset(seed=1)
+    if error is None:
+        call(env)
+    else:
+        with pytest.raises(error):
+            call(env)
+
+
+def test_the_fake_lab_refuses_hold_out_and_dataset_levels_without_their_settings(lab):
+    with pytest.raises(RuntimeError, match="hold-out"):
+        lab.Lab("contributed/dmlab30/rooms_collect_good_objects_test", ["RGB_INTERLEAVED"], config={})
+    with pytest.raises(RuntimeError, match="brady_konkle_oliva2008"):
+        lab.Lab("contributed/dmlab30/psychlab_continuous_recognition", ["RGB_INTERLEAVED"], config={})
+
+
+def test_dmlab_evaluates_the_held_out_variant_with_hold_out_levels_and_scalable_agents_mixer_seed(lab):
+    train = impala.make_envs("rooms_collect_good_objects_train", [1], "/data/bko")
+    test = impala.make_envs("rooms_collect_good_objects_train", [1, 2], "/data/bko", test=True)
+    same = impala.make_envs("rooms_watermaze", [1], None, test=True)  # DMLab-30 has no other variant of it
+    assert train.labs[0].level.endswith("/rooms_collect_good_objects_train") and "mixerSeed" not in train.labs[0].config
+    assert all(env.level.endswith("/rooms_collect_good_objects_test") for env in test.labs)
+    assert same.labs[0].level.endswith("/rooms_watermaze")
+    for env in test.labs + same.labs:
+        assert env.config["allowHoldOutLevels"] == "true" and env.config["mixerSeed"] == str(0x600D5EED)
+    assert all(env.config["datasetPath"] == "/data/bko" for env in train.labs + test.labs)
+    assert "datasetPath" not in same.labs[0].config
+
+
+class EvalEnvs(checks.FakeEvalEnvs):
+    def close(self):
+        pass
+
+
+def test_greedy_evaluation_plays_a_fixed_quota_per_env_on_the_evaluation_envs(monkeypatch, tmp_path):
+    checks.check_greedy_evaluation_plays_a_fixed_quota_per_env(impala)
+    made = []
+    monkeypatch.setattr(impala, "make_envs", lambda *a, test: made.append(test) or EvalEnvs([1, 3], [0.0, 1.0]))
+    agent = impala.Agent(checks.Pixels.shape, checks.NUM_ACTIONS, checks.HIDDEN)
+    args = impala.Args(env_id="rooms_collect_good_objects_train", eval_episodes=4)
+    returns, level = impala.evaluate(agent, args, [1, 2], tmp_path)
+    assert made == [True] and level == "rooms_collect_good_objects_test"
+    assert [round(r, 6) for r in returns] == [0, 0.01, 1, 1.01]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,25 +388,13 @@ def assert_nothing_left_behind(tmp_path):
     assert glob.glob(str(tmp_path / "tmp" / "rtrl_impala_*")) == []
 
 
-def test_vizdoom_stand_in_with_two_actors_writes_scalars_and_a_checkpoint(tmp_path):
-    updates = 70
-    proc = run_script(tmp_path, "--env-id", "MyWayHome-v1", "--num-actors", "2", "--hidden-size", "16",
-                      "--unroll-length", "10", "--batch-size", "2", "--total-timesteps", str(updates * 20),
-                      "--eval-episodes", "1", "--save-model")  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    path = run_dir(tmp_path, "MyWayHome-v1")
-    scalars = checks.read_scalars(path)
-    checks.check_update_scalars(scalars, updates)
-    assert len(scalars["charts/policy_lag"]) == updates and all(lag >= 0 for lag in scalars["charts/policy_lag"])
-    assert scalars["charts/actor_restarts"][-1] == 0
-    assert len(scalars["charts/episodic_return"]) >= 1  # each actor's env reaches the 525-step time limit
-    assert all(length > 0 for length in scalars["charts/episodic_length"])
-    assert len(scalars["eval/episodic_return"]) == 1
+def saved_agent(path, obs_shape, num_actions):
+    """The agent of a run's model.pt, as a user loads it."""
     checkpoint = torch.load(os.path.join(path, "model.pt"), weights_only=True)
-    agent = impala.Agent((3, 72, 96), 18, checkpoint["args"]["hidden_size"], checkpoint["args"]["core"])
+    agent = impala.Agent(obs_shape, num_actions, checkpoint["args"]["hidden_size"], checkpoint["args"]["core"])
     agent.load_state_dict(checkpoint["model"])
-    assert not glob.glob(os.path.join(path, "*.tmp")) and not (tmp_path / "_vizdoom").exists()
-    assert_nothing_left_behind(tmp_path)
+    assert not glob.glob(os.path.join(path, "*.tmp"))
+    return agent, checkpoint["args"]
 
 
 def test_torchrun_two_ranks_end_with_identical_weights(tmp_path):
@@ -325,6 +408,11 @@ def test_torchrun_two_ranks_end_with_identical_weights(tmp_path):
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], proc.stdout
     scalars = checks.read_scalars(run_dir(tmp_path, "rooms_watermaze"))  # rank 0 alone logs
     checks.check_update_scalars(scalars, updates)
+    for tag in ("charts/policy_lag", "charts/unroll_age", "charts/actor_hangs"):
+        assert len(scalars[tag]) == updates and min(scalars[tag]) >= 0, tag
+    # the fake's 30-frame episodes are 8 steps (7 of 4 frames, 1 of 2), each forward frame earning 1
+    assert len(scalars["charts/episodic_length"]) >= 5 and set(scalars["charts/episodic_length"]) == {8}
+    assert all(0 <= r <= 30 for r in scalars["charts/episodic_return"])
     assert_nothing_left_behind(tmp_path)
 
 
@@ -355,8 +443,10 @@ def pipes(pid):
     return {os.readlink(fd) for fd in fds if os.readlink(fd).startswith("pipe:")}
 
 
-def test_an_actor_killed_mid_run_is_restarted_and_its_vizdoom_processes_do_not_outlive_it(tmp_path):
-    proc = start_run(tmp_path, "MyWayHome-v1", "--num-actors", "2", "--total-timesteps", "600", "--eval-episodes", "0")
+def test_vizdoom_stand_in_restarts_a_killed_actor_whose_processes_do_not_outlive_it_saves_and_evaluates(tmp_path):
+    updates = 30
+    proc = start_run(tmp_path, "MyWayHome-v1", "--num-actors", "2", "--total-timesteps", str(updates * 10),
+                     "--eval-episodes", "1", "--save-model")  # fmt: skip
     before = actor_pids(proc.pid)
     assert len(before) == 2
     # A ViZDoom process holding an actor's pipe to the learner would keep a message cut off by the kill open forever
@@ -371,25 +461,97 @@ def test_an_actor_killed_mid_run_is_restarted_and_its_vizdoom_processes_do_not_o
     assert replaced, "no new actor process appeared"
     assert proc.returncode == 0, err[-3000:]
     assert f"actor 0 (pid {before[0]}) died with exit code -9; restarting it" in out
-    scalars = checks.read_scalars(run_dir(tmp_path, "MyWayHome-v1"))
-    checks.check_update_scalars(scalars, 60)
-    assert scalars["charts/actor_restarts"][-1] == 1
+    path = run_dir(tmp_path, "MyWayHome-v1")
+    scalars = checks.read_scalars(path)
+    checks.check_update_scalars(scalars, updates)
+    assert scalars["charts/actor_restarts"][-1] == 1 and scalars["charts/actor_hangs"][-1] == 0
+    assert len(scalars["eval/episodic_return"]) == 1 and "episodes of MyWayHome-v1" in out  # a whole ViZDoom episode
+    saved_agent(path, (3, 72, 96), 18)
+    assert not (tmp_path / "_vizdoom").exists()
     assert_nothing_left_behind(tmp_path)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_stop_signal_stops_every_process_and_saves_a_checkpoint(tmp_path, signum):
-    proc = start_run(tmp_path, "rooms_watermaze", "--num-actors", "2", "--total-timesteps", "1000000")
+    """Each run also shows one of the paper's set-ups end to end: the LSTM baseline, or RTRL on a pretrained
+    stem kept frozen (its checkpoint's stem is the pretrained one after the updates)."""
+    pretrained = impala.Agent((3, 72, 96), 9, 8, "tbptt")  # any core: only its stem is read
+    impala.save_checkpoint(pretrained, impala.Args(core="tbptt"), str(tmp_path / "pretrained.pt"))
+    flags = ["--core", "lstm"] if signum == signal.SIGINT else ["--init-stem-from", "pretrained.pt", "--freeze-stem"]
+    proc = start_run(tmp_path, "rooms_watermaze", "--num-actors", "2", "--total-timesteps", "1000000", *flags)
     actors = actor_pids(proc.pid)
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signum, err[-3000:]
-    path = run_dir(tmp_path, "rooms_watermaze")
-    checkpoint = torch.load(os.path.join(path, "model.pt"), weights_only=True)  # saved although --save-model is off
-    assert checkpoint["args"]["total_timesteps"] == 1000000 and not glob.glob(os.path.join(path, "*.tmp"))
-    assert "greedy evaluation" not in out
+    agent, args = saved_agent(run_dir(tmp_path, "rooms_watermaze"), (3, 72, 96), 9)  # saved without --save-model
+    assert args["total_timesteps"] == 1000000 and "greedy evaluation" not in out
+    if signum == signal.SIGTERM:
+        for k, v in pretrained.stem.state_dict().items():
+            assert torch.equal(agent.stem.state_dict()[k], v), k
     assert len(actors) == 2 and not set(actors) & set(helpers.processes_under("/"))
     assert_nothing_left_behind(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The actors as the learner sees them: FIFO batches, a hung actor (in-process, with the fake DMLab)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    """3 actors of the fake DMLab, batches of 1 unroll, a 2 s hang deadline; a hang starts when `trigger` appears."""
+    trigger = tmp_path_factory.mktemp("hang") / "trigger"
+    with pytest.MonkeyPatch.context() as patch:  # the spawned actors inherit sys.path and the environment
+        patch.syspath_prepend(FAKE_LAB)
+        patch.setenv("FAKE_DMLAB_HANG_TRIGGER", str(trigger))
+        patch.setenv("OMP_NUM_THREADS", "1")
+        args = impala.Args(env_id="rooms_watermaze", num_actors=3, batch_size=1, unroll_length=2, hidden_size=8,
+                           core="ff", actor_timeout=2.0)  # fmt: skip
+        agent = impala.Agent((3, 72, 96), 9, 8, "ff")
+        actors = impala.ActorPool(args, (3, 72, 96), 9, 0, agent, str(tmp_path_factory.mktemp("actors")))
+        actors.trigger = trigger
+        try:
+            yield actors
+        finally:
+            actors.stop()
+
+
+def next_batch(actors):
+    return actors.get_batch(lambda: False)
+
+
+def test_a_learner_slower_than_its_actors_takes_the_oldest_unroll_so_every_actor_is_read(pool):
+    deadline, seen = time.time() + 120, set()
+    while seen != {0, 1, 2} and time.time() < deadline:  # every actor has started
+        seen.update(next_batch(pool)["actors"])
+    counts, ages = [0, 0, 0], []
+    for _ in range(12):
+        batch = next_batch(pool)
+        counts[batch["actors"][0]] += 1
+        ages.append(batch["unroll_age"])
+        time.sleep(0.3)  # the learner's update: 3 actors' unrolls of 2 steps wait meanwhile
+    assert min(counts) >= 3, counts  # in actor-index order: [11, 1, 0]
+    assert min(ages) > 0
+
+
+def test_an_actor_that_sends_nothing_is_killed_and_restarted(pool, capsys):
+    pool.trigger.touch()  # the next step() of some actor's env never returns
+    deadline = time.time() + 60
+    while pool.hangs == 0 and time.time() < deadline:
+        next_batch(pool)
+    (hung,) = [i for i, n in enumerate(pool.incarnations) if n == 1]
+    assert pool.hangs == 1 and not pool.trigger.exists()
+    assert re.search(rf"actor {hung} \(pid \d+\) sent no unroll for .* s \(deadline 2\.0 s\): hung; restarting it",
+                     capsys.readouterr().out)  # fmt: skip
+    while pool.sent[hung] == 0 and time.time() < deadline:  # its new process works
+        next_batch(pool)
+    assert pool.sent[hung] > 0 and pool.hangs == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+def parse(flags):
+    """The script's own checks of a user's flags, in-process."""
+    impala.check_args(tyro.cli(impala.Args, args=flags))
 
 
 @pytest.mark.parametrize(
@@ -401,7 +563,25 @@ def test_a_stop_signal_stops_every_process_and_saves_a_checkpoint(tmp_path, sign
         (["--env-id", "MyWayHome-v1", "--batch-size", "3", "--envs-per-actor", "2"], "must be a multiple"),
         (["--env-id", "MyWayHome-v1", "--unroll-length", "0"], "--unroll-length must be at least 1"),
         (["--env-id", "MyWayHome-v1", "--total-timesteps", "100"], "less than one update"),
+        (["--env-id", "MyWayHome-v1", "--actor-timeout", "0"], "--actor-timeout must be positive"),
+        (["--env-id", "psychlab_continuous_recognition"], "pass its directory as --dmlab-dataset-path"),
     ],
 )
-def test_bad_input_is_a_one_line_error(tmp_path, flags, message):
-    checks.check_bad_input_is_a_one_line_error(run_script(tmp_path, *flags), message, tmp_path)
+def test_bad_input_is_a_one_line_error(monkeypatch, capsys, flags, message):
+    monkeypatch.syspath_prepend(FAKE_LAB)
+    if not flags:
+        monkeypatch.setitem(sys.modules, "deepmind_lab", None)  # not importable
+    helpers.bad_input_in_process(parse, flags, message, capsys)
+
+
+def test_init_stem_from_copies_a_stem_and_refuses_what_does_not_fit(tmp_path, capsys):
+    checks.check_init_stem_from(impala, tmp_path, capsys, OBS_SHAPE, (3, 24, 24))
+
+
+def test_a_checkpoint_of_another_observation_shape_is_refused_before_anything_starts(tmp_path):
+    """main loads --init-stem-from before it writes a run directory or starts an actor."""
+    impala.save_checkpoint(impala.Agent((3, 64, 64), 9, 8), impala.Args(), str(tmp_path / "other_shape.pt"))
+    proc = run_script(tmp_path, "--env-id", "rooms_watermaze", "--init-stem-from", "other_shape.pt", fake_lab=True)
+    message = "its stem does not fit this agent's (stem.3.weight is 256x2048 there, 256x3456 here)"
+    checks.check_bad_input_is_a_one_line_error(proc, message, tmp_path)
+    assert_nothing_left_behind(tmp_path)
