@@ -100,6 +100,12 @@ def fail(message):
     sys.exit(2)
 
 
+def require_file(flag, path):
+    """A file the run reads: a missing one is a one-line error before anything is written or any env starts."""
+    if not os.path.isfile(path):
+        fail(f"{flag} {path}: no such file")
+
+
 def check_args(args):
     for name in ("total_timesteps", "num_envs", "num_steps", "hidden_size"):
         if getattr(args, name) < 1:
@@ -118,6 +124,8 @@ def check_args(args):
     if args.total_timesteps < args.num_envs * args.num_steps:
         fail(f"--total-timesteps {args.total_timesteps} is less than one rollout "
              f"(--num-envs x --num-steps = {args.num_envs * args.num_steps})")
+    if args.init_stem_from:
+        require_file("--init-stem-from", args.init_stem_from)
     atari_ids = sorted(k for k, v in envpool.registration.registry.specs.items() if v[0] == "envpool.atari")
     if args.env_id not in atari_ids:
         close = difflib.get_close_matches(args.env_id, atari_ids, n=3, cutoff=0.5)
@@ -512,8 +520,7 @@ def save_checkpoint(agent, args, path):
 def load_stem(agent, path):
     """--init-stem-from: copy every `stem.*` parameter from a model.pt of this script (any core). A file that is
     not one, or whose stem does not fit (another script's, another observation shape), is a one-line error."""
-    if not os.path.isfile(path):
-        fail(f"--init-stem-from {path}: no such file")
+    require_file("--init-stem-from", path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, truncated, or pickled objects other than tensors

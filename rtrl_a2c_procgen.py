@@ -134,6 +134,12 @@ def fail(message):
     sys.exit(2)
 
 
+def require_file(flag, path):
+    """A file the run reads: a missing one is a one-line error before anything is written or any env starts."""
+    if not os.path.isfile(path):
+        fail(f"{flag} {path}: no such file")
+
+
 def check_args(args):
     for name in ("total_timesteps", "num_envs", "num_steps", "hidden_size", "test_num_levels", "eval_every"):
         if getattr(args, name) < 1:
@@ -153,6 +159,8 @@ def check_args(args):
     if args.total_timesteps < args.num_envs * args.num_steps:
         fail(f"--total-timesteps {args.total_timesteps} is less than one rollout "
              f"(--num-envs x --num-steps = {args.num_envs * args.num_steps})")
+    if args.init_stem_from:
+        require_file("--init-stem-from", args.init_stem_from)
     train_end = args.start_level + args.num_levels if args.num_levels > 0 else math.inf  # 0 means every level
     if train_end != math.inf and train_end > 2**31 - 1:
         fail(f"training levels [{args.start_level}, {train_end}) are outside ProcGen's [0, 2^31 - 1)")
@@ -578,8 +586,7 @@ def save_checkpoint(agent, args, path):
 def load_stem(agent, path):
     """--init-stem-from: copy every `stem.*` parameter from a model.pt of this script (any core). A file that is
     not one, or whose stem does not fit (another script's, another observation shape), is a one-line error."""
-    if not os.path.isfile(path):
-        fail(f"--init-stem-from {path}: no such file")
+    require_file("--init-stem-from", path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, truncated, or pickled objects other than tensors

@@ -6,13 +6,13 @@ import os
 
 import pytest
 import torch
+import tyro
 
 import claims as checks
 import helpers
 import rtrl_a2c_procgen as procgen
 
 SCRIPT = procgen.__file__
-MEMORY_GAME = "MazeMemory-v0"
 
 
 def test_forward_matches_spec_equations():
@@ -100,23 +100,29 @@ def run_script(tmp_path, *flags, env=None):
     return helpers.run_script(SCRIPT, tmp_path, *flags, env=env)
 
 
-# the second run: the fully online lstm on a pretrained, frozen stem (ff: the Atari smoke runs, the gradient test)
-@pytest.mark.parametrize("core,num_steps,test_sets", [("rtrl", 8, ["1000", "1200", "1400"]), ("lstm", 1, ["3000"])])
-def test_training_run_on_a_memory_game_writes_both_eval_scalars(tmp_path, core, num_steps, test_sets):
-    steps = 2 * num_steps * (40 if num_steps > 1 else 64)
+# on the default game, ChaserHard-v0, where episodes end within ~100 steps in training and in greedy evaluation
+# (greedy MazeMemory ones last their 500-step limit). The second run: the fully online lstm on a pretrained, frozen
+# stem (ff: the Atari smoke runs, the gradient test)
+@pytest.mark.parametrize("core,num_steps,updates,test_sets", [("rtrl", 8, 40, ["1000", "1200", "1400"]),
+                                                              ("lstm", 1, 16, ["3000"])])  # fmt: skip
+def test_training_run_writes_both_eval_scalars_and_a_loadable_checkpoint(tmp_path, core, num_steps, updates,
+                                                                         test_sets):  # fmt: skip
+    steps = 2 * num_steps * updates
     frozen = core == "lstm"
     torch.manual_seed(0)
     pretrained = procgen.Agent((3, 64, 64), 15, 8, "tbptt")
     procgen.save_checkpoint(pretrained, procgen.Args(core="tbptt"), str(tmp_path / "pretrained.pt"))
     stem_flags = ["--init-stem-from", "pretrained.pt", "--freeze-stem"] if frozen else []
-    proc = run_script(tmp_path, "--env-id", MEMORY_GAME, "--core", core, "--num-envs", "2",
-                      "--num-steps", str(num_steps), "--total-timesteps", str(steps), "--hidden-size", "16",
-                      "--eval-episodes", "2", "--eval-every", str(steps // 2), "--test-level-starts", *test_sets,
-                      "--save-model", *stem_flags)  # fmt: skip
+    proc = run_script(tmp_path, "--core", core, "--num-envs", "2", "--num-steps", str(num_steps),
+                      "--total-timesteps", str(steps), "--hidden-size", "16", "--eval-episodes", "2",
+                      "--eval-every", str(steps // 2), "--test-level-starts", *test_sets, "--save-model",
+                      *stem_flags)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    (run_dir,) = glob.glob(str(tmp_path / "runs" / f"{MEMORY_GAME}__rtrl_a2c_procgen__{core}__T{num_steps}__1__*"))
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / f"ChaserHard-v0__rtrl_a2c_procgen__{core}__T{num_steps}__1__*"))
     scalars = checks.read_scalars(run_dir)
-    checks.check_update_scalars(scalars, iterations=steps // (2 * num_steps))
+    checks.check_update_scalars(scalars, iterations=updates)
+    if updates == 40:  # 320 steps per env
+        assert len(scalars["charts/episodic_return"]) >= 2 and min(scalars["charts/episodic_length"]) > 0
     for tag in ("eval/train_levels_return", "eval/test_levels_return"):
         assert len(scalars[tag]) == 2, tag  # halfway and at the end
     last = f"[{test_sets[-1]}, {int(test_sets[-1]) + 200})"
@@ -149,8 +155,14 @@ def test_training_run_on_a_memory_game_writes_both_eval_scalars(tmp_path, core, 
         (["--init-stem-from", "missing.pt"], "--init-stem-from missing.pt: no such file"),
     ],
 )
-def test_bad_input_is_a_one_line_error(tmp_path, flags, message):
-    checks.check_bad_input_is_a_one_line_error(run_script(tmp_path, *flags), message, tmp_path)
+def test_bad_input_is_a_one_line_error(flags, message, capsys):
+    helpers.bad_input_in_process(lambda argv: procgen.check_args(tyro.cli(procgen.Args, args=argv)), flags, message,
+                                 capsys)  # fmt: skip
+
+
+def test_the_script_checks_its_input_before_it_starts(tmp_path):
+    proc = run_script(tmp_path, "--init-stem-from", "missing.pt")
+    checks.check_bad_input_is_a_one_line_error(proc, "--init-stem-from missing.pt: no such file", tmp_path)
 
 
 @pytest.mark.skipif(ctypes.util.find_library("Qt5Core") is not None, reason="a system Qt5 would serve")
