@@ -101,9 +101,10 @@ class Args:
     nothing backward through time (see compute_gradients); without --init-stem-from the stem stays at its
     random initialization (a random-features baseline)"""
     eval_episodes: int = 10
-    """greedy evaluation episodes after training, split evenly over the evaluation envs; 0 skips it. DMLab
-    evaluates on the held-out `_test` variant of a level where DMLab-30 has one"""
-    dmlab_dataset_path: str | None = None
+    """greedy evaluation episodes after training, on min(this, 8) fresh envs that each play a quota fixed before
+    play (this // envs, one more for the first this % envs); 0 skips it. DMLab evaluates on the held-out `_test`
+    variant of a level where DMLab-30 has one, with allowHoldOutLevels and a fixed mixerSeed"""
+    dmlab_dataset_path: str = ""
     """DMLab's `datasetPath`: the directory of the Brady, Konkle & Oliva (2008) images that
     psychlab_arbitrary_visuomotor_mapping and psychlab_continuous_recognition need"""
     actor_timeout: float = 60.0
@@ -250,11 +251,11 @@ class DmLabEnvs:
     (no bootstrap) and the next observation is the new episode's first: there are no dead steps.
     """
 
-    def __init__(self, level, seeds, dataset_path=None, test=False):
+    def __init__(self, level, seeds, dataset_path="", test=False):
         import deepmind_lab
 
         config = {"width": str(OBS_WIDTH), "height": str(OBS_HEIGHT), "logLevel": "WARN"}
-        if dataset_path is not None:
+        if dataset_path:
             config["datasetPath"] = dataset_path
         if test:
             level, config = DMLAB30_TEST_LEVELS.get(level, level), config | DMLAB_EVAL_CONFIG
@@ -305,7 +306,7 @@ class DmLabEnvs:
             lab.close()
 
 
-def make_envs(env_id, seeds, dataset_path=None, test=False):
+def make_envs(env_id, seeds, dataset_path="", test=False):
     """The training envs, or with `test` the evaluation ones (DMLab's held-out variants; EnvPool's are the same)."""
     return DmLabEnvs(env_id, seeds, dataset_path, test) if env_id in DMLAB30 else EnvPoolEnvs(env_id, seeds)
 
@@ -336,7 +337,7 @@ def check_args(args):
         fail(f"--total-timesteps {args.total_timesteps} is less than one update "
              f"(--batch-size x --unroll-length x learners = {per_update})")  # fmt: skip
     obs_shape, num_actions = env_info(args.env_id)
-    if args.env_id in DMLAB_NEEDS_DATASET and args.dmlab_dataset_path is None:
+    if args.env_id in DMLAB_NEEDS_DATASET and not args.dmlab_dataset_path:
         fail(f"{args.env_id} needs DMLab's Brady, Konkle & Oliva (2008) image dataset: download it as "
              "https://github.com/google-deepmind/lab/tree/master/data/brady_konkle_oliva2008 says and pass its "
              "directory as --dmlab-dataset-path")  # fmt: skip

@@ -331,7 +331,7 @@ def test_the_fake_lab_refuses_hold_out_and_dataset_levels_without_their_settings
 def test_dmlab_evaluates_the_held_out_variant_with_hold_out_levels_and_scalable_agents_mixer_seed(lab):
     train = impala.make_envs("rooms_collect_good_objects_train", [1], "/data/bko")
     test = impala.make_envs("rooms_collect_good_objects_train", [1, 2], "/data/bko", test=True)
-    same = impala.make_envs("rooms_watermaze", [1], None, test=True)  # DMLab-30 has no other variant of it
+    same = impala.make_envs("rooms_watermaze", [1], test=True)  # DMLab-30 has no other variant of it
     assert train.labs[0].level.endswith("/rooms_collect_good_objects_train") and "mixerSeed" not in train.labs[0].config
     assert all(env.level.endswith("/rooms_collect_good_objects_test") for env in test.labs)
     assert same.labs[0].level.endswith("/rooms_watermaze")
