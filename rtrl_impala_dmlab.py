@@ -95,7 +95,7 @@ class Args:
     with --freeze-stem the learner runs the forward recursion alone"""
     init_stem_from: str = ""
     """a model.pt of this script (any core): start from its stem, every `stem.*` parameter, i.e. everything
-    before the cell (the IMPALA ResNet's convolutions and the Linear layer after them); the cell and heads start fresh"""
+    before the cell (the IMPALA ResNet's convolutions and the Linear layer after them); cell and heads start fresh"""
     freeze_stem: bool = False
     """the stem gets no gradient and no update (the paper's --freeze_conv --freeze_fc); rtrl then propagates
     nothing backward through time (see compute_gradients); without --init-stem-from the stem stays at its
