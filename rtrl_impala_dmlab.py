@@ -91,14 +91,14 @@ class Args:
     unroll's start; lstm: a standard LSTM with BPTT cut the same way; ff: no memory (the eLSTM with its
     state zeroed at every step)"""
     rtrl_impl: Literal["chunked", "step"] = "chunked"
-    """the learner's exact RTRL in one GEMM-shaped pass per unroll (chunked) or by the per-step recursion (step);
-    with --freeze-stem the learner runs the forward recursion alone"""
+    """the learner's exact RTRL in one GEMM-shaped pass per unroll (chunked) or by the per-step recursion (step):
+    same numbers; with --freeze-stem, step is SPEC §2's forward recursion alone, nothing going backward in time"""
     init_stem_from: str = ""
     """a model.pt of this script (any core): start from its stem, every `stem.*` parameter, i.e. everything
     before the cell (the IMPALA ResNet's convolutions and the Linear layer after them); cell and heads start fresh"""
     freeze_stem: bool = False
-    """the stem gets no gradient and no update (the paper's --freeze_conv --freeze_fc); rtrl then propagates
-    nothing backward through time (see compute_gradients); without --init-stem-from the stem stays at its
+    """the stem gets no gradient and no update (the paper's --freeze_conv --freeze_fc); rtrl then makes no autograd
+    pass through the cell or stem (see compute_gradients); without --init-stem-from the stem stays at its
     random initialization (a random-features baseline)"""
     eval_episodes: int = 10
     """greedy evaluation episodes after training, on min(this, 8) fresh envs that each play a quota fixed before
@@ -482,7 +482,7 @@ class ELSTM(nn.Module):
 class OnlineELSTM(ELSTM):
     """The ELSTM plus RTRL forward in time (SPEC §2), as the actors run it: c and its sensitivities advance
     together at every environment step, and the learner's rtrl_scan starts from what they carried. With a
-    frozen stem the learner runs it too (rtrl_forward): then nothing propagates backward through time."""
+    frozen stem and --rtrl-impl step the learner runs it too (rtrl_forward): nothing then goes backward in time."""
 
     @torch.no_grad()
     def scan_with_increments(self, x, c0, done):
@@ -913,9 +913,10 @@ def compute_gradients(agent, batch, args):
 
     rtrl: the eLSTM gets exact untruncated gradients from the actors' carried sensitivities, recomputed over
     the unroll with the learner's parameters, and the stem its gradient through the cell within the unroll from
-    the same pass (rtrl_scan); stem, gate and heads get backprop (SPEC §5). With a frozen stem no dL/dx is
-    needed, and rtrl_forward runs SPEC §2 forward in time alone: the only backward pass is the heads', step
-    by step. tbptt / lstm / ff: autograd within the unroll.
+    the same pass (rtrl_scan); stem, gate and heads get backprop (SPEC §5). With a frozen stem the only
+    backward pass is the heads', step by step, and the stem gets nothing; --rtrl-impl step then runs SPEC §2's
+    recursion alone (rtrl_forward: nothing in it goes backward in time), chunked the same gradients faster
+    (its R_t sums the unroll's steps from T back to 1, SPEC §3). tbptt / lstm / ff: autograd within the unroll.
     """
     T = args.unroll_length
     resets = agent.resets(batch["firsts"])
@@ -924,23 +925,25 @@ def compute_gradients(agent, batch, args):
     x_leaf = x.detach().requires_grad_(stem_learns)
     rtrl_time = 0.0
     if args.core == "rtrl":
-        if stem_learns:
-            scan = agent.cell.scan(x_leaf.detach(), batch["c0"], resets)
-            c_leaf = scan[0].requires_grad_()  # its grad is the local delta_t = dL/dc_t (SPEC §2)
-        else:
+        forward_only = not stem_learns and args.rtrl_impl == "step"
+        if forward_only:
             c_leaf, a, u = agent.cell.scan_with_increments(x_leaf, batch["c0"], resets)
             c_leaf.requires_grad_()
+        else:
+            scan = agent.cell.scan(x_leaf.detach(), batch["c0"], resets)
+            c_leaf = scan[0].requires_grad_()  # its grad is the local delta_t = dL/dc_t (SPEC §2)
         loss, stats = unroll_loss(agent, batch, x_leaf, c_leaf, args)
         loss.backward()
         start = timer(x.device)
-        if stem_learns:
+        if forward_only:
+            u = {k: v[:T] for k, v in u.items()}
+            grads, _ = agent.cell.rtrl_forward(x_leaf[:T], a[:T], u, batch["sens0"], c_leaf.grad[:T])
+        else:
             unroll = tuple(v[:T] for v in scan)  # step T has no loss: nothing flows back through it
             grads, _, dl_dx = agent.cell.rtrl_scan(x_leaf[:T].detach(), unroll, batch["sens0"], c_leaf.grad[:T],
                                                    args.rtrl_impl, overwrite=True)  # fmt: skip
-            x_leaf.grad[:T] += dl_dx
-        else:
-            u = {k: v[:T] for k, v in u.items()}
-            grads, _ = agent.cell.rtrl_forward(x_leaf[:T], a[:T], u, batch["sens0"], c_leaf.grad[:T])
+            if stem_learns:
+                x_leaf.grad[:T] += dl_dx
         rtrl_time = timer(x.device) - start
         for name, p in agent.cell.named_parameters():
             p.grad = grads[name]

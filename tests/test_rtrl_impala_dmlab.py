@@ -224,16 +224,18 @@ def test_update_gradients_equal_autograd_through_the_actors_history(core, impl):
     checks.assert_grads_equal_reference(agent, learner_grads(agent, batch, args), reference, core)
 
 
-def test_frozen_stem_rtrl_goes_forward_in_time_only_and_its_gradients_equal_the_reference(monkeypatch):
-    """--freeze-stem: no stem gradient; nothing backward through the cell's time steps: the one backward pass
-    (the loss's) reaches the heads alone, and rtrl_scan (whose R_t runs from T back to 1) is not used; the
-    gradient of every other parameter is exact."""
+@pytest.mark.parametrize("impl", ["chunked", "step"])
+def test_frozen_stem_rtrl_gradients_equal_the_reference_and_step_goes_forward_in_time_only(monkeypatch, impl):
+    """--freeze-stem: no stem gradient; the one backward pass (the loss's) reaches the heads alone; the gradient of
+    every other parameter is exact. With --rtrl-impl step nothing goes backward through the cell's time steps:
+    rtrl_scan (whose R_t runs from T back to 1) is not used."""
 
     def backward_in_time(*args, **kwargs):
         raise AssertionError("rtrl_scan: a pass backward through the unroll's time steps")
 
-    agent, history, unroll, args, batch = actor_history_and_unroll("rtrl", frozen_stem=True)
-    monkeypatch.setattr(impala.ELSTM, "rtrl_scan", backward_in_time)
+    agent, history, unroll, args, batch = actor_history_and_unroll("rtrl", impl, frozen_stem=True)
+    if impl == "step":
+        monkeypatch.setattr(impala.ELSTM, "rtrl_scan", backward_in_time)
     got = {}
     passes = checks.backward_passes(agent, lambda: got.update(learner_grads(agent, batch, args)))
     monkeypatch.undo()
