@@ -12,11 +12,15 @@ part by RTRL alone on that stem, frozen, so that nothing backpropagates through 
 
     python rtrl_a2c_atari.py --core tbptt --save-model
     python rtrl_a2c_atari.py --core rtrl --init-stem-from runs/<that run>/model.pt --freeze-stem
+
+Long runs: --checkpoint-every N writes runs/<run>/checkpoint.pt every N steps (and on Ctrl-C / SIGTERM); the same
+command with --resume runs/<run>/checkpoint.pt goes on from it, with every environment on a new episode.
 """
 
 import difflib
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -43,6 +47,12 @@ class Args:
     """if toggled, cuda will be used when available"""
     save_model: bool = False
     """whether to save the model and its args to `runs/{run_name}/model.pt`"""
+    checkpoint_every: int = 0
+    """agent steps between checkpoints, written atomically to `runs/{run_name}/checkpoint.pt` (0 = none); one is
+    also written at the end when this is set, and always on Ctrl-C / SIGTERM"""
+    resume: str = ""
+    """a checkpoint.pt to continue: model, optimizer, LR position, step and RNG states are restored and the run
+    directory's logs go on; every environment starts a new episode with zero recurrent state and sensitivities"""
 
     # Algorithm specific arguments
     env_id: str = "Breakout-v5"
@@ -124,7 +134,9 @@ def check_args(args):
     if args.total_timesteps < args.num_envs * args.num_steps:
         fail(f"--total-timesteps {args.total_timesteps} is less than one rollout "
              f"(--num-envs x --num-steps = {args.num_envs * args.num_steps})")
-    if args.init_stem_from:
+    if args.checkpoint_every < 0:
+        fail(f"--checkpoint-every must be at least 0, got {args.checkpoint_every}")
+    if args.init_stem_from and not args.resume:  # resumed, the stem is the checkpoint's: the file is not read
         require_file("--init-stem-from", args.init_stem_from)
     atari_ids = sorted(k for k, v in envpool.registration.registry.specs.items() if v[0] == "envpool.atari")
     if args.env_id not in atari_ids:
@@ -510,11 +522,90 @@ def evaluate(agent, env_id, seeds, num_games, device):
     return [game_return for game_return, _ in games]
 
 
-def save_checkpoint(agent, args, path):
-    """Atomic: a crash mid-write never leaves a truncated model.pt behind."""
+def save_checkpoint(agent, args, path, **extra):
+    """Atomic: a crash mid-write never leaves a truncated file behind, and the previous one stays until the new
+    one is complete. `extra` makes it a checkpoint to resume from (see training_state)."""
     tmp = f"{path}.tmp"
-    torch.save({"model": agent.state_dict(), "args": vars(args), "script": os.path.basename(__file__)}, tmp)
+    torch.save({"script": os.path.basename(__file__), "model": agent.state_dict(), "args": vars(args), **extra}, tmp)
     os.replace(tmp, path)
+
+
+def training_state(optimizer, run_name, iteration, global_step):
+    """What --resume restores besides the model. Not (c, sens) nor the environments: EnvPool cannot snapshot an
+    episode, so a resumed run starts new episodes, and a state belongs only to the episode that made it."""
+    np_state = np.random.get_state()
+    rng = {"python": random.getstate(), "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+           "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}  # fmt: skip
+    return dict(optimizer=optimizer.state_dict(), run_name=run_name, iteration=iteration, global_step=global_step,
+                rng=rng)  # fmt: skip
+
+
+RESUME_KEYS = {"script", "model", "args", "optimizer", "run_name", "iteration", "global_step", "rng"}
+# flags a resumed run may change; any other must equal the checkpoint's
+RESUME_MAY_CHANGE = {"total_timesteps", "checkpoint_every", "resume", "save_model", "eval_episodes", "cuda",
+                     "batch_size", "num_iterations"}  # fmt: skip
+
+
+def load_resume(args):
+    """The checkpoint --resume names, checked against this command before anything is made; None without --resume."""
+    if not args.resume:
+        return None
+    try:
+        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        fail(f"--resume: no such file {args.resume!r}")
+    except Exception as e:  # truncated, corrupt, or not written by torch.save
+        fail(f"--resume: {args.resume!r} is not a readable checkpoint "
+             f"({type(e).__name__}: {str(e).split('. ')[0][:120]})")  # fmt: skip
+    if not isinstance(checkpoint, dict) or not RESUME_KEYS <= set(checkpoint):
+        missing = sorted(RESUME_KEYS - set(checkpoint)) if isinstance(checkpoint, dict) else sorted(RESUME_KEYS)
+        fail(f"--resume: {args.resume!r} is not a checkpoint to resume from (no {', '.join(missing)}; "
+             "model.pt from --save-model holds weights only)")  # fmt: skip
+    if checkpoint["script"] != os.path.basename(__file__):
+        fail(f"--resume: {args.resume!r} was written by {checkpoint['script']}, not {os.path.basename(__file__)}")
+    ours, theirs = vars(args), checkpoint["args"]
+    differ = [f"--{k.replace('_', '-')} {ours[k]} (checkpoint: {theirs.get(k)})" for k in ours
+              if k not in RESUME_MAY_CHANGE and ours[k] != theirs.get(k)]  # fmt: skip
+    if differ:
+        fail(f"--resume: this command differs from the checkpoint's run: {', '.join(differ)}")
+    if args.total_timesteps < checkpoint["global_step"]:
+        fail(f"--resume: --total-timesteps {args.total_timesteps} is below the checkpoint's step "
+             f"{checkpoint['global_step']}")  # fmt: skip
+    return checkpoint
+
+
+def restore(checkpoint, agent, optimizer):
+    """Load what training_state saved (the RNG states last: nothing may draw after them); returns (iteration, step)."""
+    try:
+        agent.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        rng = checkpoint["rng"]
+        random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+        np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy(), *rng["numpy"][2:]))
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        fail(f"--resume: the checkpoint does not fit this agent ({first_line})")
+    return checkpoint["iteration"], checkpoint["global_step"]
+
+
+class StopSignals:
+    """Ctrl-C / SIGTERM: recorded, so that the loop can finish its update, checkpoint and exit 128 + signum."""
+
+    def __init__(self):
+        self.signum = None
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._record)
+
+    def _record(self, signum, frame):
+        self.signum = signum
+
+    def restore(self):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def load_stem(agent, path):
@@ -544,12 +635,16 @@ def load_stem(agent, path):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_args(args)
+    resumed = load_resume(args)  # before anything is made or written: a wrong file costs nothing
     args.batch_size = args.num_envs * args.num_steps
     args.num_iterations = args.total_timesteps // args.batch_size
-    # the core and unroll are in the name: runs of a sweep started in the same second never share a directory
-    run_name = f"{args.env_id}__{args.exp_name}__{args.core}__T{args.num_steps}__{args.seed}__{int(time.time())}"
-    if os.path.exists(f"runs/{run_name}"):
-        fail(f"runs/{run_name} exists; a run directory is never shared by two runs")
+    if resumed:  # the logs go on in the checkpoint's run directory
+        run_name = resumed["run_name"]
+    else:
+        # the core and unroll are in the name: runs of a sweep started in the same second never share a directory
+        run_name = f"{args.env_id}__{args.exp_name}__{args.core}__T{args.num_steps}__{args.seed}__{int(time.time())}"
+        if os.path.exists(f"runs/{run_name}"):
+            fail(f"runs/{run_name} exists; a run directory is never shared by two runs")
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -559,21 +654,29 @@ if __name__ == "__main__":
 
     num_actions = envpool.make_spec(args.env_id).action_space.n
     agent = Agent((4, 84, 84), num_actions, args.hidden_size, args.core, args.freeze_stem).to(device)
-    if args.init_stem_from:  # before anything is written or any env starts: a wrong file costs nothing
+    if args.init_stem_from and not resumed:  # before anything is written or any env starts: a wrong file costs nothing
         load_stem(agent, args.init_stem_from)
-    elif args.freeze_stem:
+    elif args.freeze_stem and not resumed:
         print("--freeze-stem without --init-stem-from: the stem stays at its random initialization")
     # a frozen stem's parameters get no gradient, and no optimizer state either
     optimizer = torch.optim.RMSprop([p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate,
                                     alpha=args.rms_alpha, eps=args.rms_eps)  # fmt: skip
+    # still before anything is written: a checkpoint that does not fit is refused with the run directory untouched
+    start_iteration, global_step = restore(resumed, agent, optimizer) if resumed else (0, 0)
 
-    writer = SummaryWriter(f"runs/{run_name}")
+    # resumed: TensorBoard drops what an interrupted run logged after its checkpoint, and the event files go on
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step + 1 if resumed else None)
     writer.add_text(
         "hyperparameters",
         "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
     )
+    if resumed:
+        print(f"resumed runs/{run_name} at global_step={global_step}: every environment starts a new episode, "
+              "recurrent state and sensitivities zero")  # fmt: skip
     seeds = env_seeds(args.seed, args.num_envs + max(args.eval_episodes, 1))
-    envs = AtariEnvs(args.env_id, seeds[: args.num_envs], device)
+    # resumed: new episodes from new seeds, not a replay of the run's start (evaluation keeps the run's own)
+    train_seeds = env_seeds([args.seed, global_step], args.num_envs) if resumed else seeds[: args.num_envs]
+    envs = AtariEnvs(args.env_id, train_seeds, device)
 
     T, B = args.num_steps, args.num_envs
     rollout = Rollout(
@@ -586,10 +689,13 @@ if __name__ == "__main__":
         terms=torch.zeros((T, B), dtype=torch.bool, device=device),
         values=torch.zeros((T, B), device=device),
     )
+    # a resumed run's episodes are new ones: they start from zero state and sensitivities, as every episode does
     c, sens = agent.cell.initial_state(B)
-    global_step, start_time, last_print, recent_returns = 0, time.time(), 0.0, []
+    start_step, start_time, last_print, recent_returns = global_step, time.time(), 0.0, []
+    checkpoint_path, next_checkpoint = f"runs/{run_name}/checkpoint.pt", global_step + args.checkpoint_every
+    stop = StopSignals()
 
-    for iteration in range(1, args.num_iterations + 1):
+    for iteration in range(start_iteration + 1, args.num_iterations + 1):
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * args.learning_rate
 
@@ -619,7 +725,7 @@ if __name__ == "__main__":
         optimizer.step()
         update_time = timer(device) - update_start
 
-        sps = int(global_step / (time.time() - start_time))
+        sps = int((global_step - start_step) / (time.time() - start_time))  # this process's steps only
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
         for key, value in stats.items():
             writer.add_scalar(f"losses/{key}", value, global_step)
@@ -630,8 +736,23 @@ if __name__ == "__main__":
             last_print = time.time()
             mean_return = f"{np.mean(recent_returns):.2f}" if recent_returns else "n/a"
             print(f"global_step={global_step} SPS={sps} return(last {len(recent_returns)} games)={mean_return} "
-                  f"entropy={stats['entropy'] / (T * B):.3f} rtrl_share={rtrl_time / update_time:.3f}")  # fmt: skip
+                  f"entropy={stats['entropy'] / (T * B):.3f} rtrl_share={rtrl_time / update_time:.3f}",
+                  flush=True)  # fmt: skip
+
+        if stop.signum or (args.checkpoint_every and global_step >= next_checkpoint):
+            save_checkpoint(agent, args, checkpoint_path, **training_state(optimizer, run_name, iteration, global_step))
+            next_checkpoint = global_step + args.checkpoint_every
+        if stop.signum:
+            envs.close()
+            writer.close()
+            print(f"stopped by {signal.Signals(stop.signum).name} at global_step={global_step}; checkpoint: "
+                  f"{checkpoint_path} (continue with --resume {checkpoint_path})", flush=True)  # fmt: skip
+            sys.exit(128 + stop.signum)
     envs.close()
+    stop.restore()  # Ctrl-C during the evaluation below stops it at once
+    if args.checkpoint_every:  # the end of training (a resumed run with no step left to train: as it was loaded)
+        final = max(start_iteration, args.num_iterations)
+        save_checkpoint(agent, args, checkpoint_path, **training_state(optimizer, run_name, final, global_step))
 
     if args.save_model:
         model_path = f"runs/{run_name}/model.pt"

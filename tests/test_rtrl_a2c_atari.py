@@ -9,6 +9,7 @@ import tyro
 
 import claims as checks
 import helpers
+import long_runs
 import rtrl_a2c_atari as atari
 
 SCRIPT = atari.__file__
@@ -67,13 +68,11 @@ def run_script(tmp_path, *flags):
     return helpers.run_script(SCRIPT, tmp_path, *flags)
 
 
-# tbptt runs the update code ff runs (the eLSTM by autograd, another reset mask): lstm takes its smoke run;
-# the fully online run also loads a pretrained stem and freezes it. Only the rtrl run is long enough for games to
-# end (320 steps per env); the others show that their core's loop runs and writes what it should.
-@pytest.mark.parametrize(
-    "core,num_steps,updates,frozen", [("rtrl", 8, 40, False), ("lstm", 8, 3, False), ("ff", 8, 3, False),
-                                      ("rtrl", 1, 8, True)]
-)  # fmt: skip
+# rtrl at T=8 runs long enough for games to end in the resumed run below. tbptt runs the update code ff runs (the
+# eLSTM by autograd, another reset mask): lstm takes its smoke run; the fully online run also loads a pretrained
+# stem and freezes it. These show that each core's loop runs and writes what it should.
+@pytest.mark.parametrize("core,num_steps,updates,frozen", [("lstm", 8, 3, False), ("ff", 8, 3, False),
+                                                           ("rtrl", 1, 8, True)])  # fmt: skip
 def test_training_run_writes_scalars_and_a_loadable_checkpoint(tmp_path, core, num_steps, updates, frozen):
     steps = 2 * num_steps * updates
     torch.manual_seed(0)
@@ -87,9 +86,6 @@ def test_training_run_writes_scalars_and_a_loadable_checkpoint(tmp_path, core, n
     (run_dir,) = glob.glob(str(tmp_path / "runs" / f"Breakout-v5__rtrl_a2c_atari__{core}__T{num_steps}__1__*"))
     scalars = checks.read_scalars(run_dir)
     checks.check_update_scalars(scalars, iterations=updates)
-    if updates == 40:
-        assert len(scalars["charts/episodic_return"]) >= 1  # seeded run: real games do end
-        assert all(length > 0 for length in scalars["charts/episodic_length"])
     assert len(scalars["eval/episodic_return"]) == 1
 
     checkpoint = torch.load(os.path.join(run_dir, "model.pt"), weights_only=True)
@@ -112,6 +108,7 @@ def test_training_run_writes_scalars_and_a_loadable_checkpoint(tmp_path, core, n
         (["--learning-rate", "-1"], "--learning-rate must be in"),
         (["--gamma", "1.5"], "--gamma must be in"),
         (["--max-grad-norm", "-1"], "--max-grad-norm must be positive"),
+        (["--checkpoint-every", "-1"], "--checkpoint-every must be at least 0"),
         (["--init-stem-from", "missing.pt"], "--init-stem-from missing.pt: no such file"),
     ],
 )
@@ -123,3 +120,64 @@ def test_bad_input_is_a_one_line_error(flags, message, capsys):
 def test_the_script_checks_its_input_before_it_starts(tmp_path):
     proc = run_script(tmp_path, "--init-stem-from", "missing.pt")
     checks.check_bad_input_is_a_one_line_error(proc, "--init-stem-from missing.pt: no such file", tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Long runs: --checkpoint-every, --resume, Ctrl-C / SIGTERM (tests/long_runs.py)
+# ---------------------------------------------------------------------------------------------
+RESUMABLE = ("--num-envs", "2", "--num-steps", "8", "--hidden-size", "16", "--eval-episodes", "0",
+             "--checkpoint-every", "16")  # fmt: skip
+SAVED_STEP = 48  # 3 updates of 2 envs x 8 steps; checkpoints at 16, 32, 48 (the end)
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory):
+    return long_runs.first_run(atari, tmp_path_factory.mktemp("checkpointed"), RESUMABLE, SAVED_STEP)
+
+
+def test_resume_restores_every_tensor_bit_for_bit_and_the_run_goes_on_from_its_step(checkpointed, monkeypatch,
+                                                                                     capsys):  # fmt: skip
+    long_runs.check_resume_restores_every_tensor_bit_for_bit(atari, checkpointed, monkeypatch, capsys)
+    # to 640 steps (320 per env: games end), with the smoke run's evaluation and model.pt
+    more = ["--eval-episodes", "1", "--save-model"]
+    scalars = long_runs.check_resumed_run_goes_on_from_its_step(atari, checkpointed, 640, more, monkeypatch)
+    assert len(scalars["eval/episodic_return"]) == 1
+    model = torch.load(checkpointed.dir / "runs" / checkpointed.name / "model.pt", weights_only=True)
+    agent = atari.Agent((4, 84, 84), 4, 16, "rtrl")
+    agent.load_state_dict(model["model"])
+    assert model["script"] == "rtrl_a2c_atari.py" and model.keys() == {"script", "model", "args"}
+
+
+def test_the_same_seed_logs_identical_losses(checkpointed, tmp_path, monkeypatch):
+    long_runs.check_same_seed_logs_identical_losses(atari, checkpointed, tmp_path, monkeypatch)
+
+
+def test_ctrl_c_finishes_the_update_writes_a_checkpoint_and_exits_130(checkpointed, tmp_path):
+    long_runs.check_ctrl_c_writes_a_checkpoint_and_exits_130(atari, checkpointed, tmp_path)
+
+
+def test_sigterm_finishes_the_update_writes_a_checkpoint_and_exits_143(checkpointed, tmp_path, monkeypatch, capsys):
+    long_runs.check_sigterm_finishes_the_update_and_exits_143(atari, checkpointed, tmp_path, monkeypatch, capsys)
+
+
+def test_a_bad_checkpoint_to_resume_is_a_one_line_error(checkpointed, tmp_path, capsys):
+    cases = [
+        (None, ["--resume", "missing.pt"], "--resume: no such file 'missing.pt'"),
+        ("truncate", [], "is not a readable checkpoint"),
+        ("weights only", [], "is not a checkpoint to resume from (no global_step, iteration, optimizer"),
+        ("other script", [], "was written by rtrl_a2c_minigrid.py, not rtrl_a2c_atari.py"),
+        (None, ["--hidden-size", "64", "--core", "tbptt"],
+         "differs from the checkpoint's run: --hidden-size 64 (checkpoint: 16), --core tbptt (checkpoint: rtrl)"),
+        (None, ["--env-id", "Pong-v5"], "--env-id Pong-v5 (checkpoint: Breakout-v5)"),
+        (None, ["--total-timesteps", "40"], "--total-timesteps 40 is below the checkpoint's step 48"),
+        ("other shapes", [], "--resume: the checkpoint does not fit this agent (Error(s) in loading state_dict"),
+    ]  # fmt: skip
+    long_runs.check_bad_checkpoints_are_one_line_errors(atari, checkpointed, tmp_path, capsys, (4, 84, 84), 4, cases)
+
+
+def test_a_checkpoint_serves_as_init_stem_from(checkpointed):
+    long_runs.check_a_checkpoint_gives_its_stem(atari, checkpointed, (4, 84, 84), 4)
+
+
+def test_the_script_checks_the_checkpoint_before_it_writes(checkpointed):
+    long_runs.check_main_checks_the_checkpoint_before_it_writes(atari, checkpointed)

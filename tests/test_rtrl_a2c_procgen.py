@@ -10,6 +10,7 @@ import tyro
 
 import claims as checks
 import helpers
+import long_runs
 import rtrl_a2c_procgen as procgen
 
 SCRIPT = procgen.__file__
@@ -101,10 +102,9 @@ def run_script(tmp_path, *flags, env=None):
 
 
 # on the default game, ChaserHard-v0, where episodes end within ~100 steps in training and in greedy evaluation
-# (greedy MazeMemory ones last their 500-step limit). The second run: the fully online lstm on a pretrained, frozen
-# stem (ff: the Atari smoke runs, the gradient test)
-@pytest.mark.parametrize("core,num_steps,updates,test_sets", [("rtrl", 8, 40, ["1000", "1200", "1400"]),
-                                                              ("lstm", 1, 16, ["3000"])])  # fmt: skip
+# (greedy MazeMemory ones last their 500-step limit): the fully online lstm on a pretrained, frozen stem (rtrl at
+# T=8: the resumed run below; ff: the Atari smoke runs, the gradient test)
+@pytest.mark.parametrize("core,num_steps,updates,test_sets", [("lstm", 1, 16, ["3000"])])
 def test_training_run_writes_both_eval_scalars_and_a_loadable_checkpoint(tmp_path, core, num_steps, updates,
                                                                          test_sets):  # fmt: skip
     steps = 2 * num_steps * updates
@@ -121,8 +121,6 @@ def test_training_run_writes_both_eval_scalars_and_a_loadable_checkpoint(tmp_pat
     (run_dir,) = glob.glob(str(tmp_path / "runs" / f"ChaserHard-v0__rtrl_a2c_procgen__{core}__T{num_steps}__1__*"))
     scalars = checks.read_scalars(run_dir)
     checks.check_update_scalars(scalars, iterations=updates)
-    if updates == 40:  # 320 steps per env
-        assert len(scalars["charts/episodic_return"]) >= 2 and min(scalars["charts/episodic_length"]) > 0
     for tag in ("eval/train_levels_return", "eval/test_levels_return"):
         assert len(scalars[tag]) == 2, tag  # halfway and at the end
     last = f"[{test_sets[-1]}, {int(test_sets[-1]) + 200})"
@@ -152,6 +150,7 @@ def test_training_run_writes_both_eval_scalars_and_a_loadable_checkpoint(tmp_pat
         (["--num-envs", "0"], "--num-envs must be at least 1"),
         (["--total-timesteps", "10", "--num-envs", "4", "--num-steps", "5"], "less than one rollout"),
         (["--gamma", "1.5"], "--gamma must be in"),
+        (["--checkpoint-every", "-1"], "--checkpoint-every must be at least 0"),
         (["--init-stem-from", "missing.pt"], "--init-stem-from missing.pt: no such file"),
     ],
 )
@@ -163,6 +162,73 @@ def test_bad_input_is_a_one_line_error(flags, message, capsys):
 def test_the_script_checks_its_input_before_it_starts(tmp_path):
     proc = run_script(tmp_path, "--init-stem-from", "missing.pt")
     checks.check_bad_input_is_a_one_line_error(proc, "--init-stem-from missing.pt: no such file", tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Long runs: --checkpoint-every, --resume, Ctrl-C / SIGTERM (tests/long_runs.py)
+# ---------------------------------------------------------------------------------------------
+RESUMABLE = ("--num-envs", "2", "--num-steps", "8", "--hidden-size", "16", "--eval-episodes", "0",
+             "--checkpoint-every", "16", "--eval-every", "160")  # fmt: skip
+SAVED_STEP = 48  # 3 updates of 2 envs x 8 steps; checkpoints at 16, 32, 48 (the end)
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory):
+    return long_runs.first_run(procgen, tmp_path_factory.mktemp("checkpointed"), RESUMABLE, SAVED_STEP)
+
+
+def test_resume_restores_every_tensor_bit_for_bit_and_the_run_goes_on_from_its_step(checkpointed, monkeypatch,
+                                                                                     capsys):  # fmt: skip
+    long_runs.check_resume_restores_every_tensor_bit_for_bit(procgen, checkpointed, monkeypatch, capsys)
+    # to 320 steps (136 per env after the resume: Chaser's episodes end), with the smoke run's evaluations (160 steps
+    # after the resume, and at the end) on the default test sets, and model.pt
+    more = ["--eval-episodes", "2", "--save-model"]
+    scalars = long_runs.check_resumed_run_goes_on_from_its_step(procgen, checkpointed, 320, more, monkeypatch)
+    for tag in ("eval/train_levels_return", "eval/test_levels_return"):
+        assert [step for step, _ in scalars[tag]] == [208, 320], tag
+    out = capsys.readouterr().out
+    assert "test (all)" in out and "[1400, 1600)" in out, out  # the final table
+    model = torch.load(checkpointed.dir / "runs" / checkpointed.name / "model.pt", weights_only=True)
+    agent = procgen.Agent((3, 64, 64), 15, 16, "rtrl")
+    agent.load_state_dict(model["model"])
+    assert model["script"] == "rtrl_a2c_procgen.py" and model.keys() == {"script", "model", "args"}
+
+
+def test_the_same_seed_logs_identical_losses(checkpointed, tmp_path, monkeypatch):
+    long_runs.check_same_seed_logs_identical_losses(procgen, checkpointed, tmp_path, monkeypatch)
+
+
+def test_ctrl_c_finishes_the_update_writes_a_checkpoint_and_exits_130(checkpointed, tmp_path):
+    long_runs.check_ctrl_c_writes_a_checkpoint_and_exits_130(procgen, checkpointed, tmp_path)
+
+
+def test_sigterm_finishes_the_update_writes_a_checkpoint_and_exits_143(checkpointed, tmp_path, monkeypatch, capsys):
+    long_runs.check_sigterm_finishes_the_update_and_exits_143(procgen, checkpointed, tmp_path, monkeypatch, capsys)
+
+
+def test_a_bad_checkpoint_to_resume_is_a_one_line_error(checkpointed, tmp_path, capsys):
+    cases = [
+        (None, ["--resume", "missing.pt"], "--resume: no such file 'missing.pt'"),
+        ("truncate", [], "is not a readable checkpoint"),
+        ("weights only", [], "is not a checkpoint to resume from (no global_step, iteration, optimizer"),
+        ("other script", [], "was written by rtrl_a2c_minigrid.py, not rtrl_a2c_procgen.py"),
+        (None, ["--hidden-size", "64", "--core", "tbptt"],
+         "differs from the checkpoint's run: --hidden-size 64 (checkpoint: 16), --core tbptt (checkpoint: rtrl)"),
+        (None, ["--env-id", "MazeMemory-v0"], "--env-id MazeMemory-v0 (checkpoint: ChaserHard-v0)"),
+        (None, ["--test-level-starts", "2000"], "--test-level-starts (2000,) (checkpoint: (1000, 1200, 1400))"),
+        (None, ["--total-timesteps", "40"], "--total-timesteps 40 is below the checkpoint's step 48"),
+        ("other shapes", [], "--resume: the checkpoint does not fit this agent (Error(s) in loading state_dict"),
+    ]  # fmt: skip
+    long_runs.check_bad_checkpoints_are_one_line_errors(procgen, checkpointed, tmp_path, capsys, (3, 64, 64), 15,
+                                                        cases)  # fmt: skip
+
+
+def test_a_checkpoint_serves_as_init_stem_from(checkpointed):
+    long_runs.check_a_checkpoint_gives_its_stem(procgen, checkpointed, (3, 64, 64), 15)
+
+
+def test_the_script_checks_the_checkpoint_before_it_writes(checkpointed):
+    long_runs.check_main_checks_the_checkpoint_before_it_writes(procgen, checkpointed)
 
 
 @pytest.mark.skipif(ctypes.util.find_library("Qt5Core") is not None, reason="a system Qt5 would serve")

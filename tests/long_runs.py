@@ -1,0 +1,189 @@
+"""Claims about long runs of the pixel A2C scripts (Atari, ProcGen): --checkpoint-every, --resume, Ctrl-C / SIGTERM.
+
+Each check takes the script's module, as those of claims.py do. One short run as a user starts it (`first_run`) is
+shared: the resumed runs, the second run of the same seed and the bad checkpoints start from it. Runs whose point is
+not the interpreter start run the script's main block in-process (`run_in_process`), as `python SCRIPT FLAGS` would.
+"""
+
+import glob
+import os
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+import tyro
+
+import claims as checks
+import helpers
+
+
+def run_in_process(script, cwd, flags, monkeypatch):
+    """The script's main block in this process, in `cwd`, as `python SCRIPT FLAGS` runs it, without an interpreter
+    start (its imports are loaded already). The signal handlers it installs are put back afterwards."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [script.__file__, *flags])
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        runpy.run_path(script.__file__, run_name="__main__")
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def the_run_dir(cwd):
+    (run_dir,) = glob.glob(os.path.join(cwd, "runs", "*"))
+    return run_dir
+
+
+def first_run(script, tmp_path, flags, steps):
+    """A run as a user starts it, with checkpoints; a copy of its last checkpoint (resuming overwrites the run's own)
+    and its scalars as it left them."""
+    proc = helpers.run_script(script.__file__, tmp_path, *flags, "--total-timesteps", str(steps))
+    assert proc.returncode == 0, proc.stderr
+    run_dir = the_run_dir(tmp_path)
+    shutil.copy(os.path.join(run_dir, "checkpoint.pt"), tmp_path / "saved.pt")
+    saved = torch.load(tmp_path / "saved.pt", weights_only=True)
+    assert saved["script"] == os.path.basename(script.__file__) and saved["global_step"] == steps
+    batch = saved["args"]["num_envs"] * saved["args"]["num_steps"]
+    assert saved["iteration"] == steps // batch and saved["optimizer"]["state"]  # RMSprop's running averages
+    return SimpleNamespace(dir=tmp_path, name=os.path.basename(run_dir), flags=flags, saved=saved, batch=batch,
+                           scalars=helpers.scalar_steps(run_dir))  # fmt: skip
+
+
+def check_resume_restores_every_tensor_bit_for_bit(script, run, monkeypatch, capsys):
+    """Resumed with no step left to train, the run loads its checkpoint and writes it again: the same bits."""
+    step, checkpoint = run.saved["global_step"], f"runs/{run.name}/checkpoint.pt"
+    run_in_process(script, run.dir, [*run.flags, "--resume", checkpoint, "--total-timesteps", str(step)], monkeypatch)
+    out = capsys.readouterr().out
+    assert f"resumed runs/{run.name} at global_step={step}: every environment starts a new episode, recurrent " \
+           "state and sensitivities zero" in out  # fmt: skip
+    again = torch.load(run.dir / checkpoint, weights_only=True)
+    for key in ("model", "optimizer", "rng", "iteration", "global_step", "run_name", "script"):
+        assert helpers.same_tensors(run.saved[key], again[key]), key
+    assert len(run.saved["rng"]["python"][1]) == 625 and run.saved["rng"]["numpy"][1].numel() == 624  # MT states
+
+
+def check_resumed_run_goes_on_from_its_step(script, run, total, more_flags, monkeypatch):
+    """Resumed to `total` steps: the run directory's scalars are one run's, one per update with none twice, the
+    learning rate goes on from the checkpoint's update, and every episode ending after the resume began after it
+    (each environment started a new one). Returns the scalars."""
+    saved_step, num_envs = run.saved["global_step"], run.saved["args"]["num_envs"]
+    resume = ("--resume", f"runs/{run.name}/checkpoint.pt", "--total-timesteps", str(total))
+    run_in_process(script, run.dir, [*run.flags, *resume, *more_flags], monkeypatch)
+    scalars = helpers.scalar_steps(run.dir / "runs" / run.name)
+    for tag in checks.UPDATE_SCALARS:
+        assert [step for step, _ in scalars[tag]] == list(range(run.batch, total + 1, run.batch)), tag
+    assert all(v == v and abs(v) < float("inf") for _, v in scalars["losses/value_loss"])
+    lr, lr0, iterations = dict(scalars["charts/learning_rate"]), run.saved["args"]["learning_rate"], total // run.batch
+    saved_iteration = run.saved["iteration"]
+    assert lr[saved_step] == pytest.approx(lr0 * (1 - (saved_iteration - 1) / saved_iteration))  # the first run's
+    assert lr[saved_step + run.batch] == pytest.approx(lr0 * (1 - saved_iteration / iterations))  # goes on from there
+    after = [(step, length) for step, length in scalars["charts/episodic_length"] if step > saved_step]
+    assert after and all(0 < length <= (step - saved_step) / num_envs for step, length in after), after
+    return scalars
+
+
+def check_same_seed_logs_identical_losses(script, run, tmp_path, monkeypatch):
+    """The first run's flags again, in another process and directory: the same losses, float for float, and the
+    same final weights bit for bit."""
+    run_in_process(script, tmp_path, [*run.flags, "--total-timesteps", str(run.saved["global_step"])], monkeypatch)
+    run_dir = the_run_dir(tmp_path)
+    again = helpers.scalar_steps(run_dir)
+    losses = [tag for tag in run.scalars if tag.startswith("losses/")]
+    assert len(losses) == 4 and all(len(run.scalars[tag]) == run.saved["iteration"] for tag in losses)
+    assert all(run.scalars[tag] == again[tag] for tag in losses)
+    model = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)["model"]
+    assert helpers.same_tensors(run.saved["model"], model)
+
+
+def check_ctrl_c_writes_a_checkpoint_and_exits_130(script, run, tmp_path):
+    """SIGINT after the first progress line: the update is finished, the checkpoint written (with no
+    --checkpoint-every), and the exit code is 130."""
+    # the last --checkpoint-every given wins
+    flags = [*run.flags, "--checkpoint-every", "0", "--total-timesteps", "100000000"]
+    proc = subprocess.Popen([sys.executable, script.__file__, *flags], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    for line in proc.stdout:
+        if line.startswith("global_step="):
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    run_dir = the_run_dir(tmp_path)
+    path = os.path.relpath(os.path.join(run_dir, "checkpoint.pt"), tmp_path)
+    checkpoint = torch.load(tmp_path / path, weights_only=True)
+    assert f"stopped by SIGINT at global_step={checkpoint['global_step']}; checkpoint: {path} (continue with " \
+           f"--resume {path})" in out, out  # fmt: skip
+    assert checkpoint["global_step"] == run.batch * checkpoint["iteration"] and checkpoint["iteration"] >= 1
+    assert not glob.glob(os.path.join(run_dir, "*.tmp")) and not os.path.exists(os.path.join(run_dir, "model.pt"))
+
+
+def check_sigterm_finishes_the_update_and_exits_143(script, run, tmp_path, monkeypatch, capsys):
+    """SIGTERM raised inside the first update's logging (in-process, so the moment is exact): that update is
+    finished, its checkpoint written, and the script exits 143; no second update starts."""
+    add_scalar, raised = script.SummaryWriter.add_scalar, []
+
+    def add_scalar_then_sigterm(self, tag, *args, **kwargs):
+        add_scalar(self, tag, *args, **kwargs)
+        if tag == "charts/SPS" and not raised:
+            raised.append(tag)
+            # the default handler would end this test process
+            assert callable(signal.getsignal(signal.SIGTERM)), "the script installed no SIGTERM handler"
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(script.SummaryWriter, "add_scalar", add_scalar_then_sigterm)
+    flags = [*run.flags, "--checkpoint-every", "0", "--total-timesteps", str(10 * run.batch)]
+    with pytest.raises(SystemExit) as exit_info:
+        run_in_process(script, tmp_path, flags, monkeypatch)
+    assert raised and exit_info.value.code == 143
+    checkpoint = torch.load(os.path.join(the_run_dir(tmp_path), "checkpoint.pt"), weights_only=True)
+    assert (checkpoint["iteration"], checkpoint["global_step"]) == (1, run.batch)
+    assert f"stopped by SIGTERM at global_step={run.batch}" in capsys.readouterr().out
+
+
+def check_bad_checkpoints_are_one_line_errors(script, run, tmp_path, capsys, obs_shape, num_actions, cases):
+    """Each case (change, flags, message): the checkpoint changed so (or as saved), resumed with the first run's
+    flags and `flags`, exits 2 with one line. Restoring is part of it: a model that does not fit is refused too."""
+    def resume(argv):
+        args = tyro.cli(script.Args, args=argv)
+        checkpoint = script.load_resume(args)
+        agent = script.Agent(obs_shape, num_actions, args.hidden_size, args.core, args.freeze_stem)
+        script.restore(checkpoint, agent, torch.optim.RMSprop([p for p in agent.parameters() if p.requires_grad]))
+
+    saved_step = run.saved["global_step"]
+    for change, flags, message in cases:
+        path = tmp_path / "ck.pt"
+        if change == "truncate":
+            path.write_bytes((run.dir / "saved.pt").read_bytes()[:2000])
+        else:
+            other = script.Agent(obs_shape, num_actions, 8).state_dict()  # the first run's hidden size is 16
+            edited = {"weights only": {"model": run.saved["model"], "args": run.saved["args"]},
+                      "other script": {**run.saved, "script": "rtrl_a2c_minigrid.py"},
+                      "other shapes": {**run.saved, "model": other}}  # fmt: skip
+            torch.save(edited.get(change, run.saved), path)
+        argv = [*run.flags, "--total-timesteps", str(2 * saved_step), "--resume", str(path), *flags]
+        helpers.bad_input_in_process(resume, argv, message, capsys)
+
+
+def check_main_checks_the_checkpoint_before_it_writes(script, run):
+    """As a user runs it: a mismatched --resume is refused and the run directory is left as it was."""
+    run_dir = run.dir / "runs" / run.name
+    before = {f: (run_dir / f).read_bytes() for f in os.listdir(run_dir)}
+    resume = ("--resume", f"runs/{run.name}/checkpoint.pt", "--total-timesteps", str(2 * run.saved["global_step"]))
+    proc = helpers.run_script(script.__file__, run.dir, *run.flags, "--hidden-size", "64", *resume)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert f"--hidden-size 64 (checkpoint: {run.saved['args']['hidden_size']})" in proc.stderr
+    assert {f: (run_dir / f).read_bytes() for f in os.listdir(run_dir)} == before
+
+
+def check_a_checkpoint_gives_its_stem(script, run, obs_shape, num_actions):
+    """checkpoint.pt names its script and holds the model: --init-stem-from takes it as it takes a model.pt."""
+    agent = script.Agent(obs_shape, num_actions, 8, "tbptt")
+    script.load_stem(agent, str(run.dir / "saved.pt"))
+    for name, tensor in agent.stem.state_dict().items():
+        assert torch.equal(tensor, run.saved["model"][f"stem.{name}"]), name
