@@ -11,6 +11,7 @@ recurrent parameters get untruncated gradients with no stored history.
     python rtrl_impala_dmlab.py --env-id rooms_watermaze --core rtrl --init-stem-from PRETRAINED.pt --freeze-stem
     python rtrl_impala_dmlab.py --env-id MyWayHome-v1             # pip-installable stand-in (EnvPool ViZDoom)
     torchrun --nproc_per_node 2 rtrl_impala_dmlab.py --env-id MyWayHome-v1 --num-actors 4
+    python rtrl_impala_dmlab.py --env-id rooms_watermaze --resume runs/NAME/checkpoint.pt   # after Ctrl-C, a crash
 
 The learner takes the oldest waiting unrolls first (FIFO); charts/unroll_age logs, in seconds, how long before
 its update the oldest unroll of each batch was finished, charts/policy_lag how many updates its weights were behind.
@@ -53,7 +54,14 @@ class Args:
     cuda: bool = True
     """if toggled, cuda will be used when available"""
     save_model: bool = False
-    """whether to save the model and its args to `runs/{run_name}/model.pt` (always done on Ctrl-C / SIGTERM)"""
+    """whether to save the model and its args to `runs/{run_name}/model.pt` at the end of training"""
+    checkpoint_every: int = 0
+    """agent steps between checkpoints, written atomically to `runs/{run_name}/checkpoint.pt` (0 = none); one is
+    also written at the end when this is set, and always on Ctrl-C / SIGTERM"""
+    resume: str = ""
+    """a checkpoint.pt to continue: the learner's model, optimizer, LR position, step and RNG states are restored
+    and the run directory's logs go on; actors restart fresh: every environment starts a new episode with zero
+    recurrent state and sensitivities"""
 
     # Algorithm specific arguments
     env_id: str = "rooms_watermaze"
@@ -316,8 +324,9 @@ def check_args(args):
     for name in ("total_timesteps", "num_actors", "envs_per_actor", "unroll_length", "batch_size", "hidden_size"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.eval_episodes < 0:
-        fail(f"--eval-episodes must be at least 0, got {args.eval_episodes}")
+    for name in ("eval_episodes", "checkpoint_every"):
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}")
     ranges = {  # inclusive bounds
         "learning_rate": (0.0, float("inf")), "rms_eps": (0.0, float("inf")), "rms_alpha": (0.0, 1.0),
         "gamma": (0.0, 1.0), "ent_coef": (0.0, float("inf")), "vf_coef": (0.0, float("inf")),
@@ -623,9 +632,10 @@ class Agent(nn.Module):
 UNROLL_KEYS = ("obs", "last_rewards", "firsts", "deads", "actions", "logits", "rewards", "terms")
 
 
-def actor_seed(args, rank, actor_id, incarnation):
-    """Distinct seeds derived from --seed for every learner, actor, restart and environment (SPEC §6)."""
-    return np.random.default_rng([args.seed, rank, actor_id, incarnation])
+def actor_seed(args, rank, actor_id, incarnation, start_step=0):
+    """Distinct seeds derived from --seed for every learner, actor, restart and environment (SPEC §6). A run
+    resumed at `start_step` folds it in: its actors do not replay the episodes of the run's start."""
+    return np.random.default_rng([args.seed, rank, actor_id, incarnation, *([start_step] if start_step else [])])
 
 
 def load_weights(agent, weights, version, my_version):
@@ -659,8 +669,10 @@ def keep_pipes_from_env_processes():
                 os.set_inheritable(fd, False)
 
 
-def actor_loop(args, obs_shape, num_actions, rank, actor_id, incarnation, workdir, weights, version, sender):
-    """Step the environments, carrying c and its sensitivities online; send unrolls of T + 1 steps.
+def actor_loop(args, obs_shape, num_actions, rank, actor_id, incarnation, start_step, workdir, weights, version,
+               sender):  # fmt: skip
+    """Step the environments, carrying c and its sensitivities online; send unrolls of T + 1 steps. Every actor
+    starts new episodes from zero (c, sens), after a resume too: a state belongs only to the episode that made it.
 
     An unroll's last step is the next unroll's first (IMPALA's overlap): the learner uses it only to bootstrap.
     With it go the (c, sens) before its first step, the weights' version for the policy lag, and when it was
@@ -672,7 +684,7 @@ def actor_loop(args, obs_shape, num_actions, rank, actor_id, incarnation, workdi
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the learner decides when we stop
     torch.set_num_threads(1)
     os.chdir(workdir)  # ViZDoom instances sharing a directory race on creating ./_vizdoom
-    rng = actor_seed(args, rank, actor_id, incarnation)
+    rng = actor_seed(args, rank, actor_id, incarnation, start_step)
     torch.manual_seed(int(rng.integers(2**31 - 1)))
     seeds = rng.choice(2**31 - 1, size=args.envs_per_actor, replace=False)
     envs = make_envs(args.env_id, seeds, args.dmlab_dataset_path)
@@ -720,11 +732,13 @@ class ActorPool:
     (ViZDoom's ignore SIGTERM and outlive a crashed parent).
     """
 
-    def __init__(self, args, obs_shape, num_actions, rank, agent, workdir):
+    def __init__(self, args, obs_shape, num_actions, rank, agent, workdir, start_step=0, updates=0):
+        """`start_step`, `updates`: where a resumed run's learner starts (its global step, the weights' version)."""
         self.ctx = mp.get_context("spawn")
         self.args, self.obs_shape, self.num_actions, self.rank, self.workdir = args, obs_shape, num_actions, rank, workdir
+        self.start_step = start_step
         self.weights = {k: v.detach().cpu().clone().share_memory_() for k, v in agent.state_dict().items()}
-        self.version = self.ctx.Value("q", 0, lock=False)  # 2 x the number of published updates; odd while writing
+        self.version = self.ctx.Value("q", 2 * updates, lock=False)  # 2 x the published updates; odd while writing
         n = args.num_actors
         self.procs, self.receivers, self.incarnations = [None] * n, [None] * n, [0] * n
         self.sent, self.early_deaths, self.restarts, self.hangs = [0] * n, [0] * n, 0, 0
@@ -744,8 +758,8 @@ class ActorPool:
         self.receivers[i], sender = self.ctx.Pipe(duplex=False)
         self.procs[i] = self.ctx.Process(
             target=actor_loop, daemon=True,
-            args=(self.args, self.obs_shape, self.num_actions, self.rank, i, self.incarnations[i], workdir,
-                  self.weights, self.version, sender),
+            args=(self.args, self.obs_shape, self.num_actions, self.rank, i, self.incarnations[i], self.start_step,
+                  workdir, self.weights, self.version, sender),
         )  # fmt: skip
         self.procs[i].start()
         sender.close()  # the actor holds the only writing end: if it dies, our reads end instead of hanging
@@ -989,16 +1003,101 @@ def evaluate(agent, args, seeds, workdir):
     on DMLab the held-out variant of the level where DMLab-30 has one. Returns (returns, level played)."""
     with contextlib.chdir(workdir):
         envs = make_envs(args.env_id, seeds, args.dmlab_dataset_path, test=True)
-    episodes = greedy_episodes(agent, envs, args.eval_episodes)
-    envs.close()
+    try:
+        episodes = greedy_episodes(agent, envs, args.eval_episodes)
+    finally:  # also on Ctrl-C, which stops an evaluation at once: no environment process outlives it
+        envs.close()
     return [episode[0] for episode in episodes], DMLAB30_TEST_LEVELS.get(args.env_id, args.env_id)  # (return, length)
 
 
-def save_checkpoint(agent, args, path):
-    """Atomic: a crash mid-write never leaves a truncated model.pt behind."""
+def save_checkpoint(agent, args, path, **extra):
+    """Atomic: a crash mid-write never leaves a truncated file behind, and the previous one stays until the new
+    one is complete. `extra` makes it a checkpoint to resume from (see training_state)."""
     tmp = f"{path}.tmp"
-    torch.save({"model": agent.state_dict(), "args": vars(args), "script": os.path.basename(__file__)}, tmp)
+    torch.save({"script": os.path.basename(__file__), "model": agent.state_dict(), "args": vars(args), **extra}, tmp)
     os.replace(tmp, path)
+
+
+def training_state(optimizer, run_name, iteration, global_step):
+    """What --resume restores besides the model: what the learner owns. `iteration` is the number of updates, the
+    published weights' version. Not the actors: an environment (DMLab, EnvPool) cannot be snapshotted, so a resumed
+    run's actors start new episodes with zero (c, sens), and a state belongs only to the episode that made it."""
+    np_state = np.random.get_state()
+    rng = {"python": random.getstate(), "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+           "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}  # fmt: skip
+    return dict(optimizer=optimizer.state_dict(), run_name=run_name, iteration=iteration, global_step=global_step, rng=rng)
+
+
+RESUME_KEYS = {"script", "model", "args", "optimizer", "run_name", "iteration", "global_step", "rng"}
+# flags a resumed run may change; any other must equal the checkpoint's. Besides the A2C scripts' ones, two that
+# change neither the learner nor the data: the hang deadline and where DMLab's dataset lies. The actors (as the A2C
+# scripts' envs; their count also picks the evaluation seeds) and the learners (torchrun's WORLD_SIZE: each
+# update's batch) must be as many as in the checkpoint's run.
+RESUME_MAY_CHANGE = {"total_timesteps", "checkpoint_every", "resume", "save_model", "eval_episodes", "cuda",
+                     "num_updates", "actor_timeout", "dmlab_dataset_path"}  # fmt: skip
+
+
+def load_resume(args):
+    """The checkpoint --resume names, checked against this command before anything is made; None without --resume.
+    Under torchrun every rank reads the same file."""
+    if not args.resume:
+        return None
+    try:
+        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        fail(f"--resume: no such file {args.resume!r}")
+    except Exception as e:  # truncated, corrupt, or not written by torch.save
+        fail(f"--resume: {args.resume!r} is not a readable checkpoint ({type(e).__name__}: {str(e).split('. ')[0][:120]})")
+    if not isinstance(checkpoint, dict) or not RESUME_KEYS <= set(checkpoint):
+        missing = sorted(RESUME_KEYS - set(checkpoint)) if isinstance(checkpoint, dict) else sorted(RESUME_KEYS)
+        fail(f"--resume: {args.resume!r} is not a checkpoint to resume from (no {', '.join(missing)}; "
+             "model.pt from --save-model holds weights only)")  # fmt: skip
+    if checkpoint["script"] != os.path.basename(__file__):
+        fail(f"--resume: {args.resume!r} was written by {checkpoint['script']}, not {os.path.basename(__file__)}")
+    ours, theirs = vars(args), checkpoint["args"]
+    flag = lambda k: "learners (WORLD_SIZE)" if k == "world_size" else f"--{k.replace('_', '-')}"  # noqa: E731
+    differ = [f"{flag(k)} {ours[k]} (checkpoint: {theirs.get(k)})" for k in ours
+              if k not in RESUME_MAY_CHANGE and ours[k] != theirs.get(k)]  # fmt: skip
+    if differ:
+        fail(f"--resume: this command differs from the checkpoint's run: {', '.join(differ)}")
+    if args.total_timesteps < checkpoint["global_step"]:
+        fail(f"--resume: --total-timesteps {args.total_timesteps} is below the checkpoint's step {checkpoint['global_step']}")
+    return checkpoint
+
+
+def restore(checkpoint, agent, optimizer):
+    """Load what training_state saved (the RNG states last: nothing may draw after them); returns (iteration, step).
+    Every rank restores rank 0's RNG states: the ranks' learners draw alike (same seed, same draws), so they were
+    equal anyway; what differs between ranks is their actors' seeds (actor_seed)."""
+    try:
+        agent.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        rng = checkpoint["rng"]
+        random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+        np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy(), *rng["numpy"][2:]))
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        fail(f"--resume: the checkpoint does not fit this agent ({(str(e).strip().splitlines() or [type(e).__name__])[0][:160]})")
+    return checkpoint["iteration"], checkpoint["global_step"]
+
+
+class StopSignals:
+    """Ctrl-C / SIGTERM: recorded, so that the learner can finish its update, stop every process, checkpoint and
+    exit 128 + signum."""
+
+    def __init__(self):
+        self.signum = None
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._record)
+
+    def _record(self, signum, frame):
+        self.signum = signum
+
+    def restore(self):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def load_stem(agent, path):
@@ -1040,14 +1139,18 @@ if __name__ == "__main__":
     args.world_size = int(os.environ.get("WORLD_SIZE", 1))
     obs_shape, num_actions = check_args(args)
     args.num_updates = args.total_timesteps // (args.batch_size * args.unroll_length * args.world_size)
+    resumed = load_resume(args)  # every rank reads the same file, before anything is made or written
     use_cuda = torch.cuda.is_available() and args.cuda
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if distributed:
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    # the core and unroll are in the name: runs of a sweep started in the same second never share a directory
-    run_name = f"{args.env_id}__{args.exp_name}__{args.core}__T{args.unroll_length}__{args.seed}__{int(time.time())}"
-    if rank == 0 and os.path.exists(f"runs/{run_name}"):
-        fail(f"runs/{run_name} exists; a run directory is never shared by two runs")
+    if resumed:  # the logs go on in the checkpoint's run directory
+        run_name = resumed["run_name"]
+    else:
+        # the core and unroll are in the name: runs of a sweep started in the same second never share a directory
+        run_name = f"{args.env_id}__{args.exp_name}__{args.core}__T{args.unroll_length}__{args.seed}__{int(time.time())}"
+        if rank == 0 and os.path.exists(f"runs/{run_name}"):
+            fail(f"runs/{run_name} exists; a run directory is never shared by two runs")
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -1058,35 +1161,45 @@ if __name__ == "__main__":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size - args.num_actors))
 
     agent = Agent(obs_shape, num_actions, args.hidden_size, args.core, args.freeze_stem).to(device)
-    if args.init_stem_from:  # before anything is written or any actor starts: a wrong file costs nothing
+    # before anything is written or any actor starts: a wrong file costs nothing (resumed: the checkpoint's stem)
+    if args.init_stem_from and not resumed:
         load_stem(agent, args.init_stem_from)
-    elif args.freeze_stem and rank == 0:
+    elif args.freeze_stem and rank == 0 and not resumed:
         print("--freeze-stem without --init-stem-from: the stem stays at its random initialization")
     if distributed:  # identical initial weights on every rank
         for p in agent.parameters():
             dist.broadcast(p.data, src=0)
     trained = [p for p in agent.parameters() if p.requires_grad]  # a frozen stem's get no gradient, no optimizer state
     optimizer = torch.optim.RMSprop(trained, lr=args.learning_rate, alpha=args.rms_alpha, eps=args.rms_eps)
+    # still before anything is written: a checkpoint that does not fit is refused with the run directory untouched
+    start_iteration, global_step = restore(resumed, agent, optimizer) if resumed else (0, 0)
     writer = None
     if rank == 0:
-        writer = SummaryWriter(f"runs/{run_name}")
+        # resumed: TensorBoard drops what an interrupted run logged after its checkpoint, and the event files go on
+        writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step + 1 if resumed else None)
         writer.add_text(
             "hyperparameters",
             "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
         )
+        if resumed:
+            print(f"resumed runs/{run_name} at global_step={global_step}: every environment starts a new episode, "
+                  "recurrent state and sensitivities zero", flush=True)  # fmt: skip
 
-    stop_signals = []  # Ctrl-C / SIGTERM: finish the current update, stop every process, save, exit
-    signal.signal(signal.SIGINT, lambda signum, frame: stop_signals.append(signum))
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop_signals.append(signum))
+    stop = StopSignals()  # Ctrl-C / SIGTERM: finish the current update, stop every process, checkpoint, exit
     workdir = tempfile.mkdtemp(prefix=f"rtrl_impala_rank{rank}_")
-    actors = ActorPool(args, obs_shape, num_actions, rank, agent, workdir)
-    global_step, start_time, last_print, recent_returns, interrupted = 0, time.time(), 0.0, [], False
+    # resumed: the actors start new episodes from new seeds (not a replay of the run's start), with zero (c, sens)
+    actors = None
+    if start_iteration < args.num_updates:  # resumed with no update left to make: none starts
+        actors = ActorPool(args, obs_shape, num_actions, rank, agent, workdir, global_step, start_iteration)
+    start_step, start_time, last_print, recent_returns, interrupted = global_step, time.time(), 0.0, [], False
+    checkpoint_path, next_checkpoint = f"runs/{run_name}/checkpoint.pt", global_step + args.checkpoint_every
+    iteration = start_iteration  # updates made: the published weights' version
 
     try:
-        for update in range(1, args.num_updates + 1):
+        for update in range(start_iteration + 1, args.num_updates + 1):
             if args.anneal_lr:
                 optimizer.param_groups[0]["lr"] = (1.0 - (update - 1.0) / args.num_updates) * args.learning_rate
-            batch = actors.get_batch(lambda: bool(stop_signals))
+            batch = actors.get_batch(lambda: stop.signum is not None)
             update_start = timer(device)
             optimizer.zero_grad()
             if batch is not None:
@@ -1095,10 +1208,10 @@ if __name__ == "__main__":
             else:  # stopping: take part in this round's all-reduce with no gradient
                 for p in trained:
                     p.grad = torch.zeros_like(p)
-            stop = batch is None
+            stopping = batch is None
             if distributed:
-                stop = all_reduce_gradients(trained, stop)
-            if stop:
+                stopping = all_reduce_gradients(trained, stopping)
+            if stopping:
                 interrupted = True
                 break
             grad_norm = nn.utils.clip_grad_norm_(trained, args.max_grad_norm)
@@ -1106,6 +1219,7 @@ if __name__ == "__main__":
             update_time = timer(device) - update_start
             policy_lag = np.mean([actors.updates - v for v in batch["versions"]])  # updates behind the learner
             actors.publish(agent)
+            iteration = update
 
             global_step += args.batch_size * args.unroll_length * args.world_size
             if rank == 0:
@@ -1113,7 +1227,7 @@ if __name__ == "__main__":
                     writer.add_scalar("charts/episodic_return", episode_return, global_step)
                     writer.add_scalar("charts/episodic_length", episode_length, global_step)
                     recent_returns = (recent_returns + [episode_return])[-20:]
-                sps = int(global_step / (time.time() - start_time))
+                sps = int((global_step - start_step) / (time.time() - start_time))  # this process's steps only
                 writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
                 for key, value in stats.items():
                     writer.add_scalar(f"losses/{key}", value, global_step)
@@ -1124,34 +1238,52 @@ if __name__ == "__main__":
                 writer.add_scalar("charts/actor_restarts", actors.restarts, global_step)
                 writer.add_scalar("charts/actor_hangs", actors.hangs, global_step)
                 writer.add_scalar("charts/SPS", sps, global_step)
-                if time.time() - last_print > 10 or update in (1, args.num_updates):
+                if time.time() - last_print > 10 or update in (start_iteration + 1, args.num_updates):
                     last_print = time.time()
                     mean_return = f"{np.mean(recent_returns):.2f}" if recent_returns else "n/a"
                     print(f"global_step={global_step} SPS={sps} return(last {len(recent_returns)} episodes)={mean_return} "
                           f"policy_lag={policy_lag:.2f} unroll_age={batch['unroll_age']:.2f}s "
                           f"entropy={stats['entropy'] / (args.unroll_length * args.batch_size):.3f} "
                           f"rtrl_share={rtrl_time / update_time:.3f}", flush=True)  # fmt: skip
+                if args.checkpoint_every and global_step >= next_checkpoint:  # rank 0 writes; ranks hold the same
+                    state = training_state(optimizer, run_name, iteration, global_step)
+                    save_checkpoint(agent, args, checkpoint_path, **state)
+                    next_checkpoint = global_step + args.checkpoint_every
     finally:
-        actors.stop()  # also on an error: no actor or environment process outlives the learner
+        if actors is not None:
+            actors.stop()  # also on an error: no actor or environment process outlives the learner
 
     if distributed:  # ranks hold identical weights: each prints its digest, for anyone to compare
         print(f"rank {rank}/{args.world_size}: weights sha256 {weights_digest(agent)}", flush=True)
-    if rank == 0:
-        if args.save_model or interrupted:
-            model_path = f"runs/{run_name}/model.pt"
-            save_checkpoint(agent, args, model_path)
-            print(f"model saved to {model_path}", flush=True)
-        if args.eval_episodes > 0 and not interrupted:
-            rng = actor_seed(args, rank, args.num_actors, 0)  # an actor id no actor has: unseen seeds
-            eval_seeds = rng.choice(2**31 - 1, size=min(args.eval_episodes, 8), replace=False)
-            eval_returns, eval_level = evaluate(agent, args, eval_seeds, workdir)
-            for i, eval_return in enumerate(eval_returns):
-                writer.add_scalar("eval/episodic_return", eval_return, i)
-            print(f"greedy evaluation over {len(eval_returns)} episodes of {eval_level}: "
-                  f"mean return {np.mean(eval_returns):.2f}")
-        writer.close()
-    shutil.rmtree(workdir, ignore_errors=True)
+    if rank == 0 and (interrupted or args.checkpoint_every):  # a stop, or the end of training
+        save_checkpoint(agent, args, checkpoint_path, **training_state(optimizer, run_name, iteration, global_step))
+    if interrupted:  # every rank stops (the all-reduce carried the request); only a signalled one has a number
+        if rank == 0:
+            writer.close()
+            by = signal.Signals(stop.signum).name if stop.signum else "another rank's signal"
+            print(f"stopped by {by} at global_step={global_step}; checkpoint: {checkpoint_path} "
+                  f"(continue with --resume {checkpoint_path})", flush=True)  # fmt: skip
+        shutil.rmtree(workdir, ignore_errors=True)
+        if distributed:
+            dist.destroy_process_group()
+        sys.exit(128 + stop.signum if stop.signum else 0)
+    stop.restore()  # Ctrl-C during the evaluation below stops it at once
+    try:
+        if rank == 0:
+            if args.save_model:
+                model_path = f"runs/{run_name}/model.pt"
+                save_checkpoint(agent, args, model_path)
+                print(f"model saved to {model_path}", flush=True)
+            if args.eval_episodes > 0:
+                rng = actor_seed(args, rank, args.num_actors, 0)  # an actor id no actor has: unseen seeds
+                eval_seeds = rng.choice(2**31 - 1, size=min(args.eval_episodes, 8), replace=False)
+                eval_returns, eval_level = evaluate(agent, args, eval_seeds, workdir)
+                for i, eval_return in enumerate(eval_returns):
+                    writer.add_scalar("eval/episodic_return", eval_return, i)
+                print(f"greedy evaluation over {len(eval_returns)} episodes of {eval_level}: "
+                      f"mean return {np.mean(eval_returns):.2f}")
+            writer.close()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     if distributed:
         dist.destroy_process_group()
-    if interrupted and stop_signals:
-        sys.exit(128 + stop_signals[0])

@@ -5,11 +5,16 @@ DeepMind Lab cannot be installed here: its adapter is checked against tests/fake
 """
 
 import glob
+import multiprocessing.connection
 import os
+import random
 import re
+import runpy
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from types import SimpleNamespace
 
@@ -399,15 +404,22 @@ def saved_agent(path, obs_shape, num_actions):
     return agent, checkpoint["args"]
 
 
-def test_torchrun_two_ranks_end_with_identical_weights(tmp_path):
+def test_torchrun_two_ranks_end_with_identical_weights_and_rank_0_checkpoints_them(tmp_path):
+    """Also the LSTM baseline end to end."""
     updates = 10
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT, *TINY,
            "--env-id", "rooms_watermaze", "--num-actors", "1", "--total-timesteps", str(updates * 2 * 5 * 2),
-           "--eval-episodes", "0"]  # fmt: skip
+           "--eval-episodes", "0", "--core", "lstm", "--checkpoint-every", "60"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=tmp_path, env=user_env(tmp_path, True), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     digests = dict(re.findall(r"rank (\d)/2: weights sha256 (\w+)", proc.stdout))
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], proc.stdout
+    (path,) = glob.glob(str(tmp_path / "runs" / "*" / "checkpoint.pt"))  # rank 0's alone, at the end of training
+    checkpoint = torch.load(path, weights_only=True)
+    assert (checkpoint["iteration"], checkpoint["global_step"], checkpoint["args"]["world_size"]) == (updates, 200, 2)
+    agent = impala.Agent((3, 72, 96), 9, 16, "lstm")
+    agent.load_state_dict(checkpoint["model"])
+    assert impala.weights_digest(agent) == digests["0"]
     scalars = checks.read_scalars(run_dir(tmp_path, "rooms_watermaze"))  # rank 0 alone logs
     checks.check_update_scalars(scalars, updates)
     for tag in ("charts/policy_lag", "charts/unroll_age", "charts/actor_hangs"):
@@ -428,15 +440,23 @@ def actor_pids(learner):
     return pids
 
 
-def start_run(tmp_path, env_id, *flags):
-    """A run in the background (fake DMLab unless env_id is an EnvPool task); returned once its first update printed."""
-    proc = subprocess.Popen([sys.executable, SCRIPT, "--env-id", env_id, *TINY, *flags], cwd=tmp_path,
+def launch(tmp_path, env_id, *flags):
+    """A run in the background (fake DMLab unless env_id is an EnvPool task)."""
+    return subprocess.Popen([sys.executable, SCRIPT, "--env-id", env_id, *TINY, *flags], cwd=tmp_path,
                             env=user_env(tmp_path, env_id == "rooms_watermaze"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def first_update(proc):
+    """The running `proc`, once its first update printed."""
     for line in proc.stdout:
         if line.startswith("global_step="):
             return proc
     pytest.fail(f"the run ended before its first update: {proc.communicate()[1][-2000:]}")
+
+
+def start_run(tmp_path, env_id, *flags):
+    return first_update(launch(tmp_path, env_id, *flags))
 
 
 def pipes(pid):
@@ -446,9 +466,13 @@ def pipes(pid):
 
 
 def test_vizdoom_stand_in_restarts_a_killed_actor_whose_processes_do_not_outlive_it_saves_and_evaluates(tmp_path):
+    """Also the paper's second stage end to end: RTRL on a pretrained stem kept frozen (the saved stem is the
+    pretrained one after the updates)."""
     updates = 30
+    pretrained = impala.Agent((3, 72, 96), 18, 8, "tbptt")  # any core: only its stem is read
+    impala.save_checkpoint(pretrained, impala.Args(core="tbptt"), str(tmp_path / "pretrained.pt"))
     proc = start_run(tmp_path, "MyWayHome-v1", "--num-actors", "2", "--total-timesteps", str(updates * 10),
-                     "--eval-episodes", "1", "--save-model")  # fmt: skip
+                     "--eval-episodes", "1", "--save-model", "--init-stem-from", "pretrained.pt", "--freeze-stem")  # fmt: skip
     before = actor_pids(proc.pid)
     assert len(before) == 2
     # A ViZDoom process holding an actor's pipe to the learner would keep a message cut off by the kill open forever
@@ -468,29 +492,207 @@ def test_vizdoom_stand_in_restarts_a_killed_actor_whose_processes_do_not_outlive
     checks.check_update_scalars(scalars, updates)
     assert scalars["charts/actor_restarts"][-1] == 1 and scalars["charts/actor_hangs"][-1] == 0
     assert len(scalars["eval/episodic_return"]) == 1 and "episodes of MyWayHome-v1" in out  # a whole ViZDoom episode
-    saved_agent(path, (3, 72, 96), 18)
+    agent, _ = saved_agent(path, (3, 72, 96), 18)
+    for k, v in pretrained.stem.state_dict().items():
+        assert torch.equal(agent.stem.state_dict()[k], v), k
     assert not (tmp_path / "_vizdoom").exists()
     assert_nothing_left_behind(tmp_path)
 
 
+# ---------------------------------------------------------------------------------------------
+# Long runs: Ctrl-C / SIGTERM, --checkpoint-every, --resume
+# ---------------------------------------------------------------------------------------------
+STOPPED = ("--num-actors", "1", "--total-timesteps", "1000000")  # with TINY, RTRL on the fake DMLab
+RESUMED = (*TINY, "--env-id", "rooms_watermaze", "--num-actors", "1", "--eval-episodes", "0")
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory):
+    """Two runs of the same flags and seed, started together, stopped after their first update by SIGINT and by
+    SIGTERM: {signum: the run (its dir, exit code, output, actors' pids, run name, checkpoint, scalars)}."""
+    dirs = {signum: tmp_path_factory.mktemp(signal.Signals(signum).name) for signum in (signal.SIGINT, signal.SIGTERM)}
+    procs = {signum: launch(path, "rooms_watermaze", *STOPPED) for signum, path in dirs.items()}
+    runs = {}
+    for signum, proc in procs.items():
+        actors = actor_pids(first_update(proc).pid)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=120)
+        path = dirs[signum]
+        runs[signum] = SimpleNamespace(dir=path, returncode=proc.returncode, out=out, err=err, actors=actors,
+                                       name=os.path.basename(run_dir(path, "rooms_watermaze")))  # fmt: skip
+        checkpoint = path / "runs" / runs[signum].name / "checkpoint.pt"
+        runs[signum].saved = torch.load(checkpoint, weights_only=True) if checkpoint.exists() else None
+        runs[signum].scalars = helpers.scalar_steps(path / "runs" / runs[signum].name)
+    return runs
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_stop_signal_stops_every_process_and_saves_a_checkpoint(tmp_path, signum):
-    """Each run also shows one of the paper's set-ups end to end: the LSTM baseline, or RTRL on a pretrained
-    stem kept frozen (its checkpoint's stem is the pretrained one after the updates)."""
-    pretrained = impala.Agent((3, 72, 96), 9, 8, "tbptt")  # any core: only its stem is read
-    impala.save_checkpoint(pretrained, impala.Args(core="tbptt"), str(tmp_path / "pretrained.pt"))
-    flags = ["--core", "lstm"] if signum == signal.SIGINT else ["--init-stem-from", "pretrained.pt", "--freeze-stem"]
-    proc = start_run(tmp_path, "rooms_watermaze", "--num-actors", "2", "--total-timesteps", "1000000", *flags)
-    actors = actor_pids(proc.pid)
-    proc.send_signal(signum)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signum, err[-3000:]
-    agent, args = saved_agent(run_dir(tmp_path, "rooms_watermaze"), (3, 72, 96), 9)  # saved without --save-model
-    assert args["total_timesteps"] == 1000000 and "greedy evaluation" not in out
-    if signum == signal.SIGTERM:
-        for k, v in pretrained.stem.state_dict().items():
-            assert torch.equal(agent.stem.state_dict()[k], v), k
-    assert len(actors) == 2 and not set(actors) & set(helpers.processes_under("/"))
+def test_a_stop_signal_finishes_the_update_stops_every_process_and_writes_a_checkpoint(stopped, signum):
+    """Without --checkpoint-every or --save-model: the checkpoint holds the last update logged, and loads with
+    weights_only=True; no model.pt (that is --save-model's, at the end of training), no evaluation."""
+    run = stopped[signum]
+    assert run.returncode == 128 + signum and run.saved is not None, run.err[-3000:]
+    path, saved = f"runs/{run.name}/checkpoint.pt", run.saved
+    assert f"stopped by {signal.Signals(signum).name} at global_step={saved['global_step']}; checkpoint: {path} " \
+           f"(continue with --resume {path})" in run.out  # fmt: skip
+    assert saved["global_step"] == 10 * saved["iteration"] == run.scalars["charts/SPS"][-1][0] >= 10
+    assert saved["script"] == "rtrl_impala_dmlab.py" and saved["args"]["total_timesteps"] == 1000000
+    assert sorted(f for f in os.listdir(run.dir / "runs" / run.name) if not f.startswith("events.")) == ["checkpoint.pt"]
+    assert "greedy evaluation" not in run.out
+    assert len(run.actors) == 1 and not set(run.actors) & set(helpers.processes_under("/"))
+    assert_nothing_left_behind(run.dir)
+
+
+def test_the_same_seed_logs_identical_losses_for_the_first_update(stopped):
+    """With one actor the first batch is that actor's first unrolls, made with the initial weights: the same in
+    both runs, float for float. Later batches are not compared: which weights the actor had loaded when it began
+    an unroll depends on timing (the learner is asynchronous)."""
+    a, b = stopped[signal.SIGINT].scalars, stopped[signal.SIGTERM].scalars
+    losses = [tag for tag in a if tag.startswith("losses/")]
+    assert len(losses) == 4 and all(a[tag][0] == b[tag][0] and a[tag][0][0] == 10 for tag in losses), losses
+
+
+def run_in_process(tmp_path, flags, monkeypatch):
+    """The script's main block in this process, in tmp_path, as `python SCRIPT FLAGS` runs it on the fake DMLab,
+    without an interpreter start; its actors are spawned as the script's are. The signal handlers and thread
+    count it sets are put back afterwards."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [SCRIPT, *flags])
+    monkeypatch.syspath_prepend(FAKE_LAB)  # the spawned actors inherit sys.path and the environment
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    handlers, threads = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}, torch.get_num_threads()
+    try:
+        runpy.run_path(SCRIPT, run_name="__main__")
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        torch.set_num_threads(threads)
+
+
+def copy_of(run, tmp_path):
+    """A copy of a stopped run's directory to resume (resuming writes its checkpoint); the checkpoint's path."""
+    shutil.copytree(run.dir / "runs", tmp_path / "runs")
+    return f"runs/{run.name}/checkpoint.pt"
+
+
+def test_resume_restores_every_tensor_bit_for_bit(stopped, tmp_path, monkeypatch, capsys):
+    """Resumed with no update left to make, the learner loads its checkpoint and writes it again (no actor starts)."""
+    run = stopped[signal.SIGINT]
+    checkpoint, step = copy_of(run, tmp_path), run.saved["global_step"]
+    flags = [*RESUMED, "--resume", checkpoint, "--total-timesteps", str(step), "--checkpoint-every", "10",
+             "--actor-timeout", "30"]  # a flag a resumed run may change  # fmt: skip
+    run_in_process(tmp_path, flags, monkeypatch)
+    assert f"resumed runs/{run.name} at global_step={step}: every environment starts a new episode, recurrent " \
+           "state and sensitivities zero" in capsys.readouterr().out  # fmt: skip
+    again = torch.load(tmp_path / checkpoint, weights_only=True)
+    for key in ("model", "optimizer", "rng", "iteration", "global_step", "run_name", "script"):
+        assert helpers.same_tensors(run.saved[key], again[key]), key
+    assert run.saved["optimizer"]["state"]  # RMSprop's running averages
+    assert len(run.saved["rng"]["python"][1]) == 625 and run.saved["rng"]["numpy"][1].numel() == 624  # MT states
+    assert_nothing_left_behind(tmp_path)
+    # The learner draws no random number (the actors sample the actions), so a fresh process has the checkpoint's
+    # RNG states already: that restore sets them is checked from other ones
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    agent = impala.Agent((3, 72, 96), 9, 16)
+    optimizer = torch.optim.RMSprop(agent.parameters())
+    impala.restore(run.saved, agent, optimizer)
+    assert helpers.same_tensors(impala.training_state(optimizer, "", 0, 0)["rng"], run.saved["rng"])
+
+
+def first_episode_seed(start_step):
+    """The reset seed of the first episode of actor 0 (rank 0, first incarnation) in a run started at start_step."""
+    rng = impala.actor_seed(impala.Args(), 0, 0, 0, start_step)
+    rng.integers(2**31 - 1)  # its torch seed
+    return int(np.random.default_rng(int(rng.choice(2**31 - 1, size=1, replace=False)[0])).integers(2**31 - 1))
+
+
+def test_a_resumed_run_goes_on_from_its_step_with_new_episodes_from_zero_state(stopped, tmp_path, monkeypatch):
+    """The run directory's scalars are one run's (one per update, none twice), the learning rate goes on from the
+    checkpoint's update, checkpoints come every --checkpoint-every steps, and the actor's first unroll starts new
+    episodes (not the original run's: other seeds) from zero c and sensitivities."""
+    run = stopped[signal.SIGINT]
+    checkpoint, step, iteration = copy_of(run, tmp_path), run.saved["global_step"], run.saved["iteration"]
+    first_unrolls, checkpoints = {}, []
+    recv, save = multiprocessing.connection.Connection.recv, torch.save
+
+    def recv_and_keep(self):
+        item = recv(self)
+        first_unrolls.setdefault(item["actor"], item)
+        return item
+
+    monkeypatch.setattr(multiprocessing.connection.Connection, "recv", recv_and_keep)
+    monkeypatch.setattr(torch, "save", lambda obj, path: checkpoints.append(obj["global_step"]) or save(obj, path))
+    flags = [*RESUMED, "--resume", checkpoint, "--total-timesteps", str(step + 30), "--checkpoint-every", "20"]
+    run_in_process(tmp_path, flags, monkeypatch)
+    assert checkpoints == [step + 20, step + 30]  # every 20 steps, and at the end
+    scalars = helpers.scalar_steps(tmp_path / "runs" / run.name)
+    for tag in checks.UPDATE_SCALARS:
+        assert [s for s, _ in scalars[tag]] == list(range(10, step + 31, 10)), tag
+    lr, lr0 = dict(scalars["charts/learning_rate"]), impala.Args().learning_rate
+    assert lr[step] == pytest.approx(lr0 * (1 - (iteration - 1) / 100000))  # the first run's 1000000 steps
+    assert lr[step + 10] == pytest.approx(lr0 * (1 - iteration / (iteration + 3)))  # goes on to the new total
+    after = [(s, length) for s, length in scalars["charts/episodic_length"] if s > step]
+    assert after and all(length <= s - step for s, length in after)  # one env: its steps since the resume
+    (unroll,) = first_unrolls.values()
+    assert unroll["firsts"][0].all() and (unroll["obs"][0, :, 1] == 0).all()  # the fake's frame count: a first frame
+    assert not unroll["c0"].any() and not any(s.any() for s in unroll["sens0"].values())
+    assert unroll["obs"][0, 0, 0, 0, 0] == first_episode_seed(step) % 256 != first_episode_seed(0) % 256
+    assert_nothing_left_behind(tmp_path)
+
+
+def resume(argv):
+    """What main does with --resume before anything is written: check, load, restore."""
+    args = tyro.cli(impala.Args, args=argv)
+    obs_shape, num_actions = impala.check_args(args)
+    checkpoint = impala.load_resume(args)
+    agent = impala.Agent(obs_shape, num_actions, args.hidden_size, args.core, args.freeze_stem)
+    impala.restore(checkpoint, agent, torch.optim.RMSprop(agent.parameters()))
+
+
+@pytest.mark.parametrize(
+    "change,flags,message",
+    [
+        (None, ["--resume", "missing.pt"], "--resume: no such file 'missing.pt'"),
+        ("truncate", [], "is not a readable checkpoint (RuntimeError: PytorchStreamReader failed"),
+        ("weights only", [], "is not a checkpoint to resume from (no global_step, iteration, optimizer, rng, run_name"),
+        ("other script", [], "was written by rtrl_a2c_minigrid.py, not rtrl_impala_dmlab.py"),
+        (None, ["--hidden-size", "64", "--core", "tbptt"],
+         "differs from the checkpoint's run: --hidden-size 64 (checkpoint: 16), --core tbptt (checkpoint: rtrl)"),
+        (None, ["--env-id", "rooms_keys_doors_puzzle"], "--env-id rooms_keys_doors_puzzle (checkpoint: rooms_watermaze)"),
+        (None, ["--num-actors", "2"], "differs from the checkpoint's run: --num-actors 2 (checkpoint: 1)"),
+        ("two learners", [], "differs from the checkpoint's run: learners (WORLD_SIZE) 1 (checkpoint: 2)"),
+        ("other shapes", [], "the checkpoint does not fit this agent (Error(s) in loading state_dict for Agent"),
+        ("further on", [], "--total-timesteps 2000000 is below the checkpoint's step 3000000"),
+    ],
+)
+def test_a_bad_checkpoint_to_resume_is_a_one_line_error(stopped, tmp_path, monkeypatch, capsys, change, flags, message):
+    monkeypatch.syspath_prepend(FAKE_LAB)
+    run = stopped[signal.SIGINT]
+    path = tmp_path / "ck.pt"
+    if change == "truncate":
+        path.write_bytes((run.dir / "runs" / run.name / "checkpoint.pt").read_bytes()[:3000])
+    else:
+        edited = {"weights only": {"model": run.saved["model"], "args": run.saved["args"]},
+                  "other script": {**run.saved, "script": "rtrl_a2c_minigrid.py"},
+                  "two learners": {**run.saved, "args": {**run.saved["args"], "world_size": 2}},
+                  "other shapes": {**run.saved, "model": impala.Agent((3, 72, 96), 9, 8).state_dict()},
+                  "further on": {**run.saved, "global_step": 3000000}}  # fmt: skip
+        torch.save(edited.get(change, run.saved), path)
+    argv = [*RESUMED, "--total-timesteps", "2000000", "--resume", str(path), *flags]
+    helpers.bad_input_in_process(resume, argv, message, capsys)
+
+
+def test_the_script_checks_a_checkpoint_before_it_writes_or_starts_anything(stopped, tmp_path):
+    run = stopped[signal.SIGINT]
+    checkpoint = copy_of(run, tmp_path)
+    run_path = tmp_path / os.path.dirname(checkpoint)
+    before = {f: (run_path / f).read_bytes() for f in os.listdir(run_path)}
+    proc = run_script(tmp_path, *RESUMED, "--hidden-size", "64", "--resume", checkpoint, fake_lab=True)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "--hidden-size 64 (checkpoint: 16)" in proc.stderr
+    assert {f: (run_path / f).read_bytes() for f in os.listdir(run_path)} == before
     assert_nothing_left_behind(tmp_path)
 
 
@@ -566,6 +768,7 @@ def parse(flags):
         (["--env-id", "MyWayHome-v1", "--unroll-length", "0"], "--unroll-length must be at least 1"),
         (["--env-id", "MyWayHome-v1", "--total-timesteps", "100"], "less than one update"),
         (["--env-id", "MyWayHome-v1", "--actor-timeout", "0"], "--actor-timeout must be positive"),
+        (["--env-id", "MyWayHome-v1", "--checkpoint-every", "-1"], "--checkpoint-every must be at least 0, got -1"),
         (["--env-id", "psychlab_continuous_recognition"], "pass its directory as --dmlab-dataset-path"),
     ],
 )
