@@ -117,6 +117,10 @@ class Args:
     """rtrl: eLSTM with exact untruncated RTRL gradients; tbptt: the same eLSTM with BPTT cut at each
     rollout's start; lstm: a standard LSTM (nn.LSTMCell) with BPTT cut the same way; ff: no memory (the
     eLSTM with its state zeroed at every step)"""
+    stem_in_update: Literal["auto", "on", "off"] = "auto"
+    """on: the rollout runs the stem without autograd and the update runs it again, one batched forward over
+    T x B; off: the rollout keeps each step's small autograd graph of the stem and the update backprops through
+    them (no second forward). auto: on for cuda (T graphs mean many tiny kernels), off for the CPU. Same gradients"""
     rtrl_impl: Literal["chunked", "step"] = "chunked"
     """exact RTRL in one GEMM-shaped pass per rollout (chunked) or by the per-step recursion (step): same numbers"""
     eval_episodes: int = 20
@@ -540,6 +544,15 @@ def compute_gradients(agent, rollout, returns, c0, sens0, args):
     return stats, sens_T, rtrl_time
 
 
+def rollout_features(agent, obs, last_reward, stem_in_update):
+    """One step's features for the policy. Without stem_in_update they keep the stem's autograd graph, and the
+    update backprops through the T kept graphs (no second forward); with it, the update recomputes them."""
+    if stem_in_update:
+        with torch.no_grad():
+            return agent.features(obs, last_reward)
+    return agent.features(obs, last_reward)
+
+
 def env_seeds(seed, n):
     """Distinct per-env seeds derived from --seed (SPEC §6)."""
     return np.random.default_rng(seed).choice(2**31 - 1, size=n, replace=False)
@@ -610,7 +623,7 @@ def training_state(optimizer, run_name, iteration, global_step):
 RESUME_KEYS = {"script", "model", "args", "optimizer", "run_name", "iteration", "global_step", "rng"}
 # flags a resumed run may change; any other must equal the checkpoint's
 RESUME_MAY_CHANGE = {"total_timesteps", "checkpoint_every", "resume", "save_model", "eval_episodes", "cuda",
-                     "batch_size", "num_iterations"}  # fmt: skip
+                     "stem_in_update", "batch_size", "num_iterations"}  # fmt: skip
 
 
 def load_resume(args):
@@ -717,6 +730,8 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    # on the CPU the T kept graphs were faster than a second forward (README); on a GPU they are many tiny kernels
+    stem_in_update = args.stem_in_update == "on" or (args.stem_in_update == "auto" and device.type == "cuda")
 
     spec = envpool.make_spec(args.env_id)
     obs_shape = tuple(spec.observation_space.shape)
@@ -774,8 +789,7 @@ if __name__ == "__main__":
             global_step += B
             rollout.obs[step], rollout.last_rewards[step] = envs.obs, envs.last_reward
             rollout.firsts[step], rollout.deads[step] = envs.first, envs.dead
-            # the stem runs with autograd here and the update backprops through these graphs: no second forward
-            features.append(agent.features(envs.obs, envs.last_reward))
+            features.append(rollout_features(agent, envs.obs, envs.last_reward, stem_in_update))
             action, rollout.values[step], c = agent.act(features[-1], c, envs.first)
             rollout.actions[step] = action
             rollout.rewards[step], rollout.terms[step], episodes = envs.step(action)
@@ -787,7 +801,7 @@ if __name__ == "__main__":
         update_start = timer(device)
         with torch.no_grad():  # c itself moves on in the next rollout
             next_value = agent.act(agent.features(envs.obs, envs.last_reward), c, envs.first)[1]
-        rollout.features = torch.stack(features)
+        rollout.features = None if stem_in_update else torch.stack(features)  # None: compute_gradients recomputes
         returns = n_step_returns(rollout, next_value, args.gamma)
         optimizer.zero_grad()
         stats, sens, rtrl_time = compute_gradients(agent, rollout, returns, c0, sens, args)

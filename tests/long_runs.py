@@ -187,3 +187,29 @@ def check_a_checkpoint_gives_its_stem(script, run, obs_shape, num_actions):
     script.load_stem(agent, str(run.dir / "saved.pt"))
     for name, tensor in agent.stem.state_dict().items():
         assert torch.equal(tensor, run.saved["model"][f"stem.{name}"]), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Ready for a GPU (issue 14): the stem's two paths, the device line, checkpoints on the CPU
+# ---------------------------------------------------------------------------------------------
+def check_stem_in_update_gives_the_same_gradients(script, core):
+    """--stem-in-update on (the update runs the stem once over T x B) and off (it backprops through the T graphs
+    the rollout kept, step by step) give the same gradient on every parameter, in float64."""
+    torch.manual_seed(0)
+    agent = script.Agent(checks.Pixels.shape, checks.NUM_ACTIONS, checks.HIDDEN, core).double()
+    args = script.Args(core=core)
+    (rollout,) = checks.random_rollouts(script, 1, 5, 3)
+    returns = torch.randn(5, 3, dtype=torch.float64)
+    grads = {}
+    for stem_in_update in (True, False):
+        rollout.features = torch.stack([script.rollout_features(agent, obs, reward, stem_in_update)
+                                        for obs, reward in zip(rollout.obs, rollout.last_rewards)])  # fmt: skip
+        assert rollout.features.requires_grad != stem_in_update  # no graph: the update must recompute
+        if stem_in_update:
+            rollout.features = None
+        c, sens = agent.cell.initial_state(3)
+        agent.zero_grad(set_to_none=True)
+        script.compute_gradients(agent, rollout, returns, c, sens, args)
+        grads[stem_in_update] = {k: p.grad.clone() for k, p in agent.named_parameters()}
+    for k, g in grads[True].items():
+        assert g.norm() > 0 and checks.rel_err(grads[False][k], g) < 1e-12, k

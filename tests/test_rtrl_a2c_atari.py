@@ -57,6 +57,11 @@ def test_init_stem_from_copies_the_stem_and_refuses_what_does_not_fit(tmp_path, 
     checks.check_init_stem_from(atari, tmp_path, capsys, (4, 84, 84), (3, 64, 64))
 
 
+@pytest.mark.parametrize("core", ["rtrl", "lstm"])
+def test_stem_in_update_on_and_off_give_the_same_gradients(core):
+    long_runs.check_stem_in_update_gives_the_same_gradients(atari, core)
+
+
 def test_greedy_evaluation_plays_a_fixed_quota_per_env():
     checks.check_greedy_evaluation_plays_a_fixed_quota_per_env(atari)
 
@@ -79,6 +84,8 @@ def test_training_run_writes_scalars_and_a_loadable_checkpoint(tmp_path, core, n
     pretrained = atari.Agent((4, 84, 84), 4, 8, "tbptt")
     atari.save_checkpoint(pretrained, atari.Args(core="tbptt"), str(tmp_path / "pretrained.pt"))
     stem_flags = ["--init-stem-from", "pretrained.pt", "--freeze-stem"] if frozen else []
+    if core == "ff":  # the stem recomputed in the update (the CUDA default; the CPU's keeps the rollout's graphs)
+        stem_flags = ["--stem-in-update", "on"]
     proc = run_script(tmp_path, "--core", core, "--num-envs", "2", "--num-steps", str(num_steps),
                       "--total-timesteps", str(steps), "--hidden-size", "16", "--eval-episodes", "1", "--save-model",
                       *stem_flags)  # fmt: skip

@@ -55,6 +55,11 @@ def test_init_stem_from_copies_the_stem_and_refuses_what_does_not_fit(tmp_path, 
     checks.check_init_stem_from(procgen, tmp_path, capsys, (3, 64, 64), (4, 84, 84))
 
 
+@pytest.mark.parametrize("core", ["rtrl", "lstm"])
+def test_stem_in_update_on_and_off_give_the_same_gradients(core):
+    long_runs.check_stem_in_update_gives_the_same_gradients(procgen, core)
+
+
 def test_greedy_evaluation_plays_a_fixed_quota_per_env():
     checks.check_greedy_evaluation_plays_a_fixed_quota_per_env(procgen)
 
@@ -116,7 +121,7 @@ def test_training_run_writes_both_eval_scalars_and_a_loadable_checkpoint(tmp_pat
     proc = run_script(tmp_path, "--core", core, "--num-envs", "2", "--num-steps", str(num_steps),
                       "--total-timesteps", str(steps), "--hidden-size", "16", "--eval-episodes", "2",
                       "--eval-every", str(steps // 2), "--test-level-starts", *test_sets, "--save-model",
-                      *stem_flags)  # fmt: skip
+                      "--stem-in-update", "on", *stem_flags)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     (run_dir,) = glob.glob(str(tmp_path / "runs" / f"ChaserHard-v0__rtrl_a2c_procgen__{core}__T{num_steps}__1__*"))
     scalars = checks.read_scalars(run_dir)
