@@ -1010,12 +1010,48 @@ def evaluate(agent, args, seeds, workdir):
     return [episode[0] for episode in episodes], DMLAB30_TEST_LEVELS.get(args.env_id, args.env_id)  # (return, length)
 
 
+def choose_device(cuda, local_rank, local_world_size):
+    """(device, note for the device line). --cuda: GPU `local_rank`, one per rank (NCCL refuses two ranks on one GPU);
+    the CPU, saying why, when no GPU is usable (a CPU build of torch, or one whose CUDA does not fit the driver)."""
+    if not cuda:
+        return torch.device("cpu"), ""
+    if not torch.cuda.is_available():
+        return torch.device("cpu"), " (--cuda: no CUDA device found)"
+    if local_world_size > torch.cuda.device_count():
+        fail(f"--cuda: {local_world_size} ranks on this node but {torch.cuda.device_count()} GPU(s); start at most "
+             f"{torch.cuda.device_count()} (torchrun --nproc_per_node), or add --no-cuda for gloo on the CPU")
+    return torch.device("cuda", local_rank), ""
+
+
+def device_line(device, note):
+    """`device: cpu` or `device: cuda:0 (NAME, torch CUDA X.Y)`: printed and logged, so no CPU fallback is silent."""
+    if device.type == "cuda":
+        return f"device: {device} ({torch.cuda.get_device_name(device)}, torch CUDA {torch.version.cuda})"
+    return f"device: cpu{note}"
+
+
 def save_checkpoint(agent, args, path, **extra):
     """Atomic: a crash mid-write never leaves a truncated file behind, and the previous one stays until the new
     one is complete. `extra` makes it a checkpoint to resume from (see training_state)."""
     tmp = f"{path}.tmp"
-    torch.save({"script": os.path.basename(__file__), "model": agent.state_dict(), "args": vars(args), **extra}, tmp)
+    checkpoint = {"script": os.path.basename(__file__), "model": agent.state_dict(), "args": vars(args), **extra}
+    torch.save(to_cpu(checkpoint), tmp)
     os.replace(tmp, path)
+
+
+def to_cpu(obj):
+    """CPU copies of every tensor in a checkpoint (the optimizer state's too): a file written on a GPU loads on a
+    machine without one; loading maps to the CPU and load_state_dict copies onto the agent's device."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        out = type(obj)((k, to_cpu(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):  # a state dict's per-module versions
+            out._metadata = obj._metadata
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
 
 
 def training_state(optimizer, run_name, iteration, global_step):
@@ -1140,10 +1176,15 @@ if __name__ == "__main__":
     obs_shape, num_actions = check_args(args)
     args.num_updates = args.total_timesteps // (args.batch_size * args.unroll_length * args.world_size)
     resumed = load_resume(args)  # every rank reads the same file, before anything is made or written
-    use_cuda = torch.cuda.is_available() and args.cuda
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    device, device_note = choose_device(args.cuda, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    use_cuda = device.type == "cuda"
+    if use_cuda:
+        torch.cuda.set_device(device)  # NCCL and every bare .cuda() use this rank's GPU, not GPU 0
+    # the float32 agreement of RTRL and BPTT (README) needs full-precision GEMMs: TF32 keeps 10 mantissa bits and
+    # the cell's reductions over T*B lose about three digits. Only matmuls: cuDNN's convolutions (stem) may use TF32.
+    torch.backends.cuda.matmul.allow_tf32 = False
     if distributed:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     if resumed:  # the logs go on in the checkpoint's run directory
         run_name = resumed["run_name"]
     else:
@@ -1177,6 +1218,8 @@ if __name__ == "__main__":
     if rank == 0:
         # resumed: TensorBoard drops what an interrupted run logged after its checkpoint, and the event files go on
         writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step + 1 if resumed else None)
+        print(device_line(device, device_note), flush=True)
+        writer.add_text("device", device_line(device, device_note))
         writer.add_text(
             "hyperparameters",
             "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),

@@ -584,8 +584,10 @@ def test_resume_restores_every_tensor_bit_for_bit(stopped, tmp_path, monkeypatch
     flags = [*RESUMED, "--resume", checkpoint, "--total-timesteps", str(step), "--checkpoint-every", "10",
              "--actor-timeout", "30"]  # a flag a resumed run may change  # fmt: skip
     run_in_process(tmp_path, flags, monkeypatch)
+    out = capsys.readouterr().out
     assert f"resumed runs/{run.name} at global_step={step}: every environment starts a new episode, recurrent " \
-           "state and sensitivities zero" in capsys.readouterr().out  # fmt: skip
+           "state and sensitivities zero" in out  # fmt: skip
+    assert "device: cpu (--cuda: no CUDA device found)\n" in out  # --cuda is the default; no GPU here
     again = torch.load(tmp_path / checkpoint, weights_only=True)
     for key in ("model", "optimizer", "rng", "iteration", "global_step", "run_name", "script"):
         assert helpers.same_tensors(run.saved[key], again[key]), key
@@ -790,3 +792,91 @@ def test_a_checkpoint_of_another_observation_shape_is_refused_before_anything_st
     message = "its stem does not fit this agent's (stem.3.weight is 256x2048 there, 256x3456 here)"
     checks.check_bad_input_is_a_one_line_error(proc, message, tmp_path)
     assert_nothing_left_behind(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices (issue 14): ranks and GPUs, CPU checkpoints, the device line, a CUDA run of the float64 claim
+# ---------------------------------------------------------------------------------------------
+def fake_gpus(monkeypatch, count):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def test_more_ranks_than_gpus_under_cuda_is_a_one_line_error_naming_both_counts(monkeypatch, capsys):
+    fake_gpus(monkeypatch, 1)
+    with pytest.raises(SystemExit) as e:
+        impala.choose_device(True, 1, 2)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert "--cuda: 2 ranks on this node but 1 GPU(s); start at most 1 (torchrun --nproc_per_node)" in err
+    assert "--no-cuda for gloo on the CPU" in err
+    fake_gpus(monkeypatch, 2)
+    assert impala.choose_device(True, 1, 2) == (torch.device("cuda:1"), "")  # each rank its own GPU
+    assert impala.choose_device(False, 1, 2) == (torch.device("cpu"), "")  # --no-cuda: gloo on the CPU
+    fake_gpus(monkeypatch, 0)
+    assert impala.choose_device(True, 0, 2) == (torch.device("cpu"), " (--cuda: no CUDA device found)")
+    assert impala.device_line(*impala.choose_device(True, 0, 1)) == "device: cpu (--cuda: no CUDA device found)"
+
+
+def all_tensors(obj):
+    if torch.is_tensor(obj):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    return [t for v in obj for t in all_tensors(v)] if isinstance(obj, (list, tuple)) else []
+
+
+def test_a_checkpoint_holds_cpu_copies_of_every_tensor_and_loads_with_map_location_cpu(tmp_path, monkeypatch):
+    """No GPU here, so a tensor's .cpu() is marked instead: every tensor written (model, optimizer state, RNG
+    states) must have come out of .cpu(), which on a GPU is the copy a CPU-only machine can load."""
+    agent = impala.Agent(OBS_SHAPE, NUM_ACTIONS, HIDDEN)
+    optimizer = torch.optim.RMSprop(agent.parameters())
+    sum(p.sum() for p in agent.parameters()).backward()
+    optimizer.step()  # RMSprop's running averages: tensors in the optimizer state
+    moved, written, cpu, save = set(), [], torch.Tensor.cpu, torch.save
+
+    def marked_cpu(t, *a, **k):
+        out = cpu(t, *a, **k).clone()
+        moved.add(id(out))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "cpu", marked_cpu)
+    monkeypatch.setattr(torch, "save", lambda obj, f: (written.append(obj), save(obj, f)))
+    path = str(tmp_path / "checkpoint.pt")
+    impala.save_checkpoint(agent, impala.Args(), path, **impala.training_state(optimizer, "r", 1, 10))
+    tensors = all_tensors(written[0])
+    assert len(tensors) > 2 * len(agent.state_dict()) and all(id(t) in moved for t in tensors)
+    monkeypatch.undo()
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    assert all(t.device.type == "cpu" for t in all_tensors(loaded))
+    again = impala.Agent(OBS_SHAPE, NUM_ACTIONS, HIDDEN)
+    again_optimizer = torch.optim.RMSprop(again.parameters())
+    impala.restore(loaded, again, again_optimizer)
+    assert helpers.same_tensors(again.state_dict(), agent.state_dict())
+    assert helpers.same_tensors(again_optimizer.state_dict(), optimizer.state_dict())
+
+
+def cuda_rtrl_equals_cpu_bptt(script, impl):
+    """The float64 claim (claims.check_rtrl_equals_bptt_across_chunks) with the cell on the GPU, TF32 off as the
+    script sets it; BPTT through the whole history on the CPU is the oracle."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cell, chunk_len, num_chunks = checks.make_cell(script), 7, 4
+    x, done, dl_dc = checks.random_history(num_chunks, chunk_len, 3, 4, 5)
+    expected = checks.bptt_grads(cell, x, done, dl_dc)
+    cell, x, done, dl_dc = cell.cuda(), x.cuda(), done.cuda(), dl_dc.cuda()
+    c, sens = cell.initial_state(3)
+    total = {k: torch.zeros_like(getattr(cell, k)) for k in checks.PARAMS}
+    for i in range(num_chunks):
+        chunk = slice(i * chunk_len, (i + 1) * chunk_len)
+        grads, sens = cell.rtrl(x[chunk], c, done[chunk], sens, dl_dc[chunk], impl=impl)
+        c = cell(x[chunk], c, done[chunk])[-1].detach()
+        for k in checks.PARAMS:
+            total[k] += grads[k]
+    for k in checks.PARAMS:
+        assert total[k].device.type == "cuda" and rel_err(total[k].cpu(), expected[k]) < 1e-10, k
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("impl", ["chunked", "step"])
+def test_on_cuda_rtrl_equals_bptt_across_chunks_with_resets(impl):
+    cuda_rtrl_equals_cpu_bptt(impala, impl)
