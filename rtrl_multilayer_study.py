@@ -43,8 +43,9 @@ STUDIES = ("cost", "gradients", "copy", "rl")
 class Args:
     seed: int = 1
     """seed of the experiment (copy-task and RL runs use seed, seed + 1, ...)"""
-    cuda: bool = True
-    """if toggled, cuda will be used when available"""
+    cuda: bool = False
+    """use a GPU when available; off by default: at batch 16 the per-token work is launch-bound on a GPU, and the
+    fitted cost exponents would then measure kernel-launch overhead, not the methods"""
     out_dir: str = "runs/multilayer_study"
     """where results.json, results.csv, the plots and report.md are written"""
     quick: bool = False

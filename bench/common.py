@@ -5,6 +5,7 @@ import importlib.util
 import math
 import os
 import platform
+import sys
 import time
 
 import torch
@@ -25,16 +26,31 @@ def load_script(filename):
     return module
 
 
-def machine():
-    """CPU model, cores, torch version and threads: the context every printed number needs."""
+def pick_device(name):
+    """The device of --device; cuda without a usable GPU is a one-line error (exit 2), never a silent CPU run."""
+    if name == "cuda" and not torch.cuda.is_available():
+        print(f"{os.path.basename(sys.argv[0])}: error: --device cuda: no CUDA device found (torch {torch.__version__}, "
+              f"CUDA build {torch.version.cuda})", file=sys.stderr)  # fmt: skip
+        sys.exit(2)
+    return torch.device(name)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # otherwise we would time kernel launches, not work
+
+
+def machine(device=torch.device("cpu")):
+    """CPU model, cores, torch version and threads (and the GPU): the context every printed number needs."""
     model = platform.processor() or "unknown CPU"
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} torch threads"
+    gpu = f"; device {device}: {torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}" if device.type == "cuda" else ""
+    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} torch threads{gpu}"
 
 
-def min_times(fns, repeats, warmup=1):
+def min_times(fns, repeats, warmup=1, device=torch.device("cpu")):
     """Minimum wall time in seconds of each of `fns` (name -> callable). The calls go round-robin, so load
     from other processes hits every candidate alike; the minimum is the least disturbed run."""
     for fn in fns.values():
@@ -43,8 +59,10 @@ def min_times(fns, repeats, warmup=1):
     best = {name: math.inf for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            sync(device)
             start = time.perf_counter()
             fn()
+            sync(device)
             best[name] = min(best[name], time.perf_counter() - start)
     return best
 
@@ -54,14 +72,22 @@ def _linux_status(key):
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
 
 
-def peak_memory(fn):
-    """(peak bytes of resident memory that fn adds above what was resident before it, fn's result).
+def peak_memory(fn, device=torch.device("cpu")):
+    """(peak bytes of memory that fn adds above what was in use before it, fn's result). On a GPU: the device
+    memory torch allocates (torch.cuda.max_memory_allocated). On the CPU: resident memory, as follows.
 
     Linux: resets the process's resident high-water mark (VmHWM) and reads it after the call. glibc
     is told to give every allocation above 64 KiB its own mapping, returned to the system when freed,
     and to release free memory before the call, so resident memory follows live tensors. That slows
     allocation for the rest of the process: time before measuring memory, not after. NaN where /proc is missing.
     """
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        result = fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - before, result
     if not os.path.exists("/proc/self/clear_refs"):
         return math.nan, fn()
     libc = ctypes.CDLL("libc.so.6")

@@ -11,6 +11,7 @@ budget. Where both run they give the same gradient (printed). Prints a table and
 import os
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import matplotlib
 
@@ -19,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import tyro  # noqa: E402
 
-from common import ROOT, load_script, machine, peak_memory, print_table, rel_err  # noqa: E402
+from common import ROOT, load_script, machine, peak_memory, pick_device, print_table, rel_err, sync  # noqa: E402
 
 
 @dataclass
@@ -40,6 +41,8 @@ class Args:
     """where to save the figure (relative to the repository root); empty: no figure"""
     threads: int = 0
     """torch threads (0: torch's default)"""
+    device: Literal["cpu", "cuda"] = "cpu"
+    """where the passes run; cuda: timers synchronize, memory is torch.cuda.max_memory_allocated"""
     tiny: bool = False
     """tiny sizes and histories for a smoke run (the numbers mean nothing)"""
     seed: int = 0
@@ -51,14 +54,14 @@ def history_piece(i, args):
     g = torch.Generator().manual_seed(args.seed * 1_000_003 + i)
     x = torch.randn(args.unroll, args.batch_size, args.input_size, generator=g)
     dl_dc = torch.randn(args.unroll, args.batch_size, args.hidden_size, generator=g) / args.unroll
-    return x, dl_dc
+    return x.to(args.device), dl_dc.to(args.device)
 
 
 def rtrl_grads(cell, length, args):
     """Stream the history: memory holds one unroll, the carried c and the sensitivities."""
     c, sens = cell.initial_state(args.batch_size)
     total = {k: torch.zeros_like(p) for k, p in cell.named_parameters()}
-    done = torch.zeros(args.unroll, args.batch_size, dtype=torch.bool)
+    done = torch.zeros(args.unroll, args.batch_size, dtype=torch.bool, device=args.device)
     for i in range(length // args.unroll):
         x, dl_dc = history_piece(i, args)
         grads, sens = cell.rtrl(x, c, done, sens, dl_dc)
@@ -73,15 +76,16 @@ def bptt_grads(cell, length, args):
     """Keep the whole history and backprop through it."""
     x, dl_dc = (torch.cat(parts) for parts in zip(*(history_piece(i, args) for i in range(length // args.unroll))))
     c0, _ = cell.initial_state(args.batch_size)
-    done = torch.zeros(length, args.batch_size, dtype=torch.bool)
+    done = torch.zeros(length, args.batch_size, dtype=torch.bool, device=args.device)
     names, params = zip(*cell.named_parameters())
     return dict(zip(names, torch.autograd.grad(cell(x, c0, done), params, dl_dc)))
 
 
-def measured(fn):
-    """(peak added resident memory in bytes, seconds, result) of one call."""
+def measured(fn, device):
+    """(peak added memory in bytes, seconds, result) of one call."""
+    sync(device)
     start = time.perf_counter()
-    memory, result = peak_memory(fn)
+    memory, result = peak_memory(fn, device)
     return memory, time.perf_counter() - start, result
 
 
@@ -119,18 +123,20 @@ def main(args):
     if bad:
         raise SystemExit(f"error: history lengths must be multiples of --unroll {args.unroll}, got {bad}")
     script = load_script("rtrl_a2c_atari.py")
+    device = pick_device(args.device)
     torch.manual_seed(args.seed)
-    cell = script.ELSTM(args.input_size, args.hidden_size)
-    print(f"machine: {machine()}")
+    cell = script.ELSTM(args.input_size, args.hidden_size).to(device)
+    print(f"machine: {machine(device)}")
     print(f"B={args.batch_size}, N={args.hidden_size}, D={args.input_size}, float32, RTRL unroll {args.unroll}; "
-          f"memory: peak resident memory the call adds; BPTT budget {args.budget_gib} GiB")  # fmt: skip
+          f"memory: peak {'CUDA memory allocated' if device.type == 'cuda' else 'resident memory'} the call adds; "
+          f"BPTT budget {args.budget_gib} GiB")  # fmt: skip
     rtrl_grads(cell, args.unroll, args), bptt_grads(cell, args.unroll, args)  # warm-up: one-time allocations
     results, rows, bptt_last = [], [], None
     for length in args.lengths:
-        result = {"rtrl": measured(lambda: rtrl_grads(cell, length, args))}
+        result = {"rtrl": measured(lambda: rtrl_grads(cell, length, args), device)}
         projected = bptt_last and bptt_last[1] * length / bptt_last[0]
         if bptt_last is None or projected < args.budget_gib * 2**30:
-            result["bptt"] = measured(lambda: bptt_grads(cell, length, args))
+            result["bptt"] = measured(lambda: bptt_grads(cell, length, args), device)
             bptt_last = (length, result["bptt"][0])
         rtrl_mem, rtrl_s, rtrl_g = result["rtrl"]
         if "bptt" in result:

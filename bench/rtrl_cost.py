@@ -14,12 +14,13 @@ rtrl_a2c_minigrid.py's, for every script, side by side.
 
 import inspect
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import tyro
 from torch.profiler import profile
 
-from common import load_script, machine, min_times, peak_memory, print_table, rel_err
+from common import load_script, machine, min_times, peak_memory, pick_device, print_table, rel_err
 
 # script, T (unroll), B (batch), N (hidden), D (input = 256 features + last reward): SPEC §5
 SHAPES = [
@@ -41,6 +42,8 @@ class Args:
     """timed runs of the slow per-step recursion"""
     threads: int = 0
     """torch threads (0: torch's default)"""
+    device: Literal["cpu", "cuda"] = "cpu"
+    """where the passes run; cuda: timers synchronize, memory is torch.cuda.max_memory_allocated"""
     tiny: bool = False
     """tiny shapes for a smoke run (the numbers mean nothing)"""
     seed: int = 0
@@ -51,8 +54,12 @@ class Args:
     """also print where chunked RTRL and BPTT spend their time, by operator (torch.profiler)"""
 
 
+MEMORY = {"cpu": "peak resident memory", "cuda": "peak CUDA memory allocated"}
+
+
 def problem(cell, T, B, seed):
-    """One unroll's inputs: x, c0, resets, carried sensitivities and the local dL/dc_t."""
+    """One unroll's inputs on the cell's device: x, c0, resets, carried sensitivities and the local dL/dc_t
+    (drawn on the CPU, so that every device gets the same numbers)."""
     g = torch.Generator().manual_seed(seed)
     N, D = cell.w_z.shape
     x = torch.randn(T, B, D, generator=g)
@@ -60,8 +67,8 @@ def problem(cell, T, B, seed):
     done = torch.rand(T, B, generator=g) < 0.02
     dl_dc = torch.randn(T, B, N, generator=g)
     _, sens = cell.initial_state(B)
-    sens = {k: 0.1 * torch.randn(s.shape, generator=g) for k, s in sens.items()}  # as if carried
-    return x, c0, done, sens, dl_dc
+    sens = {k: 0.1 * torch.randn(s.shape, generator=g).to(s.device) for k, s in sens.items()}  # as if carried
+    return *(v.to(cell.w_z.device) for v in (x, c0, done)), sens, dl_dc.to(cell.w_z.device)
 
 
 def bptt(cell, x, c0, done, dl_dc):
@@ -114,10 +121,11 @@ def fused_passes(cell, T, B, seed):
 def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
     torch.manual_seed(args.seed)
-    print(f"machine: {machine()}")
+    print(f"machine: {machine(device)}")
     print(f"float32; time: min over {args.repeats} runs after a warm-up ({args.step_repeats} for step); "
-          f"memory: peak resident memory the call adds")  # fmt: skip
+          f"memory: {MEMORY[device.type]} the call adds")  # fmt: skip
     scripts = {f: load_script(f) for f, *_ in SHAPES if not args.only or f in args.only}
     scripts = {f: s for f, s in scripts.items() if s is not None}
     measured = []
@@ -126,9 +134,9 @@ def main(args):
         if script is None:
             continue
         T, B, N, D = TINY if args.tiny else (T, B, N, D)
-        fns, error = passes(script.ELSTM(D, N), T, B, args.seed)
-        seconds = min_times({k: fns[k] for k in ("chunked", "bptt")}, args.repeats)
-        seconds.update(min_times({"step": fns["step"]}, args.step_repeats))
+        fns, error = passes(script.ELSTM(D, N).to(device), T, B, args.seed)
+        seconds = min_times({k: fns[k] for k in ("chunked", "bptt")}, args.repeats, device=device)
+        seconds.update(min_times({"step": fns["step"]}, args.step_repeats, device=device))
         measured.append((filename, (T, B, N, D), fns, seconds, error))
     fused = []  # timed here, before any memory is measured: see peak_memory
     for filename, script in scripts.items():
@@ -137,8 +145,8 @@ def main(args):
             continue
         for label, T, B, N, D in FUSED_SHAPES:
             T, B, N, D = TINY if args.tiny else (T, B, N, D)
-            fns, error = fused_passes(script.ELSTM(D, N), T, B, args.seed)
-            seconds = min_times(fns, args.repeats)
+            fns, error = fused_passes(script.ELSTM(D, N).to(device), T, B, args.seed)
+            seconds = min_times(fns, args.repeats, device=device)
             ratios = (f"{seconds[k] / seconds['bptt']:.2f}x" for k in ("fused", "fused, copy"))
             fused.append([filename, label, f"{T},{B},{N},{D}", *(f"{1e3 * seconds[k]:.2f}" for k in fns), *ratios,
                           f"{error:.0e}"])  # fmt: skip
@@ -152,7 +160,7 @@ def main(args):
                 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     rows = []
     for filename, (T, B, N, D), fns, seconds, error in measured:  # memory after all timing: see peak_memory
-        memory = {k: peak_memory(fn)[0] for k, fn in fns.items()}
+        memory = {k: peak_memory(fn, device)[0] for k, fn in fns.items()}
         rows.append([
             filename, f"{T},{B},{N},{D}",
             *(f"{1e3 * seconds[k]:.1f}" for k in ("chunked", "step", "bptt")),

@@ -27,7 +27,7 @@ import torch
 import tyro
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from common import ROOT, load_script, machine, print_table
+from common import ROOT, load_script, machine, pick_device, print_table, sync
 
 # what the bench needs to know of each script: its observations and actions, whether its rollout keeps the
 # stem's graphs for the update (Atari) or the update runs the stem again (MiniGrid's small MLP), how many
@@ -62,6 +62,8 @@ class Args:
     """--hidden-size of the runs and the split (0: the script's default)"""
     split_repeats: int = 3
     """replays of one iteration for the split (the minimum of each part is reported)"""
+    device: Literal["cpu", "cuda"] = "cpu"
+    """where the runs (--cuda / --no-cuda) and the split run; cuda: the split's timers synchronize"""
     tiny: bool = False
     """2 envs x 4 steps, hidden size 8, one round: a smoke run (the numbers mean nothing)"""
 
@@ -80,7 +82,7 @@ def training_run(core, args):
     """(steady steps/s, the script's own charts/SPS at the end) of one run of the script, in a scratch dir."""
     flags = ["--core", core, "--num-envs", args.num_envs, "--num-steps", args.num_steps, "--hidden-size",
              args.hidden_size, "--total-timesteps", args.iterations * args.num_envs * args.num_steps,
-             "--eval-episodes", 0]  # fmt: skip
+             "--eval-episodes", 0, "--cuda" if args.device == "cuda" else "--no-cuda"]  # fmt: skip
     with tempfile.TemporaryDirectory() as cwd:
         cmd = [sys.executable, os.path.join(ROOT, args.script), *map(str, flags)]
         proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
@@ -90,28 +92,29 @@ def training_run(core, args):
         return steady_sps(run_dir)
 
 
-def fake_rollout(script, obs_shape, num_actions, T, B, g):
-    """A rollout with the shapes and flags of a real one; the values do not change the cost."""
+def fake_rollout(script, obs_shape, num_actions, T, B, g, device):
+    """A rollout with the shapes and flags of a real one, on `device`; the values do not change the cost."""
     high = 256 if len(obs_shape) == 3 else 3  # pixels, or MiniGrid's (object, colour, state) ids
-    return script.Rollout(
+    fields = dict(
         obs=torch.randint(0, high, (T, B, *obs_shape), generator=g, dtype=torch.uint8),
         last_rewards=torch.randn(T, B, generator=g), firsts=torch.rand(T, B, generator=g) < 0.01,
         deads=torch.rand(T, B, generator=g) < 0.01, actions=torch.randint(0, num_actions, (T, B), generator=g),
         rewards=torch.randn(T, B, generator=g), terms=torch.rand(T, B, generator=g) < 0.01,
         values=torch.randn(T, B, generator=g),
     )  # fmt: skip
+    return script.Rollout(**{k: v.to(device) for k, v in fields.items()})
 
 
-def iteration_split(script, core, args):
+def iteration_split(script, core, args, device):
     """Seconds per iteration of each part (min over replays), and of the script's compute_gradients."""
     T, B = args.num_steps, args.num_envs
     known = SCRIPTS[args.script]
     g = torch.Generator().manual_seed(0)
-    agent = script.Agent(known["obs_shape"], known["num_actions"], args.hidden_size, core)
+    agent = script.Agent(known["obs_shape"], known["num_actions"], args.hidden_size, core).to(device)
     cfg = script.Args(core=core)
     optimizer = torch.optim.RMSprop(agent.parameters(), lr=cfg.learning_rate, alpha=cfg.rms_alpha, eps=cfg.rms_eps)
-    rollout = fake_rollout(script, known["obs_shape"], known["num_actions"], T, B, g)
-    returns = torch.randn(T, B, generator=g)
+    rollout = fake_rollout(script, known["obs_shape"], known["num_actions"], T, B, g, device)
+    returns = torch.randn(T, B, generator=g).to(device)
     c0, sens0 = agent.cell.initial_state(B)
     # as compute_gradients calls it (if this script's rtrl_scan takes the flag)
     rtrl_scan = getattr(agent.cell, "rtrl_scan", None)  # the LSTM core has none
@@ -119,8 +122,10 @@ def iteration_split(script, core, args):
     best = dict.fromkeys((*PARTS, CHECK), math.inf)
 
     def timed(part, fn):
+        sync(device)
         start = time.perf_counter()
         out = fn()
+        sync(device)
         seconds[part] += time.perf_counter() - start
         return out
 
@@ -187,7 +192,8 @@ def main(args):
     if args.tiny:
         args.iterations, args.rounds, args.num_envs, args.num_steps, args.hidden_size = 2, 1, 2, 4, 8
         args.split_repeats = 1
-    print(f"machine: {machine()}")
+    device = pick_device(args.device)
+    print(f"machine: {machine(device)}")
     T, B = args.num_steps, args.num_envs
     print(f"{args.script}: {B} envs x {T} steps = {T * B} steps per iteration, hidden size {args.hidden_size}")
 
@@ -214,7 +220,7 @@ def main(args):
         print(f"\nrtrl / tbptt steps/s: {best['rtrl'][0] / reference:.2f}x (best runs), "
               f"{median['rtrl'] / median['tbptt']:.2f}x (median runs); each core's runs, steps/s: {runs}")
 
-    splits = {core: iteration_split(script, core, args) for core in args.cores}
+    splits = {core: iteration_split(script, core, args, device) for core in args.cores}
     print(f"\nseconds per iteration, in process (min over {args.split_repeats} replays; "
           f"env stepping etc. = {T * B} steps / steady steps/s - the parts)")  # fmt: skip
     iteration = {core: T * B / best[core][0] for core in args.cores}

@@ -4,6 +4,7 @@ import os
 import re
 
 import pytest
+import torch
 
 import helpers
 
@@ -83,3 +84,20 @@ def test_sps_runs_every_core_and_splits_the_iteration(tmp_path, script):
         assert part in names
     rtrl = dict((row[0], float(row[1])) for row in parts)
     assert rtrl["update: RTRL (chunked)"] > 0 and rtrl["iteration (from steps/s)"] > 0
+
+
+def test_a_benchmark_asked_for_a_gpu_without_one_is_a_one_line_error(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(BENCH)
+    import common
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    helpers.bad_input_in_process(lambda argv: common.pick_device(*argv), ["cuda"], "--device cuda: no CUDA device found",
+                                 capsys)  # fmt: skip
+    assert common.pick_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["rtrl_cost.py", "memory_vs_history.py"])
+def test_benchmarks_run_on_a_gpu(tmp_path, name):
+    out = run_bench(tmp_path, name, "--device", "cuda", *(["--plot", ""] if name == "memory_vs_history.py" else []))
+    assert "device cuda" in out.splitlines()[0] and "CUDA memory allocated" in out
