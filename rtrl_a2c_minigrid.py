@@ -564,12 +564,45 @@ def evaluate(agent, env_id, seeds, device, actions):
     return [finished[i] for i in range(len(seeds))]
 
 
+def choose_device(cuda):
+    """(device, note for the device line): the CPU, saying why, when --cuda finds no usable GPU (a CPU build of
+    torch, or one whose CUDA does not fit the driver)."""
+    if not cuda:
+        return torch.device("cpu"), ""
+    if not torch.cuda.is_available():
+        return torch.device("cpu"), " (--cuda: no CUDA device found)"
+    return torch.device("cuda", 0), ""
+
+
+def device_line(device, note):
+    """`device: cpu` or `device: cuda:0 (NAME, torch CUDA X.Y)`: printed and logged, so no CPU fallback is silent."""
+    if device.type == "cuda":
+        return f"device: {device} ({torch.cuda.get_device_name(device)}, torch CUDA {torch.version.cuda})"
+    return f"device: cpu{note}"
+
+
 def save_checkpoint(agent, args, path, **extra):
     """Atomic: a crash mid-write never leaves a truncated file behind, and the previous one stays until the new
     one is complete. `extra` makes it a checkpoint to resume from (see training_state)."""
     tmp = f"{path}.tmp"
-    torch.save({"script": os.path.basename(__file__), "model": agent.state_dict(), "args": vars(args), **extra}, tmp)
+    checkpoint = {"script": os.path.basename(__file__), "model": agent.state_dict(), "args": vars(args), **extra}
+    torch.save(to_cpu(checkpoint), tmp)
     os.replace(tmp, path)
+
+
+def to_cpu(obj):
+    """CPU copies of every tensor in a checkpoint (the optimizer state's too): a file written on a GPU loads on a
+    machine without one; loading maps to the CPU and load_state_dict copies onto the agent's device."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        out = type(obj)((k, to_cpu(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):  # a state dict's per-module versions
+            out._metadata = obj._metadata
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
 
 
 def training_state(optimizer, run_name, iteration, global_step):
@@ -670,7 +703,12 @@ if __name__ == "__main__":
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    device, device_note = choose_device(args.cuda)
+    print(device_line(device, device_note), flush=True)
+    writer.add_text("device", device_line(device, device_note))
+    # the float32 agreement of RTRL and BPTT (README) needs full-precision GEMMs: TF32 keeps 10 mantissa bits and
+    # the cell's reductions over T*B lose about three digits. Only matmuls: cuDNN's convolutions may use TF32.
+    torch.backends.cuda.matmul.allow_tf32 = False
 
     seeds = env_seeds(args.seed, args.num_envs + max(args.eval_episodes, 1))
     # resumed: new episodes from new seeds, not a replay of the run's start (evaluation keeps the run's own)

@@ -247,6 +247,7 @@ def test_resume_restores_every_tensor_bit_for_bit_and_the_run_goes_on_from_its_s
     proc = run_script(tmp_path, *RESUMABLE, *resume, "--total-timesteps", str(SAVED_STEP))  # loads, trains 0, saves
     assert proc.returncode == 0, proc.stderr
     assert f"resumed runs/a at global_step={SAVED_STEP}: every environment starts a new episode" in proc.stdout
+    assert "device: cpu (--cuda: no CUDA device found)\n" in proc.stdout  # --cuda is the default; no GPU here
     again = torch.load(tmp_path / "runs" / "a" / "checkpoint.pt", weights_only=True)
     for key in ("model", "optimizer", "rng", "iteration", "global_step", "run_name"):
         assert helpers.same_tensors(saved[key], again[key]), key
@@ -308,3 +309,75 @@ def test_a_bad_checkpoint_to_resume_is_a_one_line_error(checkpointed, tmp_path, 
         torch.save(edited.get(change, saved), path)
     argv = [*RESUMABLE, "--total-timesteps", "96", "--resume", str(path), *flags]
     helpers.bad_input_in_process(lambda a: minigrid.load_resume(tyro.cli(minigrid.Args, args=a)), argv, message, capsys)
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices (issue 14): the device line, CPU checkpoints, a CUDA run of the float64 claim
+# ---------------------------------------------------------------------------------------------
+def test_the_device_line_says_when_cuda_found_no_gpu(monkeypatch):
+    assert minigrid.device_line(*minigrid.choose_device(False)) == "device: cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert minigrid.device_line(*minigrid.choose_device(True)) == "device: cpu (--cuda: no CUDA device found)"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: f"Fake GPU {device}")
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    assert minigrid.device_line(*minigrid.choose_device(True)) == "device: cuda:0 (Fake GPU cuda:0, torch CUDA 12.4)"
+
+
+def all_tensors(obj):
+    if torch.is_tensor(obj):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    return [t for v in obj for t in all_tensors(v)] if isinstance(obj, (list, tuple)) else []
+
+
+def test_a_checkpoint_holds_cpu_copies_of_every_tensor_and_loads_with_map_location_cpu(tmp_path, monkeypatch):
+    """No GPU here, so a tensor's .cpu() is marked instead: every tensor written (model, optimizer state, RNG
+    states) must have come out of .cpu(), which on a GPU is the copy a CPU-only machine can load."""
+    agent = minigrid.Agent((2,), 2, 8, "rtrl")
+    optimizer = torch.optim.RMSprop(agent.parameters())
+    sum(p.sum() for p in agent.parameters()).backward()
+    optimizer.step()  # RMSprop's running averages: tensors in the optimizer state
+    moved, written, cpu, save = set(), [], torch.Tensor.cpu, torch.save
+
+    def marked_cpu(t, *a, **k):
+        out = cpu(t, *a, **k).clone()
+        moved.add(id(out))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "cpu", marked_cpu)
+    monkeypatch.setattr(torch, "save", lambda obj, f: (written.append(obj), save(obj, f)))
+    path = str(tmp_path / "checkpoint.pt")
+    minigrid.save_checkpoint(agent, minigrid.Args(), path, **minigrid.training_state(optimizer, "r", 1, 10))
+    tensors = all_tensors(written[0])
+    assert len(tensors) > 2 * len(agent.state_dict()) and all(id(t) in moved for t in tensors)
+    monkeypatch.undo()
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    assert all(t.device.type == "cpu" for t in all_tensors(loaded))
+    again = minigrid.Agent((2,), 2, 8, "rtrl")
+    again_optimizer = torch.optim.RMSprop(again.parameters())
+    minigrid.restore(loaded, again, again_optimizer)
+    assert helpers.same_tensors(again.state_dict(), agent.state_dict())
+    assert helpers.same_tensors(again_optimizer.state_dict(), optimizer.state_dict())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("impl", ["chunked", "step"])
+def test_on_cuda_rtrl_equals_bptt_across_chunks_with_resets(impl):
+    """The float64 claim with the cell on the GPU, TF32 off as the script sets it; BPTT on the CPU is the oracle."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cell, chunk_len, num_chunks = checks.make_cell(minigrid), 7, 4
+    x, done, dl_dc = checks.random_history(num_chunks, chunk_len, 3, 4, 5)
+    expected = checks.bptt_grads(cell, x, done, dl_dc)
+    cell, x, done, dl_dc = cell.cuda(), x.cuda(), done.cuda(), dl_dc.cuda()
+    c, sens = cell.initial_state(3)
+    total = {k: torch.zeros_like(getattr(cell, k)) for k in checks.PARAMS}
+    for i in range(num_chunks):
+        chunk = slice(i * chunk_len, (i + 1) * chunk_len)
+        grads, sens = cell.rtrl(x[chunk], c, done[chunk], sens, dl_dc[chunk], impl=impl)
+        c = cell(x[chunk], c, done[chunk])[-1].detach()
+        for k in checks.PARAMS:
+            total[k] += grads[k]
+    for k in checks.PARAMS:
+        assert total[k].device.type == "cuda" and helpers.rel_err(total[k].cpu(), expected[k]) < 1e-10, k
