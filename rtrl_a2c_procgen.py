@@ -553,6 +553,15 @@ def rollout_features(agent, obs, last_reward, stem_in_update):
     return agent.features(obs, last_reward)
 
 
+def pick_device(args):
+    """The device and the line that names it, printed and logged at start: a fallback to the CPU is never silent
+    (a torch CUDA build that does not match the driver finds no device)."""
+    if args.cuda and torch.cuda.is_available():
+        device = torch.device("cuda:0")
+        return device, f"device: cuda:0 ({torch.cuda.get_device_name(device)}, torch CUDA {torch.version.cuda})"
+    return torch.device("cpu"), ("device: cpu (--cuda: no CUDA device found)" if args.cuda else "device: cpu")
+
+
 def env_seeds(seed, n):
     """Distinct per-env seeds derived from --seed (SPEC §6)."""
     return np.random.default_rng(seed).choice(2**31 - 1, size=n, replace=False)
@@ -729,7 +738,11 @@ if __name__ == "__main__":
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    # full float32 matmuls: with TF32 (a common global setting) the cell's sums over T x B lose three digits and
+    # the float32 RTRL/BPTT agreement (README) is gone; cuDNN convolutions (the stem) may keep TF32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    device, device_line = pick_device(args)
+    print(device_line, flush=True)
     # on the CPU the T kept graphs were faster than a second forward (README); on a GPU they are many tiny kernels
     stem_in_update = args.stem_in_update == "on" or (args.stem_in_update == "auto" and device.type == "cuda")
 
@@ -748,6 +761,7 @@ if __name__ == "__main__":
 
     # resumed: TensorBoard drops what an interrupted run logged after its checkpoint, and the event files go on
     writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step + 1 if resumed else None)
+    writer.add_text("device", device_line)
     writer.add_text(
         "hyperparameters",
         "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),

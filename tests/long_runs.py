@@ -58,8 +58,11 @@ def first_run(script, tmp_path, flags, steps):
 def check_resume_restores_every_tensor_bit_for_bit(script, run, monkeypatch, capsys):
     """Resumed with no step left to train, the run loads its checkpoint and writes it again: the same bits."""
     step, checkpoint = run.saved["global_step"], f"runs/{run.name}/checkpoint.pt"
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)  # as a global setting may have left it
     run_in_process(script, run.dir, [*run.flags, "--resume", checkpoint, "--total-timesteps", str(step)], monkeypatch)
+    assert torch.backends.cuda.matmul.allow_tf32 is False  # the script asks for full float32 matmuls itself
     out = capsys.readouterr().out
+    assert out.startswith("device: cpu (--cuda: no CUDA device found)\n") or torch.cuda.is_available(), out
     assert f"resumed runs/{run.name} at global_step={step}: every environment starts a new episode, recurrent " \
            "state and sensitivities zero" in out  # fmt: skip
     again = torch.load(run.dir / checkpoint, weights_only=True)
@@ -213,3 +216,16 @@ def check_stem_in_update_gives_the_same_gradients(script, core):
         grads[stem_in_update] = {k: p.grad.clone() for k, p in agent.named_parameters()}
     for k, g in grads[True].items():
         assert g.norm() > 0 and checks.rel_err(grads[False][k], g) < 1e-12, k
+
+
+def check_the_device_line_names_the_device(script, monkeypatch):
+    """pick_device's line for each case: the GPU's name and torch's CUDA version, or why there is no GPU."""
+    assert script.pick_device(script.Args(cuda=False)) == (torch.device("cpu"), "device: cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert script.pick_device(script.Args()) == (torch.device("cpu"), "device: cpu (--cuda: no CUDA device found)")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: f"Fake GPU on {device}")
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    assert script.pick_device(script.Args()) == (torch.device("cuda:0"),
+                                                 "device: cuda:0 (Fake GPU on cuda:0, torch CUDA 12.4)")  # fmt: skip
+    assert script.pick_device(script.Args(cuda=False)) == (torch.device("cpu"), "device: cpu")

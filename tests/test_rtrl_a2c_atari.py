@@ -62,6 +62,10 @@ def test_stem_in_update_on_and_off_give_the_same_gradients(core):
     long_runs.check_stem_in_update_gives_the_same_gradients(atari, core)
 
 
+def test_the_device_line_names_the_device(monkeypatch):
+    long_runs.check_the_device_line_names_the_device(atari, monkeypatch)
+
+
 def test_greedy_evaluation_plays_a_fixed_quota_per_env():
     checks.check_greedy_evaluation_plays_a_fixed_quota_per_env(atari)
 
@@ -90,6 +94,7 @@ def test_training_run_writes_scalars_and_a_loadable_checkpoint(tmp_path, core, n
                       "--total-timesteps", str(steps), "--hidden-size", "16", "--eval-episodes", "1", "--save-model",
                       *stem_flags)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("device: cpu (--cuda: no CUDA device found)\n") or torch.cuda.is_available()
     (run_dir,) = glob.glob(str(tmp_path / "runs" / f"Breakout-v5__rtrl_a2c_atari__{core}__T{num_steps}__1__*"))
     scalars = checks.read_scalars(run_dir)
     checks.check_update_scalars(scalars, iterations=updates)

@@ -60,6 +60,10 @@ def test_stem_in_update_on_and_off_give_the_same_gradients(core):
     long_runs.check_stem_in_update_gives_the_same_gradients(procgen, core)
 
 
+def test_the_device_line_names_the_device(monkeypatch):
+    long_runs.check_the_device_line_names_the_device(procgen, monkeypatch)
+
+
 def test_greedy_evaluation_plays_a_fixed_quota_per_env():
     checks.check_greedy_evaluation_plays_a_fixed_quota_per_env(procgen)
 
@@ -123,6 +127,7 @@ def test_training_run_writes_both_eval_scalars_and_a_loadable_checkpoint(tmp_pat
                       "--eval-every", str(steps // 2), "--test-level-starts", *test_sets, "--save-model",
                       "--stem-in-update", "on", *stem_flags)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("device: cpu (--cuda: no CUDA device found)\n") or torch.cuda.is_available()
     (run_dir,) = glob.glob(str(tmp_path / "runs" / f"ChaserHard-v0__rtrl_a2c_procgen__{core}__T{num_steps}__1__*"))
     scalars = checks.read_scalars(run_dir)
     checks.check_update_scalars(scalars, iterations=updates)
