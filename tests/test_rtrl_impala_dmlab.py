@@ -583,7 +583,9 @@ def test_resume_restores_every_tensor_bit_for_bit(stopped, tmp_path, monkeypatch
     checkpoint, step = copy_of(run, tmp_path), run.saved["global_step"]
     flags = [*RESUMED, "--resume", checkpoint, "--total-timesteps", str(step), "--checkpoint-every", "10",
              "--actor-timeout", "30"]  # a flag a resumed run may change  # fmt: skip
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)  # as a global setting may have left it
     run_in_process(tmp_path, flags, monkeypatch)
+    assert torch.backends.cuda.matmul.allow_tf32 is False  # the script asks for full float32 matmuls itself
     out = capsys.readouterr().out
     assert f"resumed runs/{run.name} at global_step={step}: every environment starts a new episode, recurrent " \
            "state and sensitivities zero" in out  # fmt: skip
@@ -816,6 +818,10 @@ def test_more_ranks_than_gpus_under_cuda_is_a_one_line_error_naming_both_counts(
     fake_gpus(monkeypatch, 0)
     assert impala.choose_device(True, 0, 2) == (torch.device("cpu"), " (--cuda: no CUDA device found)")
     assert impala.device_line(*impala.choose_device(True, 0, 1)) == "device: cpu (--cuda: no CUDA device found)"
+    fake_gpus(monkeypatch, 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: f"Fake GPU {device}")
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    assert impala.device_line(*impala.choose_device(True, 1, 2)) == "device: cuda:1 (Fake GPU cuda:1, torch CUDA 12.4)"
 
 
 def all_tensors(obj):
@@ -880,3 +886,16 @@ def cuda_rtrl_equals_cpu_bptt(script, impl):
 @pytest.mark.parametrize("impl", ["chunked", "step"])
 def test_on_cuda_rtrl_equals_bptt_across_chunks_with_resets(impl):
     cuda_rtrl_equals_cpu_bptt(impala, impl)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_two_updates_train_and_save_a_model_that_loads_on_the_cpu(tmp_path):
+    proc = run_script(tmp_path, *TINY, "--env-id", "rooms_watermaze", "--num-actors", "1", "--total-timesteps", "20",
+                      "--eval-episodes", "0", "--save-model", "--cuda", fake_lab=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"device: cuda:0 ({torch.cuda.get_device_name(0)}, torch CUDA {torch.version.cuda})" in proc.stdout
+    path = run_dir(tmp_path, "rooms_watermaze")
+    checks.check_update_scalars(checks.read_scalars(path), 2)
+    saved = torch.load(os.path.join(path, "model.pt"), weights_only=True)  # no map_location: as written
+    assert all(t.device.type == "cpu" for t in all_tensors(saved))
+    saved_agent(path, (3, 72, 96), 9)
