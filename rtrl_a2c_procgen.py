@@ -614,8 +614,20 @@ def save_checkpoint(agent, args, path, **extra):
     """Atomic: a crash mid-write never leaves a truncated file behind, and the previous one stays until the new
     one is complete. `extra` makes it a checkpoint to resume from (see training_state)."""
     tmp = f"{path}.tmp"
-    torch.save({"script": os.path.basename(__file__), "model": agent.state_dict(), "args": vars(args), **extra}, tmp)
+    checkpoint = {"script": os.path.basename(__file__), "model": agent.state_dict(), "args": vars(args), **extra}
+    torch.save(to_cpu(checkpoint), tmp)
     os.replace(tmp, path)
+
+
+def to_cpu(obj):
+    """Every tensor of a checkpoint (model, optimizer state) on the CPU: one saved on a GPU loads on any machine."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
 
 
 def training_state(optimizer, run_name, iteration, global_step):

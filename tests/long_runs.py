@@ -229,3 +229,37 @@ def check_the_device_line_names_the_device(script, monkeypatch):
     assert script.pick_device(script.Args()) == (torch.device("cuda:0"),
                                                  "device: cuda:0 (Fake GPU on cuda:0, torch CUDA 12.4)")  # fmt: skip
     assert script.pick_device(script.Args(cuda=False)) == (torch.device("cpu"), "device: cpu")
+
+
+class OnFakeGPU(torch.Tensor):
+    """A tensor as if on a GPU: only .cpu() makes it a plain tensor, and torch.load(weights_only=True) refuses it."""
+
+    def cpu(self):
+        return self.as_subclass(torch.Tensor)
+
+
+def check_a_checkpoint_from_a_gpu_loads_on_the_cpu(script, obs_shape, num_actions, tmp_path, monkeypatch):
+    """save_checkpoint moves the model's and the optimizer's tensors to the CPU: the file loads on a machine with
+    no GPU, by torch.load without map_location, into a fresh agent and optimizer."""
+    torch.manual_seed(0)
+    agent = script.Agent(obs_shape, num_actions, 8, "rtrl")
+    optimizer = torch.optim.RMSprop(agent.parameters())
+    for p in agent.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()  # RMSprop's running averages, tensors in the optimizer state
+    fake = lambda tree: {k: fake(v) if isinstance(v, dict) else v.as_subclass(OnFakeGPU)  # noqa: E731
+                         if isinstance(v, torch.Tensor) else v for k, v in tree.items()}  # fmt: skip
+    model, state = fake(agent.state_dict()), optimizer.state_dict()
+    state = {**state, "state": {k: fake(v) for k, v in state["state"].items()}}
+    assert all(type(v) is OnFakeGPU for v in model.values())
+    monkeypatch.setattr(agent, "state_dict", lambda: model)
+    path = str(tmp_path / "checkpoint.pt")
+    script.save_checkpoint(agent, script.Args(), path, optimizer=state)
+    loaded = torch.load(path, weights_only=True)
+    tensors = [*loaded["model"].values(), *(t for s in loaded["optimizer"]["state"].values() for t in s.values())]
+    assert all(type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors)
+    fresh = script.Agent(obs_shape, num_actions, 8, "rtrl")
+    fresh.load_state_dict(loaded["model"])
+    torch.optim.RMSprop(fresh.parameters()).load_state_dict(loaded["optimizer"])
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.values()))
+

@@ -66,6 +66,10 @@ def test_the_device_line_names_the_device(monkeypatch):
     long_runs.check_the_device_line_names_the_device(atari, monkeypatch)
 
 
+def test_a_checkpoint_saved_on_a_gpu_loads_on_the_cpu(tmp_path, monkeypatch):
+    long_runs.check_a_checkpoint_from_a_gpu_loads_on_the_cpu(atari, (4, 84, 84), 4, tmp_path, monkeypatch)
+
+
 def test_greedy_evaluation_plays_a_fixed_quota_per_env():
     checks.check_greedy_evaluation_plays_a_fixed_quota_per_env(atari)
 
@@ -193,3 +197,4 @@ def test_a_checkpoint_serves_as_init_stem_from(checkpointed):
 
 def test_the_script_checks_the_checkpoint_before_it_writes(checkpointed):
     long_runs.check_main_checks_the_checkpoint_before_it_writes(atari, checkpointed)
+

@@ -64,6 +64,10 @@ def test_the_device_line_names_the_device(monkeypatch):
     long_runs.check_the_device_line_names_the_device(procgen, monkeypatch)
 
 
+def test_a_checkpoint_saved_on_a_gpu_loads_on_the_cpu(tmp_path, monkeypatch):
+    long_runs.check_a_checkpoint_from_a_gpu_loads_on_the_cpu(procgen, (3, 64, 64), 15, tmp_path, monkeypatch)
+
+
 def test_greedy_evaluation_plays_a_fixed_quota_per_env():
     checks.check_greedy_evaluation_plays_a_fixed_quota_per_env(procgen)
 
@@ -248,3 +252,4 @@ def test_missing_qt_runtime_says_what_to_install(tmp_path):
     (tmp_path / "PyQt5" / "__init__.py").write_text("")
     proc = run_script(tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)})
     checks.check_bad_input_is_a_one_line_error(proc, "pip install PyQt5-Qt5", tmp_path)
+
