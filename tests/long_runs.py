@@ -263,3 +263,33 @@ def check_a_checkpoint_from_a_gpu_loads_on_the_cpu(script, obs_shape, num_action
     torch.optim.RMSprop(fresh.parameters()).load_state_dict(loaded["optimizer"])
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.values()))
 
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def check_rtrl_equals_bptt_on_cuda(script, impl):
+    """claims.check_rtrl_equals_bptt_across_chunks with RTRL on cuda (float64): chunk by chunk, carrying c and the
+    sensitivities, it equals BPTT through all chunks at once, computed on the CPU."""
+    cell = checks.make_cell(script)
+    x, done, dl_dc = checks.random_history(4, 7, 3, 4, 5)
+    expected = checks.bptt_grads(cell, x, done, dl_dc)
+    cell, x, done, dl_dc = (t.cuda() for t in (cell, x, done, dl_dc))
+    c, sens = cell.initial_state(3)
+    total = {k: 0.0 for k in checks.PARAMS}
+    for chunk in (slice(i * 7, (i + 1) * 7) for i in range(4)):
+        grads, sens = cell.rtrl(x[chunk], c, done[chunk], sens, dl_dc[chunk], impl=impl)
+        c = cell(x[chunk], c, done[chunk])[-1].detach()
+        total = {k: total[k] + grads[k] for k in checks.PARAMS}
+    for k in checks.PARAMS:
+        assert total[k].is_cuda and checks.rel_err(total[k].cpu(), expected[k]) < 1e-10, k
+
+
+def check_two_updates_on_cuda(script, tmp_path, flags):
+    """Two updates on cuda:0, as a user runs the script: the device line names the GPU, and model.pt loads on the
+    CPU without map_location."""
+    proc = helpers.run_script(script.__file__, tmp_path, *flags, "--save-model")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("device: cuda:0 (") and ", torch CUDA " in proc.stdout.splitlines()[0], proc.stdout
+    checks.check_update_scalars(checks.read_scalars(the_run_dir(tmp_path)), iterations=2)
+    model = torch.load(os.path.join(the_run_dir(tmp_path), "model.pt"), weights_only=True)
+    assert all(t.device.type == "cpu" for t in model["model"].values())

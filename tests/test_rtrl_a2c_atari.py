@@ -198,3 +198,18 @@ def test_a_checkpoint_serves_as_init_stem_from(checkpointed):
 def test_the_script_checks_the_checkpoint_before_it_writes(checkpointed):
     long_runs.check_main_checks_the_checkpoint_before_it_writes(atari, checkpointed)
 
+
+# ---------------------------------------------------------------------------------------------
+# On a GPU (skipped without one): the float64 RTRL = BPTT claim and two updates on cuda
+# ---------------------------------------------------------------------------------------------
+@long_runs.CUDA
+@pytest.mark.parametrize("impl", ["chunked", "step"])
+def test_rtrl_equals_bptt_on_cuda(impl):
+    long_runs.check_rtrl_equals_bptt_on_cuda(atari, impl)
+
+
+@long_runs.CUDA
+def test_two_updates_on_cuda(tmp_path):
+    flags = ("--num-envs", "2", "--num-steps", "8", "--total-timesteps", "32", "--hidden-size", "16",
+              "--eval-episodes", "1")  # fmt: skip
+    long_runs.check_two_updates_on_cuda(atari, tmp_path, flags)

@@ -253,3 +253,18 @@ def test_missing_qt_runtime_says_what_to_install(tmp_path):
     proc = run_script(tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)})
     checks.check_bad_input_is_a_one_line_error(proc, "pip install PyQt5-Qt5", tmp_path)
 
+
+# ---------------------------------------------------------------------------------------------
+# On a GPU (skipped without one): the float64 RTRL = BPTT claim and two updates on cuda
+# ---------------------------------------------------------------------------------------------
+@long_runs.CUDA
+@pytest.mark.parametrize("impl", ["chunked", "step"])
+def test_rtrl_equals_bptt_on_cuda(impl):
+    long_runs.check_rtrl_equals_bptt_on_cuda(procgen, impl)
+
+
+@long_runs.CUDA
+def test_two_updates_on_cuda(tmp_path):
+    flags = ("--num-envs", "2", "--num-steps", "8", "--total-timesteps", "32", "--hidden-size", "16",
+              "--eval-episodes", "1", "--test-level-starts", "3000")  # fmt: skip
+    long_runs.check_two_updates_on_cuda(procgen, tmp_path, flags)
