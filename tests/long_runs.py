@@ -58,7 +58,9 @@ def first_run(script, tmp_path, flags, steps):
 def check_resume_restores_every_tensor_bit_for_bit(script, run, monkeypatch, capsys):
     """Resumed with no step left to train, the run loads its checkpoint and writes it again: the same bits."""
     step, checkpoint = run.saved["global_step"], f"runs/{run.name}/checkpoint.pt"
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)  # as a global setting may have left it
+    # as a global setting may have left it (set directly: pytest 9.2's monkeypatch cannot undo this attribute);
+    # the script turns it off again, torch's default
+    torch.backends.cuda.matmul.allow_tf32 = True
     run_in_process(script, run.dir, [*run.flags, "--resume", checkpoint, "--total-timesteps", str(step)], monkeypatch)
     assert torch.backends.cuda.matmul.allow_tf32 is False  # the script asks for full float32 matmuls itself
     out = capsys.readouterr().out

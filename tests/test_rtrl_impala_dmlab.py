@@ -583,7 +583,9 @@ def test_resume_restores_every_tensor_bit_for_bit(stopped, tmp_path, monkeypatch
     checkpoint, step = copy_of(run, tmp_path), run.saved["global_step"]
     flags = [*RESUMED, "--resume", checkpoint, "--total-timesteps", str(step), "--checkpoint-every", "10",
              "--actor-timeout", "30"]  # a flag a resumed run may change  # fmt: skip
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)  # as a global setting may have left it
+    # as a global setting may have left it (set directly: pytest 9.2's monkeypatch cannot undo this attribute);
+    # the script turns it off again, torch's default
+    torch.backends.cuda.matmul.allow_tf32 = True
     run_in_process(tmp_path, flags, monkeypatch)
     assert torch.backends.cuda.matmul.allow_tf32 is False  # the script asks for full float32 matmuls itself
     out = capsys.readouterr().out
