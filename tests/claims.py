@@ -11,7 +11,7 @@ import os
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from helpers import episode_flags, rel_err
+from helpers import episode_flags, rel_err, same_tensors
 
 PARAMS = ("w_z", "w_f", "v_z", "v_f", "b_z", "b_f")
 
@@ -443,3 +443,64 @@ def check_init_stem_from(script, tmp_path, capsys, obs_shape, other_obs_shape):
             raise AssertionError(f"{name} was accepted")
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, (name, err)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ready for a GPU: the float64 claim on cuda, checkpoints of CPU copies
+# ---------------------------------------------------------------------------------------------
+def check_rtrl_equals_bptt_on_cuda(script, impl):
+    """check_rtrl_equals_bptt_across_chunks with RTRL on cuda (float64, TF32 off as the scripts set it): chunk by
+    chunk, carrying c and the sensitivities, it equals BPTT through all chunks at once, computed on the CPU."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cell = make_cell(script)
+    x, done, dl_dc = random_history(4, 7, 3, 4, 5)
+    expected = bptt_grads(cell, x, done, dl_dc)
+    cell, x, done, dl_dc = (t.cuda() for t in (cell, x, done, dl_dc))
+    c, sens = cell.initial_state(3)
+    total = {k: 0.0 for k in PARAMS}
+    for chunk in (slice(i * 7, (i + 1) * 7) for i in range(4)):
+        grads, sens = cell.rtrl(x[chunk], c, done[chunk], sens, dl_dc[chunk], impl=impl)
+        c = cell(x[chunk], c, done[chunk])[-1].detach()
+        total = {k: total[k] + grads[k] for k in PARAMS}
+    for k in PARAMS:
+        assert total[k].is_cuda and rel_err(total[k].cpu(), expected[k]) < 1e-10, k
+
+
+def all_tensors(obj):
+    """Every tensor in nested dicts, lists and tuples."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    return [t for v in obj for t in all_tensors(v)] if isinstance(obj, (list, tuple)) else []
+
+
+def check_checkpoint_holds_cpu_copies(script, make_agent, tmp_path, monkeypatch):
+    """No GPU here, so a tensor's .cpu() is marked instead: every tensor the script's save_checkpoint writes (model,
+    optimizer state, RNG states) must have come out of .cpu(), which on a GPU is the copy a CPU-only machine can
+    load; the file loads with map_location="cpu" and restore() gives back the same bits."""
+    agent = make_agent()
+    optimizer = torch.optim.RMSprop(agent.parameters())
+    sum(p.sum() for p in agent.parameters()).backward()
+    optimizer.step()  # RMSprop's running averages: tensors in the optimizer state
+    moved, written, cpu, save = set(), [], torch.Tensor.cpu, torch.save
+
+    def marked_cpu(t, *a, **k):
+        out = cpu(t, *a, **k).clone()
+        moved.add(id(out))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "cpu", marked_cpu)
+    monkeypatch.setattr(torch, "save", lambda obj, f: (written.append(obj), save(obj, f)))
+    path = str(tmp_path / "checkpoint.pt")
+    script.save_checkpoint(agent, script.Args(), path, **script.training_state(optimizer, "r", 1, 10))
+    tensors = all_tensors(written[0])
+    assert len(tensors) > 2 * len(agent.state_dict()) and all(id(t) in moved for t in tensors)
+    monkeypatch.undo()
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    assert all(t.device.type == "cpu" for t in all_tensors(loaded))
+    again = make_agent()
+    again_optimizer = torch.optim.RMSprop(again.parameters())
+    script.restore(loaded, again, again_optimizer)
+    assert same_tensors(again.state_dict(), agent.state_dict())
+    assert same_tensors(again_optimizer.state_dict(), optimizer.state_dict())

@@ -269,23 +269,6 @@ def check_a_checkpoint_from_a_gpu_loads_on_the_cpu(script, obs_shape, num_action
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def check_rtrl_equals_bptt_on_cuda(script, impl):
-    """claims.check_rtrl_equals_bptt_across_chunks with RTRL on cuda (float64): chunk by chunk, carrying c and the
-    sensitivities, it equals BPTT through all chunks at once, computed on the CPU."""
-    cell = checks.make_cell(script)
-    x, done, dl_dc = checks.random_history(4, 7, 3, 4, 5)
-    expected = checks.bptt_grads(cell, x, done, dl_dc)
-    cell, x, done, dl_dc = (t.cuda() for t in (cell, x, done, dl_dc))
-    c, sens = cell.initial_state(3)
-    total = {k: 0.0 for k in checks.PARAMS}
-    for chunk in (slice(i * 7, (i + 1) * 7) for i in range(4)):
-        grads, sens = cell.rtrl(x[chunk], c, done[chunk], sens, dl_dc[chunk], impl=impl)
-        c = cell(x[chunk], c, done[chunk])[-1].detach()
-        total = {k: total[k] + grads[k] for k in checks.PARAMS}
-    for k in checks.PARAMS:
-        assert total[k].is_cuda and checks.rel_err(total[k].cpu(), expected[k]) < 1e-10, k
-
-
 def check_two_updates_on_cuda(script, tmp_path, flags):
     """Two updates on cuda:0, as a user runs the script: the device line names the GPU, and model.pt loads on the
     CPU without map_location."""

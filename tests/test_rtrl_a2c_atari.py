@@ -205,7 +205,7 @@ def test_the_script_checks_the_checkpoint_before_it_writes(checkpointed):
 @long_runs.CUDA
 @pytest.mark.parametrize("impl", ["chunked", "step"])
 def test_rtrl_equals_bptt_on_cuda(impl):
-    long_runs.check_rtrl_equals_bptt_on_cuda(atari, impl)
+    checks.check_rtrl_equals_bptt_on_cuda(atari, impl)
 
 
 @long_runs.CUDA

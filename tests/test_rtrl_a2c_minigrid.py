@@ -324,63 +324,14 @@ def test_the_device_line_says_when_cuda_found_no_gpu(monkeypatch):
     assert minigrid.device_line(*minigrid.choose_device(True)) == "device: cuda:0 (Fake GPU cuda:0, torch CUDA 12.4)"
 
 
-def all_tensors(obj):
-    if torch.is_tensor(obj):
-        return [obj]
-    if isinstance(obj, dict):
-        obj = list(obj.values())
-    return [t for v in obj for t in all_tensors(v)] if isinstance(obj, (list, tuple)) else []
-
-
 def test_a_checkpoint_holds_cpu_copies_of_every_tensor_and_loads_with_map_location_cpu(tmp_path, monkeypatch):
-    """No GPU here, so a tensor's .cpu() is marked instead: every tensor written (model, optimizer state, RNG
-    states) must have come out of .cpu(), which on a GPU is the copy a CPU-only machine can load."""
-    agent = minigrid.Agent((2,), 2, 8, "rtrl")
-    optimizer = torch.optim.RMSprop(agent.parameters())
-    sum(p.sum() for p in agent.parameters()).backward()
-    optimizer.step()  # RMSprop's running averages: tensors in the optimizer state
-    moved, written, cpu, save = set(), [], torch.Tensor.cpu, torch.save
-
-    def marked_cpu(t, *a, **k):
-        out = cpu(t, *a, **k).clone()
-        moved.add(id(out))
-        return out
-
-    monkeypatch.setattr(torch.Tensor, "cpu", marked_cpu)
-    monkeypatch.setattr(torch, "save", lambda obj, f: (written.append(obj), save(obj, f)))
-    path = str(tmp_path / "checkpoint.pt")
-    minigrid.save_checkpoint(agent, minigrid.Args(), path, **minigrid.training_state(optimizer, "r", 1, 10))
-    tensors = all_tensors(written[0])
-    assert len(tensors) > 2 * len(agent.state_dict()) and all(id(t) in moved for t in tensors)
-    monkeypatch.undo()
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
-    assert all(t.device.type == "cpu" for t in all_tensors(loaded))
-    again = minigrid.Agent((2,), 2, 8, "rtrl")
-    again_optimizer = torch.optim.RMSprop(again.parameters())
-    minigrid.restore(loaded, again, again_optimizer)
-    assert helpers.same_tensors(again.state_dict(), agent.state_dict())
-    assert helpers.same_tensors(again_optimizer.state_dict(), optimizer.state_dict())
+    checks.check_checkpoint_holds_cpu_copies(minigrid, lambda: minigrid.Agent((2,), 2, 8, "rtrl"), tmp_path, monkeypatch)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("impl", ["chunked", "step"])
 def test_on_cuda_rtrl_equals_bptt_across_chunks_with_resets(impl):
-    """The float64 claim with the cell on the GPU, TF32 off as the script sets it; BPTT on the CPU is the oracle."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    cell, chunk_len, num_chunks = checks.make_cell(minigrid), 7, 4
-    x, done, dl_dc = checks.random_history(num_chunks, chunk_len, 3, 4, 5)
-    expected = checks.bptt_grads(cell, x, done, dl_dc)
-    cell, x, done, dl_dc = cell.cuda(), x.cuda(), done.cuda(), dl_dc.cuda()
-    c, sens = cell.initial_state(3)
-    total = {k: torch.zeros_like(getattr(cell, k)) for k in checks.PARAMS}
-    for i in range(num_chunks):
-        chunk = slice(i * chunk_len, (i + 1) * chunk_len)
-        grads, sens = cell.rtrl(x[chunk], c, done[chunk], sens, dl_dc[chunk], impl=impl)
-        c = cell(x[chunk], c, done[chunk])[-1].detach()
-        for k in checks.PARAMS:
-            total[k] += grads[k]
-    for k in checks.PARAMS:
-        assert total[k].device.type == "cuda" and helpers.rel_err(total[k].cpu(), expected[k]) < 1e-10, k
+    checks.check_rtrl_equals_bptt_on_cuda(minigrid, impl)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -391,5 +342,5 @@ def test_on_cuda_two_updates_train_and_save_a_model_that_loads_on_the_cpu(tmp_pa
     assert f"device: cuda:0 ({torch.cuda.get_device_name(0)}, torch CUDA {torch.version.cuda})" in proc.stdout
     checks.check_update_scalars(checks.read_scalars(tmp_path / "runs" / "gpu"), iterations=2)
     saved = torch.load(tmp_path / "runs" / "gpu" / "model.pt", weights_only=True)  # no map_location: as written
-    assert all(t.device.type == "cpu" for t in all_tensors(saved))
+    assert all(t.device.type == "cpu" for t in checks.all_tensors(saved))
     minigrid.Agent((minigrid.Envs.OBS_SIZE,), 3, 16, "rtrl").load_state_dict(saved["model"])

@@ -260,7 +260,7 @@ def test_missing_qt_runtime_says_what_to_install(tmp_path):
 @long_runs.CUDA
 @pytest.mark.parametrize("impl", ["chunked", "step"])
 def test_rtrl_equals_bptt_on_cuda(impl):
-    long_runs.check_rtrl_equals_bptt_on_cuda(procgen, impl)
+    checks.check_rtrl_equals_bptt_on_cuda(procgen, impl)
 
 
 @long_runs.CUDA
