@@ -127,17 +127,23 @@ def check_args(args):
     if args.eval_episodes < 0:
         fail(f"--eval-episodes must be at least 0, got {args.eval_episodes}")
     ranges = {  # inclusive bounds
-        "learning_rate": (0.0, float("inf")), "rms_eps": (0.0, float("inf")), "rms_alpha": (0.0, 1.0),
-        "gamma": (0.0, 1.0), "ent_coef": (0.0, float("inf")), "vf_coef": (0.0, float("inf")),
-    }  # fmt: skip
+        "learning_rate": (0.0, float("inf")),
+        "rms_eps": (0.0, float("inf")),
+        "rms_alpha": (0.0, 1.0),
+        "gamma": (0.0, 1.0),
+        "ent_coef": (0.0, float("inf")),
+        "vf_coef": (0.0, float("inf")),
+    }
     for name, (low, high) in ranges.items():
         if not low <= getattr(args, name) <= high:
             fail(f"--{name.replace('_', '-')} must be in [{low}, {high}], got {getattr(args, name)}")
     if args.max_grad_norm <= 0:
         fail(f"--max-grad-norm must be positive, got {args.max_grad_norm}")
     if args.total_timesteps < args.num_envs * args.num_steps:
-        fail(f"--total-timesteps {args.total_timesteps} is less than one rollout "
-             f"(--num-envs x --num-steps = {args.num_envs * args.num_steps})")
+        fail(
+            f"--total-timesteps {args.total_timesteps} is less than one rollout "
+            f"(--num-envs x --num-steps = {args.num_envs * args.num_steps})"
+        )
     if args.checkpoint_every < 0:
         fail(f"--checkpoint-every must be at least 0, got {args.checkpoint_every}")
     if args.init_stem_from and not args.resume:  # resumed, the stem is the checkpoint's: the file is not read
@@ -161,10 +167,21 @@ class AtariEnvs:
 
     def __init__(self, env_id, seeds, device):
         self.envs = envpool.make(
-            env_id, env_type="gymnasium", num_envs=len(seeds), env_seed=[int(s) for s in seeds],
-            episodic_life=True, reward_clip=False, repeat_action_probability=0.0, noop_max=30,
-            use_fire_reset=True, frame_skip=4, stack_num=4, img_height=84, img_width=84, gray_scale=True,
-        )  # fmt: skip
+            env_id,
+            env_type="gymnasium",
+            num_envs=len(seeds),
+            env_seed=[int(s) for s in seeds],
+            episodic_life=True,
+            reward_clip=False,
+            repeat_action_probability=0.0,
+            noop_max=30,
+            use_fire_reset=True,
+            frame_skip=4,
+            stack_num=4,
+            img_height=84,
+            img_width=84,
+            gray_scale=True,
+        )
         self.num_actions = self.envs.action_space.n
         self.device = device
         n = len(seeds)
@@ -310,8 +327,14 @@ class ELSTM(nn.Module):
         w = torch.mm(uR.view(T * B, 2 * N).T, x.flatten(0, 1))
         b, v = uR.sum((0, 1)), (uR * c_prev[:, :, None]).sum((0, 1))  # 2 x N: (b_z, b_f), (v_z, v_f)
         sb, sv = uP.sum(1), (uP * c_prev.transpose(0, 1)[:, :, None]).sum(1)  # B x 2 x N, for S_T
-        chunk = {"w_z": (w[:N], uP[:, :, 0]), "w_f": (w[N:], uP[:, :, 1]), "v_z": (v[0], sv[:, 0]),
-                 "v_f": (v[1], sv[:, 1]), "b_z": (b[0], sb[:, 0]), "b_f": (b[1], sb[:, 1])}  # fmt: skip
+        chunk = {
+            "w_z": (w[:N], uP[:, :, 0]),
+            "w_f": (w[N:], uP[:, :, 1]),
+            "v_z": (v[0], sv[:, 0]),
+            "v_f": (v[1], sv[:, 1]),
+            "b_z": (b[0], sb[:, 0]),
+            "b_f": (b[1], sb[:, 1]),
+        }
         # N x 1 x B, contiguous: then sum_b (a_1 R_1) * S_0 is one batched GEMM that reads S_0 where it lies
         aR0_n1b = aR0.T.contiguous().unsqueeze(1)
         x_bt = x.transpose(0, 1)  # B x T x D
@@ -481,8 +504,9 @@ def compute_gradients(agent, rollout, returns, c0, sens0, args):
         loss, stats = rollout_loss(agent, rollout, returns, x_leaf, c_leaf, args)
         loss.backward()
         start = timer(x.device)
-        grads, sens_T, dl_dx = agent.cell.rtrl_scan(x_leaf.detach(), scan, sens0, c_leaf.grad, args.rtrl_impl,
-                                                    overwrite=True)  # sens0 is not used again
+        grads, sens_T, dl_dx = agent.cell.rtrl_scan(
+            x_leaf.detach(), scan, sens0, c_leaf.grad, args.rtrl_impl, overwrite=True
+        )  # sens0 is not used again
         rtrl_time = timer(x.device) - start
         for name, p in agent.cell.named_parameters():
             p.grad = grads[name]
@@ -568,17 +592,28 @@ def training_state(optimizer, run_name, iteration, global_step):
     """What --resume restores besides the model. Not (c, sens) nor the environments: EnvPool cannot snapshot an
     episode, so a resumed run starts new episodes, and a state belongs only to the episode that made it."""
     np_state = np.random.get_state()
-    rng = {"python": random.getstate(), "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
-           "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}  # fmt: skip
-    return dict(optimizer=optimizer.state_dict(), run_name=run_name, iteration=iteration, global_step=global_step,
-                rng=rng)  # fmt: skip
+    rng = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return dict(optimizer=optimizer.state_dict(), run_name=run_name, iteration=iteration, global_step=global_step, rng=rng)
 
 
 RESUME_KEYS = {"script", "model", "args", "optimizer", "run_name", "iteration", "global_step", "rng"}
 # flags a resumed run may change; any other must equal the checkpoint's
-RESUME_MAY_CHANGE = {"total_timesteps", "checkpoint_every", "resume", "save_model", "eval_episodes", "cuda",
-                     "stem_in_update", "batch_size", "num_iterations"}  # fmt: skip
+RESUME_MAY_CHANGE = {
+    "total_timesteps",
+    "checkpoint_every",
+    "resume",
+    "save_model",
+    "eval_episodes",
+    "cuda",
+    "stem_in_update",
+    "batch_size",
+    "num_iterations",
+}
 
 
 def load_resume(args):
@@ -590,22 +625,25 @@ def load_resume(args):
     except FileNotFoundError:
         fail(f"--resume: no such file {args.resume!r}")
     except Exception as e:  # truncated, corrupt, or not written by torch.save
-        fail(f"--resume: {args.resume!r} is not a readable checkpoint "
-             f"({type(e).__name__}: {str(e).split('. ')[0][:120]})")  # fmt: skip
+        fail(f"--resume: {args.resume!r} is not a readable checkpoint ({type(e).__name__}: {str(e).split('. ')[0][:120]})")
     if not isinstance(checkpoint, dict) or not RESUME_KEYS <= set(checkpoint):
         missing = sorted(RESUME_KEYS - set(checkpoint)) if isinstance(checkpoint, dict) else sorted(RESUME_KEYS)
-        fail(f"--resume: {args.resume!r} is not a checkpoint to resume from (no {', '.join(missing)}; "
-             "model.pt from --save-model holds weights only)")  # fmt: skip
+        fail(
+            f"--resume: {args.resume!r} is not a checkpoint to resume from (no {', '.join(missing)}; "
+            "model.pt from --save-model holds weights only)"
+        )
     if checkpoint["script"] != os.path.basename(__file__):
         fail(f"--resume: {args.resume!r} was written by {checkpoint['script']}, not {os.path.basename(__file__)}")
     ours, theirs = vars(args), checkpoint["args"]
-    differ = [f"--{k.replace('_', '-')} {ours[k]} (checkpoint: {theirs.get(k)})" for k in ours
-              if k not in RESUME_MAY_CHANGE and ours[k] != theirs.get(k)]  # fmt: skip
+    differ = [
+        f"--{k.replace('_', '-')} {ours[k]} (checkpoint: {theirs.get(k)})"
+        for k in ours
+        if k not in RESUME_MAY_CHANGE and ours[k] != theirs.get(k)
+    ]
     if differ:
         fail(f"--resume: this command differs from the checkpoint's run: {', '.join(differ)}")
     if args.total_timesteps < checkpoint["global_step"]:
-        fail(f"--resume: --total-timesteps {args.total_timesteps} is below the checkpoint's step "
-             f"{checkpoint['global_step']}")  # fmt: skip
+        fail(f"--resume: --total-timesteps {args.total_timesteps} is below the checkpoint's step {checkpoint['global_step']}")
     return checkpoint
 
 
@@ -658,11 +696,13 @@ def load_stem(agent, path):
         fail(f"--init-stem-from {path}: written by {writer}; the stem must come from {os.path.basename(__file__)}")
     stem = {k.removeprefix("stem."): v for k, v in model.items() if isinstance(k, str) and k.startswith("stem.")}
     own = agent.stem.state_dict()
-    shape = lambda t: "x".join(map(str, t.shape)) if isinstance(t, torch.Tensor) else "missing"  # noqa: E731
+    shape = lambda t: "x".join(map(str, t.shape)) if isinstance(t, torch.Tensor) else "missing"
     for name in sorted(set(own) | set(stem)):
         if shape(stem.get(name)) != shape(own.get(name)):
-            fail(f"--init-stem-from {path}: its stem does not fit this agent's (stem.{name} is {shape(stem.get(name))} "
-                 f"there, {shape(own.get(name))} here): another script's checkpoint, or another observation shape")
+            fail(
+                f"--init-stem-from {path}: its stem does not fit this agent's (stem.{name} is {shape(stem.get(name))} "
+                f"there, {shape(own.get(name))} here): another script's checkpoint, or another observation shape"
+            )
     agent.stem.load_state_dict(stem)
 
 
@@ -699,8 +739,9 @@ if __name__ == "__main__":
     elif args.freeze_stem and not resumed:
         print("--freeze-stem without --init-stem-from: the stem stays at its random initialization")
     # a frozen stem's parameters get no gradient, and no optimizer state either
-    optimizer = torch.optim.RMSprop([p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate,
-                                    alpha=args.rms_alpha, eps=args.rms_eps)  # fmt: skip
+    optimizer = torch.optim.RMSprop(
+        [p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate, alpha=args.rms_alpha, eps=args.rms_eps
+    )
     # still before anything is written: a checkpoint that does not fit is refused with the run directory untouched
     start_iteration, global_step = restore(resumed, agent, optimizer) if resumed else (0, 0)
 
@@ -712,8 +753,10 @@ if __name__ == "__main__":
         "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
     )
     if resumed:
-        print(f"resumed runs/{run_name} at global_step={global_step}: every environment starts a new episode, "
-              "recurrent state and sensitivities zero")  # fmt: skip
+        print(
+            f"resumed runs/{run_name} at global_step={global_step}: every environment starts a new episode, "
+            "recurrent state and sensitivities zero"
+        )
     seeds = env_seeds(args.seed, args.num_envs + max(args.eval_episodes, 1))
     # resumed: new episodes from new seeds, not a replay of the run's start (evaluation keeps the run's own)
     train_seeds = env_seeds([args.seed, global_step], args.num_envs) if resumed else seeds[: args.num_envs]
@@ -775,9 +818,11 @@ if __name__ == "__main__":
         if time.time() - last_print > 10 or iteration == args.num_iterations:
             last_print = time.time()
             mean_return = f"{np.mean(recent_returns):.2f}" if recent_returns else "n/a"
-            print(f"global_step={global_step} SPS={sps} return(last {len(recent_returns)} games)={mean_return} "
-                  f"entropy={stats['entropy'] / (T * B):.3f} rtrl_share={rtrl_time / update_time:.3f}",
-                  flush=True)  # fmt: skip
+            print(
+                f"global_step={global_step} SPS={sps} return(last {len(recent_returns)} games)={mean_return} "
+                f"entropy={stats['entropy'] / (T * B):.3f} rtrl_share={rtrl_time / update_time:.3f}",
+                flush=True,
+            )
 
         if stop.signum or (args.checkpoint_every and global_step >= next_checkpoint):
             save_checkpoint(agent, args, checkpoint_path, **training_state(optimizer, run_name, iteration, global_step))
@@ -785,8 +830,11 @@ if __name__ == "__main__":
         if stop.signum:
             envs.close()
             writer.close()
-            print(f"stopped by {signal.Signals(stop.signum).name} at global_step={global_step}; checkpoint: "
-                  f"{checkpoint_path} (continue with --resume {checkpoint_path})", flush=True)  # fmt: skip
+            print(
+                f"stopped by {signal.Signals(stop.signum).name} at global_step={global_step}; checkpoint: "
+                f"{checkpoint_path} (continue with --resume {checkpoint_path})",
+                flush=True,
+            )
             sys.exit(128 + stop.signum)
     envs.close()
     stop.restore()  # Ctrl-C during the evaluation below stops it at once

@@ -112,17 +112,23 @@ def check_args(args):
         if getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}")
     ranges = {  # inclusive bounds
-        "learning_rate": (0.0, float("inf")), "rms_eps": (0.0, float("inf")), "rms_alpha": (0.0, 1.0),
-        "gamma": (0.0, 1.0), "ent_coef": (0.0, float("inf")), "vf_coef": (0.0, float("inf")),
-    }  # fmt: skip
+        "learning_rate": (0.0, float("inf")),
+        "rms_eps": (0.0, float("inf")),
+        "rms_alpha": (0.0, 1.0),
+        "gamma": (0.0, 1.0),
+        "ent_coef": (0.0, float("inf")),
+        "vf_coef": (0.0, float("inf")),
+    }
     for name, (low, high) in ranges.items():
         if not low <= getattr(args, name) <= high:
             fail(f"--{name.replace('_', '-')} must be in [{low}, {high}], got {getattr(args, name)}")
     if args.max_grad_norm <= 0:
         fail(f"--max-grad-norm must be positive, got {args.max_grad_norm}")
     if args.total_timesteps < args.num_envs * args.num_steps:
-        fail(f"--total-timesteps {args.total_timesteps} is less than one rollout "
-             f"(--num-envs x --num-steps = {args.num_envs * args.num_steps})")  # fmt: skip
+        fail(
+            f"--total-timesteps {args.total_timesteps} is less than one rollout "
+            f"(--num-envs x --num-steps = {args.num_envs * args.num_steps})"
+        )
     if args.eval_episodes > 1024:
         fail(f"--eval-episodes opens one environment per episode: at most 1024, got {args.eval_episodes}")
     if args.run_name and (os.sep in args.run_name or args.run_name in (".", "..")):
@@ -312,8 +318,14 @@ class ELSTM(nn.Module):
         w = torch.mm(uR.view(T * B, 2 * N).T, x.flatten(0, 1))
         b, v = uR.sum((0, 1)), (uR * c_prev[:, :, None]).sum((0, 1))  # 2 x N: (b_z, b_f), (v_z, v_f)
         sb, sv = uP.sum(1), (uP * c_prev.transpose(0, 1)[:, :, None]).sum(1)  # B x 2 x N, for S_T
-        chunk = {"w_z": (w[:N], uP[:, :, 0]), "w_f": (w[N:], uP[:, :, 1]), "v_z": (v[0], sv[:, 0]),
-                 "v_f": (v[1], sv[:, 1]), "b_z": (b[0], sb[:, 0]), "b_f": (b[1], sb[:, 1])}  # fmt: skip
+        chunk = {
+            "w_z": (w[:N], uP[:, :, 0]),
+            "w_f": (w[N:], uP[:, :, 1]),
+            "v_z": (v[0], sv[:, 0]),
+            "v_f": (v[1], sv[:, 1]),
+            "b_z": (b[0], sb[:, 0]),
+            "b_f": (b[1], sb[:, 1]),
+        }
         # N x 1 x B, contiguous: then sum_b (a_1 R_1) * S_0 is one batched GEMM that reads S_0 where it lies
         aR0_n1b = aR0.T.contiguous().unsqueeze(1)
         x_bt = x.transpose(0, 1)  # B x T x D
@@ -470,8 +482,9 @@ def compute_gradients(agent, rollout, returns, c0, sens0, args):
         loss, stats = rollout_loss(agent, rollout, returns, x_leaf, c_leaf, args)
         loss.backward()
         start = timer(x.device)
-        grads, sens_T, dl_dx = agent.cell.rtrl_scan(x_leaf.detach(), scan, sens0, c_leaf.grad, args.rtrl_impl,
-                                                    overwrite=True)  # sens0 is not used again
+        grads, sens_T, dl_dx = agent.cell.rtrl_scan(
+            x_leaf.detach(), scan, sens0, c_leaf.grad, args.rtrl_impl, overwrite=True
+        )  # sens0 is not used again
         rtrl_time = timer(x.device) - start
         for name, p in agent.cell.named_parameters():
             p.grad = grads[name]
@@ -525,13 +538,19 @@ def gradient_staleness(agent, history, rollout, returns, args):
     c = agent.cell(x, x.new_zeros(x.shape[1], params[0].shape[0]), firsts)
     c_truncated = agent.cell(x[L:], c[L - 1].detach() if L else c.new_zeros(c.shape[1:]), rollout.firsts)
     exact, truncated = (
-        torch.cat([g.flatten() for g in torch.autograd.grad(rollout_loss(agent, rollout, returns, x[L:], cs, args)[0], params)])
+        torch.cat(
+            [g.flatten() for g in torch.autograd.grad(rollout_loss(agent, rollout, returns, x[L:], cs, args)[0], params)]
+        )
         for cs in (c[L:], c_truncated)
-    )  # fmt: skip
+    )
     used = torch.cat([p.grad.flatten() for p in params])
-    cos = lambda a, b: F.cosine_similarity(a, b, dim=0).item()  # noqa: E731
-    return {"cos_update_exact": cos(used, exact), "relerr_update_exact": ((used - exact).norm() / exact.norm()).item(),
-            "cos_truncated_exact": cos(truncated, exact), "episode_prefix_steps": float(L)}  # fmt: skip
+    cos = lambda a, b: F.cosine_similarity(a, b, dim=0).item()
+    return {
+        "cos_update_exact": cos(used, exact),
+        "relerr_update_exact": ((used - exact).norm() / exact.norm()).item(),
+        "cos_truncated_exact": cos(truncated, exact),
+        "episode_prefix_steps": float(L),
+    }
 
 
 def grad_norms(agent):
@@ -609,15 +628,27 @@ def training_state(optimizer, run_name, iteration, global_step):
     """What --resume restores besides the model. Not (c, sens) nor the environments: EnvPool cannot snapshot an
     episode, so a resumed run starts new episodes, and a state belongs only to the episode that made it."""
     np_state = np.random.get_state()
-    rng = {"python": random.getstate(), "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
-           "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}  # fmt: skip
+    rng = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
     return dict(optimizer=optimizer.state_dict(), run_name=run_name, iteration=iteration, global_step=global_step, rng=rng)
 
 
 RESUME_KEYS = {"script", "model", "args", "optimizer", "run_name", "iteration", "global_step", "rng"}
 # flags a resumed run may change; any other must equal the checkpoint's
-RESUME_MAY_CHANGE = {"total_timesteps", "checkpoint_every", "resume", "save_model", "eval_episodes", "cuda",
-                     "batch_size", "num_iterations"}  # fmt: skip
+RESUME_MAY_CHANGE = {
+    "total_timesteps",
+    "checkpoint_every",
+    "resume",
+    "save_model",
+    "eval_episodes",
+    "cuda",
+    "batch_size",
+    "num_iterations",
+}
 
 
 def load_resume(args):
@@ -632,14 +663,19 @@ def load_resume(args):
         fail(f"--resume: {args.resume!r} is not a readable checkpoint ({type(e).__name__}: {str(e).split('. ')[0][:120]})")
     if not isinstance(checkpoint, dict) or not RESUME_KEYS <= set(checkpoint):
         missing = sorted(RESUME_KEYS - set(checkpoint)) if isinstance(checkpoint, dict) else sorted(RESUME_KEYS)
-        fail(f"--resume: {args.resume!r} is not a checkpoint to resume from (no {', '.join(missing)}; "
-             "model.pt from --save-model holds weights only)")  # fmt: skip
+        fail(
+            f"--resume: {args.resume!r} is not a checkpoint to resume from (no {', '.join(missing)}; "
+            "model.pt from --save-model holds weights only)"
+        )
     if checkpoint["script"] != os.path.basename(__file__):
         fail(f"--resume: {args.resume!r} was written by {checkpoint['script']}, not {os.path.basename(__file__)}")
     ours, theirs = vars(args), checkpoint["args"]
     ours = {**ours, "run_name": ours["run_name"] or theirs.get("run_name")}  # left out, it is the checkpoint's
-    differ = [f"--{k.replace('_', '-')} {ours[k]} (checkpoint: {theirs.get(k)})" for k in ours
-              if k not in RESUME_MAY_CHANGE and ours[k] != theirs.get(k)]  # fmt: skip
+    differ = [
+        f"--{k.replace('_', '-')} {ours[k]} (checkpoint: {theirs.get(k)})"
+        for k in ours
+        if k not in RESUME_MAY_CHANGE and ours[k] != theirs.get(k)
+    ]
     if differ:
         fail(f"--resume: this command differs from the checkpoint's run: {', '.join(differ)}")
     if args.total_timesteps < checkpoint["global_step"]:
@@ -689,7 +725,9 @@ if __name__ == "__main__":
         run_name = resumed["run_name"]
         writer = SummaryWriter(f"runs/{run_name}", purge_step=resumed["global_step"] + 1)  # drops what came after it
     else:
-        run_name = args.run_name or f"{args.env_id}__{args.exp_name}__{args.core}__T{args.num_steps}__{args.seed}__{int(time.time())}"
+        run_name = (
+            args.run_name or f"{args.env_id}__{args.exp_name}__{args.core}__T{args.num_steps}__{args.seed}__{int(time.time())}"
+        )
         if os.path.exists(f"runs/{run_name}"):
             fail(f"runs/{run_name} exists; a run directory is never shared by two runs")
         writer = SummaryWriter(f"runs/{run_name}")
@@ -718,8 +756,10 @@ if __name__ == "__main__":
     optimizer = torch.optim.RMSprop(agent.parameters(), lr=args.learning_rate, alpha=args.rms_alpha, eps=args.rms_eps)
     start_iteration, global_step = restore(resumed, agent, optimizer) if resumed else (0, 0)
     if resumed:
-        print(f"resumed runs/{run_name} at global_step={global_step}: every environment starts a new episode, "
-              "recurrent state and sensitivities zero")  # fmt: skip
+        print(
+            f"resumed runs/{run_name} at global_step={global_step}: every environment starts a new episode, "
+            "recurrent state and sensitivities zero"
+        )
     checkpoint_path, next_checkpoint = f"runs/{run_name}/checkpoint.pt", global_step + args.checkpoint_every
     stop = StopSignals()
 
@@ -786,17 +826,25 @@ if __name__ == "__main__":
             last_print = time.time()
             elapsed = time.time() - start_time
             eta = (args.num_iterations - iteration) * B * T / max(sps, 1)
-            summary = f"{np.mean([r for r, _ in recent]):.3f} success {np.mean([s for _, s in recent]):.2f}" if recent else "n/a"
-            print(f"global_step={global_step} SPS={sps} elapsed={elapsed / 60:.1f}min eta={eta / 60:.1f}min "
-                  f"return(last {len(recent)} episodes)={summary} entropy={stats['entropy'] / (T * B):.3f}", flush=True)  # fmt: skip
+            summary = (
+                f"{np.mean([r for r, _ in recent]):.3f} success {np.mean([s for _, s in recent]):.2f}" if recent else "n/a"
+            )
+            print(
+                f"global_step={global_step} SPS={sps} elapsed={elapsed / 60:.1f}min eta={eta / 60:.1f}min "
+                f"return(last {len(recent)} episodes)={summary} entropy={stats['entropy'] / (T * B):.3f}",
+                flush=True,
+            )
         if stop.signum or (args.checkpoint_every and global_step >= next_checkpoint):
             save_checkpoint(agent, args, checkpoint_path, **training_state(optimizer, run_name, iteration, global_step))
             next_checkpoint = global_step + args.checkpoint_every
         if stop.signum:
             envs.close()
             writer.close()
-            print(f"stopped by {signal.Signals(stop.signum).name} at global_step={global_step}; checkpoint: "
-                  f"{checkpoint_path} (continue with --resume {checkpoint_path})", flush=True)  # fmt: skip
+            print(
+                f"stopped by {signal.Signals(stop.signum).name} at global_step={global_step}; checkpoint: "
+                f"{checkpoint_path} (continue with --resume {checkpoint_path})",
+                flush=True,
+            )
             sys.exit(128 + stop.signum)
     envs.close()
     stop.restore()  # Ctrl-C during the evaluation below stops it at once
@@ -813,6 +861,8 @@ if __name__ == "__main__":
         for i, (eval_return, success) in enumerate(results):
             writer.add_scalar("eval/episodic_return", eval_return, i)
             writer.add_scalar("eval/success", float(success), i)
-        print(f"greedy evaluation over {len(results)} episodes: mean return {np.mean([r for r, _ in results]):.3f}, "
-              f"success {np.mean([s for _, s in results]):.2f}")  # fmt: skip
+        print(
+            f"greedy evaluation over {len(results)} episodes: mean return {np.mean([r for r, _ in results]):.3f}, "
+            f"success {np.mean([s for _, s in results]):.2f}"
+        )
     writer.close()

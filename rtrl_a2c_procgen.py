@@ -162,17 +162,23 @@ def check_args(args):
         if getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}")
     ranges = {  # inclusive bounds
-        "learning_rate": (0.0, float("inf")), "rms_eps": (0.0, float("inf")), "rms_alpha": (0.0, 1.0),
-        "gamma": (0.0, 1.0), "ent_coef": (0.0, float("inf")), "vf_coef": (0.0, float("inf")),
-    }  # fmt: skip
+        "learning_rate": (0.0, float("inf")),
+        "rms_eps": (0.0, float("inf")),
+        "rms_alpha": (0.0, 1.0),
+        "gamma": (0.0, 1.0),
+        "ent_coef": (0.0, float("inf")),
+        "vf_coef": (0.0, float("inf")),
+    }
     for name, (low, high) in ranges.items():
         if not low <= getattr(args, name) <= high:
             fail(f"--{name.replace('_', '-')} must be in [{low}, {high}], got {getattr(args, name)}")
     if args.max_grad_norm <= 0:
         fail(f"--max-grad-norm must be positive, got {args.max_grad_norm}")
     if args.total_timesteps < args.num_envs * args.num_steps:
-        fail(f"--total-timesteps {args.total_timesteps} is less than one rollout "
-             f"(--num-envs x --num-steps = {args.num_envs * args.num_steps})")
+        fail(
+            f"--total-timesteps {args.total_timesteps} is less than one rollout "
+            f"(--num-envs x --num-steps = {args.num_envs * args.num_steps})"
+        )
     if args.checkpoint_every < 0:
         fail(f"--checkpoint-every must be at least 0, got {args.checkpoint_every}")
     if args.init_stem_from and not args.resume:  # resumed, the stem is the checkpoint's: the file is not read
@@ -184,8 +190,10 @@ def check_args(args):
         if start < 0 or start + args.test_num_levels > 2**31 - 1:
             fail(f"test levels [{start}, {start + args.test_num_levels}) are outside ProcGen's [0, 2^31 - 1)")
         if start < train_end and args.start_level < start + args.test_num_levels:
-            fail(f"test levels [{start}, {start + args.test_num_levels}) overlap the training levels "
-                 f"[{args.start_level}, {train_end}): held-out levels must be unseen")
+            fail(
+                f"test levels [{start}, {start + args.test_num_levels}) overlap the training levels "
+                f"[{args.start_level}, {train_end}): held-out levels must be unseen"
+            )
     procgen_ids = sorted(k for k, v in envpool.registration.registry.specs.items() if v[0] == "envpool.procgen")
     if args.env_id not in procgen_ids:
         close = difflib.get_close_matches(args.env_id, procgen_ids, n=3, cutoff=0.6)
@@ -194,8 +202,10 @@ def check_args(args):
     try:
         envpool.make_spec(args.env_id)
     except ImportError:  # EnvPool's ProcGen found no libQt5Core/libQt5Gui
-        fail("EnvPool ProcGen needs the Qt5 runtime: `pip install PyQt5-Qt5` (in requirements.txt) "
-             "or a system Qt5 (`apt install libqt5gui5`)")
+        fail(
+            "EnvPool ProcGen needs the Qt5 runtime: `pip install PyQt5-Qt5` (in requirements.txt) "
+            "or a system Qt5 (`apt install libqt5gui5`)"
+        )
 
 
 class ProcgenEnvs:
@@ -210,9 +220,13 @@ class ProcgenEnvs:
 
     def __init__(self, env_id, seeds, start_level, num_levels, device):
         self.envs = envpool.make(
-            env_id, env_type="gymnasium", num_envs=len(seeds), env_seed=[int(s) for s in seeds],
-            start_level=start_level, num_levels=num_levels,
-        )  # fmt: skip
+            env_id,
+            env_type="gymnasium",
+            num_envs=len(seeds),
+            env_seed=[int(s) for s in seeds],
+            start_level=start_level,
+            num_levels=num_levels,
+        )
         self.num_actions = self.envs.action_space.n
         self.device = device
         n = len(seeds)
@@ -358,8 +372,14 @@ class ELSTM(nn.Module):
         w = torch.mm(uR.view(T * B, 2 * N).T, x.flatten(0, 1))
         b, v = uR.sum((0, 1)), (uR * c_prev[:, :, None]).sum((0, 1))  # 2 x N: (b_z, b_f), (v_z, v_f)
         sb, sv = uP.sum(1), (uP * c_prev.transpose(0, 1)[:, :, None]).sum(1)  # B x 2 x N, for S_T
-        chunk = {"w_z": (w[:N], uP[:, :, 0]), "w_f": (w[N:], uP[:, :, 1]), "v_z": (v[0], sv[:, 0]),
-                 "v_f": (v[1], sv[:, 1]), "b_z": (b[0], sb[:, 0]), "b_f": (b[1], sb[:, 1])}  # fmt: skip
+        chunk = {
+            "w_z": (w[:N], uP[:, :, 0]),
+            "w_f": (w[N:], uP[:, :, 1]),
+            "v_z": (v[0], sv[:, 0]),
+            "v_f": (v[1], sv[:, 1]),
+            "b_z": (b[0], sb[:, 0]),
+            "b_f": (b[1], sb[:, 1]),
+        }
         # N x 1 x B, contiguous: then sum_b (a_1 R_1) * S_0 is one batched GEMM that reads S_0 where it lies
         aR0_n1b = aR0.T.contiguous().unsqueeze(1)
         x_bt = x.transpose(0, 1)  # B x T x D
@@ -529,8 +549,9 @@ def compute_gradients(agent, rollout, returns, c0, sens0, args):
         loss, stats = rollout_loss(agent, rollout, returns, x_leaf, c_leaf, args)
         loss.backward()
         start = timer(x.device)
-        grads, sens_T, dl_dx = agent.cell.rtrl_scan(x_leaf.detach(), scan, sens0, c_leaf.grad, args.rtrl_impl,
-                                                    overwrite=True)  # sens0 is not used again
+        grads, sens_T, dl_dx = agent.cell.rtrl_scan(
+            x_leaf.detach(), scan, sens0, c_leaf.grad, args.rtrl_impl, overwrite=True
+        )  # sens0 is not used again
         rtrl_time = timer(x.device) - start
         for name, p in agent.cell.named_parameters():
             p.grad = grads[name]
@@ -601,8 +622,10 @@ def level_sets(args):
 
 def evaluate_level_sets(agent, args, seeds, device, writer, global_step):
     """Greedy returns on every level set; logs eval/train_levels_return and eval/test_levels_return."""
-    results = {name: evaluate(agent, args.env_id, seeds, start, num, args.eval_episodes, device)
-               for name, (start, num) in level_sets(args).items()}  # fmt: skip
+    results = {
+        name: evaluate(agent, args.env_id, seeds, start, num, args.eval_episodes, device)
+        for name, (start, num) in level_sets(args).items()
+    }
     test_returns = [r for name, episodes in results.items() if name != "train" for r, _ in episodes]
     writer.add_scalar("eval/train_levels_return", np.mean([r for r, _ in results["train"]]), global_step)
     if test_returns:
@@ -634,17 +657,28 @@ def training_state(optimizer, run_name, iteration, global_step):
     """What --resume restores besides the model. Not (c, sens) nor the environments: EnvPool cannot snapshot an
     episode, so a resumed run starts new episodes, and a state belongs only to the episode that made it."""
     np_state = np.random.get_state()
-    rng = {"python": random.getstate(), "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
-           "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}  # fmt: skip
-    return dict(optimizer=optimizer.state_dict(), run_name=run_name, iteration=iteration, global_step=global_step,
-                rng=rng)  # fmt: skip
+    rng = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return dict(optimizer=optimizer.state_dict(), run_name=run_name, iteration=iteration, global_step=global_step, rng=rng)
 
 
 RESUME_KEYS = {"script", "model", "args", "optimizer", "run_name", "iteration", "global_step", "rng"}
 # flags a resumed run may change; any other must equal the checkpoint's
-RESUME_MAY_CHANGE = {"total_timesteps", "checkpoint_every", "resume", "save_model", "eval_episodes", "cuda",
-                     "stem_in_update", "batch_size", "num_iterations"}  # fmt: skip
+RESUME_MAY_CHANGE = {
+    "total_timesteps",
+    "checkpoint_every",
+    "resume",
+    "save_model",
+    "eval_episodes",
+    "cuda",
+    "stem_in_update",
+    "batch_size",
+    "num_iterations",
+}
 
 
 def load_resume(args):
@@ -656,22 +690,25 @@ def load_resume(args):
     except FileNotFoundError:
         fail(f"--resume: no such file {args.resume!r}")
     except Exception as e:  # truncated, corrupt, or not written by torch.save
-        fail(f"--resume: {args.resume!r} is not a readable checkpoint "
-             f"({type(e).__name__}: {str(e).split('. ')[0][:120]})")  # fmt: skip
+        fail(f"--resume: {args.resume!r} is not a readable checkpoint ({type(e).__name__}: {str(e).split('. ')[0][:120]})")
     if not isinstance(checkpoint, dict) or not RESUME_KEYS <= set(checkpoint):
         missing = sorted(RESUME_KEYS - set(checkpoint)) if isinstance(checkpoint, dict) else sorted(RESUME_KEYS)
-        fail(f"--resume: {args.resume!r} is not a checkpoint to resume from (no {', '.join(missing)}; "
-             "model.pt from --save-model holds weights only)")  # fmt: skip
+        fail(
+            f"--resume: {args.resume!r} is not a checkpoint to resume from (no {', '.join(missing)}; "
+            "model.pt from --save-model holds weights only)"
+        )
     if checkpoint["script"] != os.path.basename(__file__):
         fail(f"--resume: {args.resume!r} was written by {checkpoint['script']}, not {os.path.basename(__file__)}")
     ours, theirs = vars(args), checkpoint["args"]
-    differ = [f"--{k.replace('_', '-')} {ours[k]} (checkpoint: {theirs.get(k)})" for k in ours
-              if k not in RESUME_MAY_CHANGE and ours[k] != theirs.get(k)]  # fmt: skip
+    differ = [
+        f"--{k.replace('_', '-')} {ours[k]} (checkpoint: {theirs.get(k)})"
+        for k in ours
+        if k not in RESUME_MAY_CHANGE and ours[k] != theirs.get(k)
+    ]
     if differ:
         fail(f"--resume: this command differs from the checkpoint's run: {', '.join(differ)}")
     if args.total_timesteps < checkpoint["global_step"]:
-        fail(f"--resume: --total-timesteps {args.total_timesteps} is below the checkpoint's step "
-             f"{checkpoint['global_step']}")  # fmt: skip
+        fail(f"--resume: --total-timesteps {args.total_timesteps} is below the checkpoint's step {checkpoint['global_step']}")
     return checkpoint
 
 
@@ -724,11 +761,13 @@ def load_stem(agent, path):
         fail(f"--init-stem-from {path}: written by {writer}; the stem must come from {os.path.basename(__file__)}")
     stem = {k.removeprefix("stem."): v for k, v in model.items() if isinstance(k, str) and k.startswith("stem.")}
     own = agent.stem.state_dict()
-    shape = lambda t: "x".join(map(str, t.shape)) if isinstance(t, torch.Tensor) else "missing"  # noqa: E731
+    shape = lambda t: "x".join(map(str, t.shape)) if isinstance(t, torch.Tensor) else "missing"
     for name in sorted(set(own) | set(stem)):
         if shape(stem.get(name)) != shape(own.get(name)):
-            fail(f"--init-stem-from {path}: its stem does not fit this agent's (stem.{name} is {shape(stem.get(name))} "
-                 f"there, {shape(own.get(name))} here): another script's checkpoint, or another observation shape")
+            fail(
+                f"--init-stem-from {path}: its stem does not fit this agent's (stem.{name} is {shape(stem.get(name))} "
+                f"there, {shape(own.get(name))} here): another script's checkpoint, or another observation shape"
+            )
     agent.stem.load_state_dict(stem)
 
 
@@ -766,8 +805,9 @@ if __name__ == "__main__":
     elif args.freeze_stem and not resumed:
         print("--freeze-stem without --init-stem-from: the stem stays at its random initialization")
     # a frozen stem's parameters get no gradient, and no optimizer state either
-    optimizer = torch.optim.RMSprop([p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate,
-                                    alpha=args.rms_alpha, eps=args.rms_eps)  # fmt: skip
+    optimizer = torch.optim.RMSprop(
+        [p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate, alpha=args.rms_alpha, eps=args.rms_eps
+    )
     # still before anything is written: a checkpoint that does not fit is refused with the run directory untouched
     start_iteration, global_step = restore(resumed, agent, optimizer) if resumed else (0, 0)
 
@@ -781,8 +821,10 @@ if __name__ == "__main__":
     num_eval_envs = max(1, min(args.eval_episodes, args.num_envs))
     seeds = env_seeds(args.seed, args.num_envs + num_eval_envs)
     if resumed:
-        print(f"resumed runs/{run_name} at global_step={global_step}: every environment starts a new episode, "
-              "recurrent state and sensitivities zero")  # fmt: skip
+        print(
+            f"resumed runs/{run_name} at global_step={global_step}: every environment starts a new episode, "
+            "recurrent state and sensitivities zero"
+        )
     # resumed: new episodes from new seeds, not a replay of the run's start (evaluation keeps the run's own)
     train_seeds = env_seeds([args.seed, global_step], args.num_envs) if resumed else seeds[: args.num_envs]
     eval_seeds = seeds[args.num_envs :]
@@ -845,9 +887,11 @@ if __name__ == "__main__":
         if time.time() - last_print > 10 or iteration == args.num_iterations:
             last_print = time.time()
             mean_return = f"{np.mean(recent_returns):.2f}" if recent_returns else "n/a"
-            print(f"global_step={global_step} SPS={sps} return(last {len(recent_returns)} episodes)={mean_return} "
-                  f"entropy={stats['entropy'] / (T * B):.3f} rtrl_share={rtrl_time / update_time:.3f}",
-                  flush=True)  # fmt: skip
+            print(
+                f"global_step={global_step} SPS={sps} return(last {len(recent_returns)} episodes)={mean_return} "
+                f"entropy={stats['entropy'] / (T * B):.3f} rtrl_share={rtrl_time / update_time:.3f}",
+                flush=True,
+            )
 
         # stopping (Ctrl-C / SIGTERM): no evaluation is started, the checkpoint comes first
         due = global_step >= next_eval or iteration == args.num_iterations
@@ -855,9 +899,11 @@ if __name__ == "__main__":
             eval_start, next_eval = time.time(), global_step + args.eval_every
             results = evaluate_level_sets(agent, args, eval_seeds, device, writer, global_step)
             eval_time += time.time() - eval_start
-            print(f"global_step={global_step} greedy eval: " + ", ".join(
-                f"{name} {np.mean([r for r, _ in episodes]):.2f}" for name, episodes in results.items()),
-                flush=True)  # fmt: skip
+            print(
+                f"global_step={global_step} greedy eval: "
+                + ", ".join(f"{name} {np.mean([r for r, _ in episodes]):.2f}" for name, episodes in results.items()),
+                flush=True,
+            )
 
         if stop.signum or (args.checkpoint_every and global_step >= next_checkpoint):
             save_checkpoint(agent, args, checkpoint_path, **training_state(optimizer, run_name, iteration, global_step))
@@ -865,8 +911,11 @@ if __name__ == "__main__":
         if stop.signum:
             envs.close()
             writer.close()
-            print(f"stopped by {signal.Signals(stop.signum).name} at global_step={global_step}; checkpoint: "
-                  f"{checkpoint_path} (continue with --resume {checkpoint_path})", flush=True)  # fmt: skip
+            print(
+                f"stopped by {signal.Signals(stop.signum).name} at global_step={global_step}; checkpoint: "
+                f"{checkpoint_path} (continue with --resume {checkpoint_path})",
+                flush=True,
+            )
             sys.exit(128 + stop.signum)
     envs.close()
     stop.restore()  # from here on Ctrl-C stops at once

@@ -136,22 +136,44 @@ def fail(message):
 # Environments: DeepMind Lab, or an EnvPool pixel task as a pip-installable stand-in
 # ---------------------------------------------------------------------------------------------
 DMLAB30 = (
-    "rooms_collect_good_objects_train", "rooms_exploit_deferred_effects_train", "rooms_select_nonmatching_object",
-    "rooms_watermaze", "rooms_keys_doors_puzzle", "language_select_described_object",
-    "language_select_located_object", "language_execute_random_task", "language_answer_quantitative_question",
-    "lasertag_one_opponent_small", "lasertag_three_opponents_small", "lasertag_one_opponent_large",
-    "lasertag_three_opponents_large", "natlab_fixed_large_map", "natlab_varying_map_regrowth",
-    "natlab_varying_map_randomized", "skymaze_irreversible_path_hard", "skymaze_irreversible_path_varied",
-    "psychlab_arbitrary_visuomotor_mapping", "psychlab_continuous_recognition", "psychlab_sequential_comparison",
-    "psychlab_visual_search", "explore_object_locations_small", "explore_object_locations_large",
-    "explore_obstructed_goals_small", "explore_obstructed_goals_large", "explore_goal_locations_small",
-    "explore_goal_locations_large", "explore_object_rewards_few", "explore_object_rewards_many",
-)  # fmt: skip
+    "rooms_collect_good_objects_train",
+    "rooms_exploit_deferred_effects_train",
+    "rooms_select_nonmatching_object",
+    "rooms_watermaze",
+    "rooms_keys_doors_puzzle",
+    "language_select_described_object",
+    "language_select_located_object",
+    "language_execute_random_task",
+    "language_answer_quantitative_question",
+    "lasertag_one_opponent_small",
+    "lasertag_three_opponents_small",
+    "lasertag_one_opponent_large",
+    "lasertag_three_opponents_large",
+    "natlab_fixed_large_map",
+    "natlab_varying_map_regrowth",
+    "natlab_varying_map_randomized",
+    "skymaze_irreversible_path_hard",
+    "skymaze_irreversible_path_varied",
+    "psychlab_arbitrary_visuomotor_mapping",
+    "psychlab_continuous_recognition",
+    "psychlab_sequential_comparison",
+    "psychlab_visual_search",
+    "explore_object_locations_small",
+    "explore_object_locations_large",
+    "explore_obstructed_goals_small",
+    "explore_obstructed_goals_large",
+    "explore_goal_locations_small",
+    "explore_goal_locations_large",
+    "explore_object_rewards_few",
+    "explore_object_rewards_many",
+)
 # Evaluation as DeepMind's scalable_agent does it: the held-out variant where DMLab-30 defines one, hold-out levels
 # allowed and a fixed mixerSeed (XOR'd into every reset seed: other layouts than training's), so that scores
 # compare with published ones
-DMLAB30_TEST_LEVELS = {"rooms_collect_good_objects_train": "rooms_collect_good_objects_test",
-                       "rooms_exploit_deferred_effects_train": "rooms_exploit_deferred_effects_test"}  # fmt: skip
+DMLAB30_TEST_LEVELS = {
+    "rooms_collect_good_objects_train": "rooms_collect_good_objects_test",
+    "rooms_exploit_deferred_effects_train": "rooms_exploit_deferred_effects_test",
+}
 DMLAB_EVAL_CONFIG = {"allowHoldOutLevels": "true", "mixerSeed": str(0x600D5EED)}
 # the levels whose factories load the Brady, Konkle & Oliva (2008) images (datasets/brady_konkle_oliva2008.lua)
 DMLAB_NEEDS_DATASET = ("psychlab_arbitrary_visuomotor_mapping", "psychlab_continuous_recognition")
@@ -170,18 +192,29 @@ DMLAB_ACTIONS = (
 OBS_HEIGHT, OBS_WIDTH, ACTION_REPEAT = 72, 96, 4
 # The stand-ins, made to look like DMLab: one RGB frame at 72x96 (ProcGen keeps its 64x64), action repeat 4
 ENVPOOL_PIXEL_KWARGS = {
-    "envpool.vizdoom": dict(use_combined_action=True, stack_num=1, img_height=OBS_HEIGHT, img_width=OBS_WIDTH,
-                            frame_skip=ACTION_REPEAT),
-    "envpool.atari": dict(stack_num=1, gray_scale=False, img_height=OBS_HEIGHT, img_width=OBS_WIDTH,
-                          frame_skip=ACTION_REPEAT, episodic_life=False, reward_clip=False, repeat_action_probability=0.0),
+    "envpool.vizdoom": dict(
+        use_combined_action=True, stack_num=1, img_height=OBS_HEIGHT, img_width=OBS_WIDTH, frame_skip=ACTION_REPEAT
+    ),
+    "envpool.atari": dict(
+        stack_num=1,
+        gray_scale=False,
+        img_height=OBS_HEIGHT,
+        img_width=OBS_WIDTH,
+        frame_skip=ACTION_REPEAT,
+        episodic_life=False,
+        reward_clip=False,
+        repeat_action_probability=0.0,
+    ),
     "envpool.procgen": dict(),
-}  # fmt: skip
+}
 # EnvPool's ViZDoom reward counts only game-variable changes (its reward_config), not a scenario's own
 # scripted reward. MyWayHome's is +1 for reaching the vest, the only way its episodes terminate.
 VIZDOOM_GOAL_REWARD = {"MyWayHome-v1": 1.0}
-DMLAB_MISSING = ("DeepMind Lab's Python module `deepmind_lab` is not importable; it cannot be pip-installed: build "
-                 "it from https://github.com/google-deepmind/lab (bazel, python/pip_package), or run the stand-in: "
-                 "python rtrl_impala_dmlab.py --env-id MyWayHome-v1")  # fmt: skip
+DMLAB_MISSING = (
+    "DeepMind Lab's Python module `deepmind_lab` is not importable; it cannot be pip-installed: build "
+    "it from https://github.com/google-deepmind/lab (bazel, python/pip_package), or run the stand-in: "
+    "python rtrl_impala_dmlab.py --env-id MyWayHome-v1"
+)
 
 
 def envpool_family(env_id):
@@ -201,7 +234,11 @@ def env_info(env_id):
     if family is None:
         pixel_ids = sorted(k for k, v in envpool.registration.registry.specs.items() if v[0] in ENVPOOL_PIXEL_KWARGS)
         close = difflib.get_close_matches(env_id, list(DMLAB30) + pixel_ids, n=3, cutoff=0.5)
-        hint = f"did you mean {', '.join(close)}?" if close else "use a DMLab-30 level such as rooms_watermaze or an EnvPool pixel task such as MyWayHome-v1"  # fmt: skip
+        hint = (
+            f"did you mean {', '.join(close)}?"
+            if close
+            else "use a DMLab-30 level such as rooms_watermaze or an EnvPool pixel task such as MyWayHome-v1"
+        )
         fail(f"unknown env id {env_id!r} (neither a DMLab-30 level nor an EnvPool Atari/ProcGen/ViZDoom task); {hint}")
     try:
         spec = envpool.make_spec(env_id, **ENVPOOL_PIXEL_KWARGS[family])
@@ -221,8 +258,9 @@ class EnvPoolEnvs:
 
     def __init__(self, env_id, seeds):
         family = envpool_family(env_id)
-        self.envs = envpool.make(env_id, env_type="gymnasium", num_envs=len(seeds), env_seed=[int(s) for s in seeds],
-                                 **ENVPOOL_PIXEL_KWARGS[family])  # fmt: skip
+        self.envs = envpool.make(
+            env_id, env_type="gymnasium", num_envs=len(seeds), env_seed=[int(s) for s in seeds], **ENVPOOL_PIXEL_KWARGS[family]
+        )
         self.goal_reward = VIZDOOM_GOAL_REWARD.get(env_id, 0.0)
         n = len(seeds)
         obs, _ = self.envs.reset()
@@ -328,9 +366,13 @@ def check_args(args):
         if getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}")
     ranges = {  # inclusive bounds
-        "learning_rate": (0.0, float("inf")), "rms_eps": (0.0, float("inf")), "rms_alpha": (0.0, 1.0),
-        "gamma": (0.0, 1.0), "ent_coef": (0.0, float("inf")), "vf_coef": (0.0, float("inf")),
-    }  # fmt: skip
+        "learning_rate": (0.0, float("inf")),
+        "rms_eps": (0.0, float("inf")),
+        "rms_alpha": (0.0, 1.0),
+        "gamma": (0.0, 1.0),
+        "ent_coef": (0.0, float("inf")),
+        "vf_coef": (0.0, float("inf")),
+    }
     for name, (low, high) in ranges.items():
         if not low <= getattr(args, name) <= high:
             fail(f"--{name.replace('_', '-')} must be in [{low}, {high}], got {getattr(args, name)}")
@@ -339,17 +381,23 @@ def check_args(args):
     if args.actor_timeout <= 0:
         fail(f"--actor-timeout must be positive, got {args.actor_timeout}")
     if args.batch_size % args.envs_per_actor:
-        fail(f"--batch-size {args.batch_size} must be a multiple of --envs-per-actor {args.envs_per_actor} "
-             f"(an actor sends its environments' unrolls together)")  # fmt: skip
+        fail(
+            f"--batch-size {args.batch_size} must be a multiple of --envs-per-actor {args.envs_per_actor} "
+            f"(an actor sends its environments' unrolls together)"
+        )
     per_update = args.batch_size * args.unroll_length * args.world_size
     if args.total_timesteps < per_update:
-        fail(f"--total-timesteps {args.total_timesteps} is less than one update "
-             f"(--batch-size x --unroll-length x learners = {per_update})")  # fmt: skip
+        fail(
+            f"--total-timesteps {args.total_timesteps} is less than one update "
+            f"(--batch-size x --unroll-length x learners = {per_update})"
+        )
     obs_shape, num_actions = env_info(args.env_id)
     if args.env_id in DMLAB_NEEDS_DATASET and not args.dmlab_dataset_path:
-        fail(f"{args.env_id} needs DMLab's Brady, Konkle & Oliva (2008) image dataset: download it as "
-             "https://github.com/google-deepmind/lab/tree/master/data/brady_konkle_oliva2008 says and pass its "
-             "directory as --dmlab-dataset-path")  # fmt: skip
+        fail(
+            f"{args.env_id} needs DMLab's Brady, Konkle & Oliva (2008) image dataset: download it as "
+            "https://github.com/google-deepmind/lab/tree/master/data/brady_konkle_oliva2008 says and pass its "
+            "directory as --dmlab-dataset-path"
+        )
     return obs_shape, num_actions
 
 
@@ -470,8 +518,14 @@ class ELSTM(nn.Module):
         w = torch.mm(uR.view(T * B, 2 * N).T, x.flatten(0, 1))
         b, v = uR.sum((0, 1)), (uR * c_prev[:, :, None]).sum((0, 1))  # 2 x N: (b_z, b_f), (v_z, v_f)
         sb, sv = uP.sum(1), (uP * c_prev.transpose(0, 1)[:, :, None]).sum(1)  # B x 2 x N, for S_T
-        chunk = {"w_z": (w[:N], uP[:, :, 0]), "w_f": (w[N:], uP[:, :, 1]), "v_z": (v[0], sv[:, 0]),
-                 "v_f": (v[1], sv[:, 1]), "b_z": (b[0], sb[:, 0]), "b_f": (b[1], sb[:, 1])}  # fmt: skip
+        chunk = {
+            "w_z": (w[:N], uP[:, :, 0]),
+            "w_f": (w[N:], uP[:, :, 1]),
+            "v_z": (v[0], sv[:, 0]),
+            "v_f": (v[1], sv[:, 1]),
+            "b_z": (b[0], sb[:, 0]),
+            "b_f": (b[1], sb[:, 1]),
+        }
         # N x 1 x B, contiguous: then sum_b (a_1 R_1) * S_0 is one batched GEMM that reads S_0 where it lies
         aR0_n1b = aR0.T.contiguous().unsqueeze(1)
         x_bt = x.transpose(0, 1)  # B x T x D
@@ -509,8 +563,10 @@ class OnlineELSTM(ELSTM):
         """SPEC §2, one step: S_t = J_t * S_{t-1} + u_t (x) x_t (the outer product for the matrices only); over
         `sens`' own tensors if in_place (the B x N x D ones are then read and written once, with no temporary)."""
         sens = sens if in_place else {k: s.clone() for k, s in sens.items()}
-        return {k: s.mul_(a[:, :, None]).addcmul_(u[k][:, :, None], x[:, None, :]) if k in self.MATRICES
-                else s.mul_(a).add_(u[k]) for k, s in sens.items()}  # fmt: skip
+        return {
+            k: s.mul_(a[:, :, None]).addcmul_(u[k][:, :, None], x[:, None, :]) if k in self.MATRICES else s.mul_(a).add_(u[k])
+            for k, s in sens.items()
+        }
 
     @torch.no_grad()
     def step(self, x, c, done, sens):
@@ -669,8 +725,7 @@ def keep_pipes_from_env_processes():
                 os.set_inheritable(fd, False)
 
 
-def actor_loop(args, obs_shape, num_actions, rank, actor_id, incarnation, start_step, workdir, weights, version,
-               sender):  # fmt: skip
+def actor_loop(args, obs_shape, num_actions, rank, actor_id, incarnation, start_step, workdir, weights, version, sender):
     """Step the environments, carrying c and its sensitivities online; send unrolls of T + 1 steps. Every actor
     starts new episodes from zero (c, sens), after a resume too: a state belongs only to the episode that made it.
 
@@ -709,9 +764,15 @@ def actor_loop(args, obs_shape, num_actions, rank, actor_id, incarnation, start_
             unroll["obs"].append(envs.obs), unroll["last_rewards"].append(envs.last_reward)  # the bootstrap step
             unroll["firsts"].append(envs.first), unroll["deads"].append(envs.dead)
             item = {k: torch.stack(v).numpy() for k, v in unroll.items()}
-            item.update(c0=c0.numpy(), sens0=None if sens0 is None else {k: s.numpy() for k, s in sens0.items()},
-                        version=my_version, actor=actor_id, episodes=episodes, finished=time.monotonic(),
-                        seconds=time.monotonic() - start)  # fmt: skip
+            item.update(
+                c0=c0.numpy(),
+                sens0=None if sens0 is None else {k: s.numpy() for k, s in sens0.items()},
+                version=my_version,
+                actor=actor_id,
+                episodes=episodes,
+                finished=time.monotonic(),
+                seconds=time.monotonic() - start,
+            )
             sender.send(item)
             episodes = []
     except (BrokenPipeError, ConnectionResetError):
@@ -757,10 +818,22 @@ class ActorPool:
         os.makedirs(workdir, exist_ok=True)
         self.receivers[i], sender = self.ctx.Pipe(duplex=False)
         self.procs[i] = self.ctx.Process(
-            target=actor_loop, daemon=True,
-            args=(self.args, self.obs_shape, self.num_actions, self.rank, i, self.incarnations[i], self.start_step,
-                  workdir, self.weights, self.version, sender),
-        )  # fmt: skip
+            target=actor_loop,
+            daemon=True,
+            args=(
+                self.args,
+                self.obs_shape,
+                self.num_actions,
+                self.rank,
+                i,
+                self.incarnations[i],
+                self.start_step,
+                workdir,
+                self.weights,
+                self.version,
+                sender,
+            ),
+        )
         self.procs[i].start()
         sender.close()  # the actor holds the only writing end: if it dies, our reads end instead of hanging
         self.sent[i], self.waiting_since[i] = 0, time.monotonic()
@@ -775,8 +848,9 @@ class ActorPool:
         self.early_deaths[i] = 0 if self.sent[i] else self.early_deaths[i] + 1
         if self.early_deaths[i] >= 3:
             self.stop()
-            fail(f"actor {i} failed {self.early_deaths[i]} times before sending an unroll (last: {what}); "
-                 "see its output above")  # fmt: skip
+            fail(
+                f"actor {i} failed {self.early_deaths[i]} times before sending an unroll (last: {what}); see its output above"
+            )
         print(f"actor {i} (pid {p.pid}) {what}; restarting it", flush=True)
         self._kill_group(i)  # a hung actor, or a dead one's orphaned environment processes
         p.join(timeout=10)
@@ -837,8 +911,11 @@ class ActorPool:
                 self.waiting[oldest], self.waiting_since[oldest] = None, time.monotonic()
         batch = {k: torch.from_numpy(np.concatenate([it[k] for it in items], axis=1)) for k in UNROLL_KEYS}
         batch["c0"] = torch.from_numpy(np.concatenate([it["c0"] for it in items]))
-        batch["sens0"] = None if items[0]["sens0"] is None else {
-            k: torch.from_numpy(np.concatenate([it["sens0"][k] for it in items])) for k in items[0]["sens0"]}  # fmt: skip
+        batch["sens0"] = (
+            None
+            if items[0]["sens0"] is None
+            else {k: torch.from_numpy(np.concatenate([it["sens0"][k] for it in items])) for k in items[0]["sens0"]}
+        )
         batch["versions"] = [it["version"] for it in items]
         batch["actors"] = [it["actor"] for it in items]
         batch["episodes"] = [e for it in items for e in it["episodes"]]
@@ -954,8 +1031,9 @@ def compute_gradients(agent, batch, args):
             grads, _ = agent.cell.rtrl_forward(x_leaf[:T], a[:T], u, batch["sens0"], c_leaf.grad[:T])
         else:
             unroll = tuple(v[:T] for v in scan)  # step T has no loss: nothing flows back through it
-            grads, _, dl_dx = agent.cell.rtrl_scan(x_leaf[:T].detach(), unroll, batch["sens0"], c_leaf.grad[:T],
-                                                   args.rtrl_impl, overwrite=True)  # fmt: skip
+            grads, _, dl_dx = agent.cell.rtrl_scan(
+                x_leaf[:T].detach(), unroll, batch["sens0"], c_leaf.grad[:T], args.rtrl_impl, overwrite=True
+            )
             if stem_learns:
                 x_leaf.grad[:T] += dl_dx
         rtrl_time = timer(x.device) - start
@@ -1018,8 +1096,10 @@ def choose_device(cuda, local_rank, local_world_size):
     if not torch.cuda.is_available():
         return torch.device("cpu"), " (--cuda: no CUDA device found)"
     if local_world_size > torch.cuda.device_count():
-        fail(f"--cuda: {local_world_size} ranks on this node but {torch.cuda.device_count()} GPU(s); start at most "
-             f"{torch.cuda.device_count()} (torchrun --nproc_per_node), or add --no-cuda for gloo on the CPU")
+        fail(
+            f"--cuda: {local_world_size} ranks on this node but {torch.cuda.device_count()} GPU(s); start at most "
+            f"{torch.cuda.device_count()} (torchrun --nproc_per_node), or add --no-cuda for gloo on the CPU"
+        )
     return torch.device("cuda", local_rank), ""
 
 
@@ -1059,8 +1139,12 @@ def training_state(optimizer, run_name, iteration, global_step):
     published weights' version. Not the actors: an environment (DMLab, EnvPool) cannot be snapshotted, so a resumed
     run's actors start new episodes with zero (c, sens), and a state belongs only to the episode that made it."""
     np_state = np.random.get_state()
-    rng = {"python": random.getstate(), "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
-           "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}  # fmt: skip
+    rng = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
     return dict(optimizer=optimizer.state_dict(), run_name=run_name, iteration=iteration, global_step=global_step, rng=rng)
 
 
@@ -1069,8 +1153,17 @@ RESUME_KEYS = {"script", "model", "args", "optimizer", "run_name", "iteration", 
 # change neither the learner nor the data: the hang deadline and where DMLab's dataset lies. The actors (as the A2C
 # scripts' envs; their count also picks the evaluation seeds) and the learners (torchrun's WORLD_SIZE: each
 # update's batch) must be as many as in the checkpoint's run.
-RESUME_MAY_CHANGE = {"total_timesteps", "checkpoint_every", "resume", "save_model", "eval_episodes", "cuda",
-                     "num_updates", "actor_timeout", "dmlab_dataset_path"}  # fmt: skip
+RESUME_MAY_CHANGE = {
+    "total_timesteps",
+    "checkpoint_every",
+    "resume",
+    "save_model",
+    "eval_episodes",
+    "cuda",
+    "num_updates",
+    "actor_timeout",
+    "dmlab_dataset_path",
+}
 
 
 def load_resume(args):
@@ -1086,14 +1179,19 @@ def load_resume(args):
         fail(f"--resume: {args.resume!r} is not a readable checkpoint ({type(e).__name__}: {str(e).split('. ')[0][:120]})")
     if not isinstance(checkpoint, dict) or not RESUME_KEYS <= set(checkpoint):
         missing = sorted(RESUME_KEYS - set(checkpoint)) if isinstance(checkpoint, dict) else sorted(RESUME_KEYS)
-        fail(f"--resume: {args.resume!r} is not a checkpoint to resume from (no {', '.join(missing)}; "
-             "model.pt from --save-model holds weights only)")  # fmt: skip
+        fail(
+            f"--resume: {args.resume!r} is not a checkpoint to resume from (no {', '.join(missing)}; "
+            "model.pt from --save-model holds weights only)"
+        )
     if checkpoint["script"] != os.path.basename(__file__):
         fail(f"--resume: {args.resume!r} was written by {checkpoint['script']}, not {os.path.basename(__file__)}")
     ours, theirs = vars(args), checkpoint["args"]
-    flag = lambda k: "learners (WORLD_SIZE)" if k == "world_size" else f"--{k.replace('_', '-')}"  # noqa: E731
-    differ = [f"{flag(k)} {ours[k]} (checkpoint: {theirs.get(k)})" for k in ours
-              if k not in RESUME_MAY_CHANGE and ours[k] != theirs.get(k)]  # fmt: skip
+    flag = lambda k: "learners (WORLD_SIZE)" if k == "world_size" else f"--{k.replace('_', '-')}"
+    differ = [
+        f"{flag(k)} {ours[k]} (checkpoint: {theirs.get(k)})"
+        for k in ours
+        if k not in RESUME_MAY_CHANGE and ours[k] != theirs.get(k)
+    ]
     if differ:
         fail(f"--resume: this command differs from the checkpoint's run: {', '.join(differ)}")
     if args.total_timesteps < checkpoint["global_step"]:
@@ -1115,7 +1213,8 @@ def restore(checkpoint, agent, optimizer):
         if rng["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
-        fail(f"--resume: the checkpoint does not fit this agent ({(str(e).strip().splitlines() or [type(e).__name__])[0][:160]})")
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        fail(f"--resume: the checkpoint does not fit this agent ({reason})")
     return checkpoint["iteration"], checkpoint["global_step"]
 
 
@@ -1153,11 +1252,13 @@ def load_stem(agent, path):
         fail(f"--init-stem-from {path}: written by {writer}; the stem must come from {os.path.basename(__file__)}")
     stem = {k.removeprefix("stem."): v for k, v in model.items() if isinstance(k, str) and k.startswith("stem.")}
     own = agent.stem.state_dict()
-    shape = lambda t: "x".join(map(str, t.shape)) if isinstance(t, torch.Tensor) else "missing"  # noqa: E731
+    shape = lambda t: "x".join(map(str, t.shape)) if isinstance(t, torch.Tensor) else "missing"
     for name in sorted(set(own) | set(stem)):
         if shape(stem.get(name)) != shape(own.get(name)):
-            fail(f"--init-stem-from {path}: its stem does not fit this agent's (stem.{name} is {shape(stem.get(name))} "
-                 f"there, {shape(own.get(name))} here): another script's checkpoint, or another observation shape")
+            fail(
+                f"--init-stem-from {path}: its stem does not fit this agent's (stem.{name} is {shape(stem.get(name))} "
+                f"there, {shape(own.get(name))} here): another script's checkpoint, or another observation shape"
+            )
     agent.stem.load_state_dict(stem)
 
 
@@ -1225,8 +1326,11 @@ if __name__ == "__main__":
             "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
         )
         if resumed:
-            print(f"resumed runs/{run_name} at global_step={global_step}: every environment starts a new episode, "
-                  "recurrent state and sensitivities zero", flush=True)  # fmt: skip
+            print(
+                f"resumed runs/{run_name} at global_step={global_step}: every environment starts a new episode, "
+                "recurrent state and sensitivities zero",
+                flush=True,
+            )
 
     stop = StopSignals()  # Ctrl-C / SIGTERM: finish the current update, stop every process, checkpoint, exit
     workdir = tempfile.mkdtemp(prefix=f"rtrl_impala_rank{rank}_")
@@ -1284,10 +1388,13 @@ if __name__ == "__main__":
                 if time.time() - last_print > 10 or update in (start_iteration + 1, args.num_updates):
                     last_print = time.time()
                     mean_return = f"{np.mean(recent_returns):.2f}" if recent_returns else "n/a"
-                    print(f"global_step={global_step} SPS={sps} return(last {len(recent_returns)} episodes)={mean_return} "
-                          f"policy_lag={policy_lag:.2f} unroll_age={batch['unroll_age']:.2f}s "
-                          f"entropy={stats['entropy'] / (args.unroll_length * args.batch_size):.3f} "
-                          f"rtrl_share={rtrl_time / update_time:.3f}", flush=True)  # fmt: skip
+                    print(
+                        f"global_step={global_step} SPS={sps} return(last {len(recent_returns)} episodes)={mean_return} "
+                        f"policy_lag={policy_lag:.2f} unroll_age={batch['unroll_age']:.2f}s "
+                        f"entropy={stats['entropy'] / (args.unroll_length * args.batch_size):.3f} "
+                        f"rtrl_share={rtrl_time / update_time:.3f}",
+                        flush=True,
+                    )
                 if args.checkpoint_every and global_step >= next_checkpoint:  # rank 0 writes; ranks hold the same
                     state = training_state(optimizer, run_name, iteration, global_step)
                     save_checkpoint(agent, args, checkpoint_path, **state)
@@ -1304,8 +1411,11 @@ if __name__ == "__main__":
         if rank == 0:
             writer.close()
             by = signal.Signals(stop.signum).name if stop.signum else "another rank's signal"
-            print(f"stopped by {by} at global_step={global_step}; checkpoint: {checkpoint_path} "
-                  f"(continue with --resume {checkpoint_path})", flush=True)  # fmt: skip
+            print(
+                f"stopped by {by} at global_step={global_step}; checkpoint: {checkpoint_path} "
+                f"(continue with --resume {checkpoint_path})",
+                flush=True,
+            )
         shutil.rmtree(workdir, ignore_errors=True)
         if distributed:
             dist.destroy_process_group()
@@ -1323,8 +1433,10 @@ if __name__ == "__main__":
                 eval_returns, eval_level = evaluate(agent, args, eval_seeds, workdir)
                 for i, eval_return in enumerate(eval_returns):
                     writer.add_scalar("eval/episodic_return", eval_return, i)
-                print(f"greedy evaluation over {len(eval_returns)} episodes of {eval_level}: "
-                      f"mean return {np.mean(eval_returns):.2f}")
+                print(
+                    f"greedy evaluation over {len(eval_returns)} episodes of {eval_level}: "
+                    f"mean return {np.mean(eval_returns):.2f}"
+                )
             writer.close()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -33,7 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 matplotlib.use("Agg")  # plots go to files; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 METHODS = ("rtrl", "rtrl-local", "rtrl-top+tbptt", "tbptt", "frozen-lower")
 STUDIES = ("cost", "gradients", "copy", "rl")
@@ -124,10 +124,18 @@ class Args:
 
 
 QUICK = dict(
-    cost_hidden_sizes=(16, 32, 64, 128), cost_layers_hidden_size=32, cost_steps=5,
-    copy_length=3, copy_bits=2, copy_hidden_size=16, copy_sequences=1000, copy_seeds=3, tbptt_k=3,
-    rl_total_timesteps=100_000, rl_seeds=2,
-)  # fmt: skip
+    cost_hidden_sizes=(16, 32, 64, 128),
+    cost_layers_hidden_size=32,
+    cost_steps=5,
+    copy_length=3,
+    copy_bits=2,
+    copy_hidden_size=16,
+    copy_sequences=1000,
+    copy_seeds=3,
+    tbptt_k=3,
+    rl_total_timesteps=100_000,
+    rl_seeds=2,
+)
 
 
 def fail(message):
@@ -163,8 +171,10 @@ def parse_args(argv=None):
     if args.gamma > 1 or args.ent_coef < 0 or args.vf_coef < 0:
         fail(f"need --gamma <= 1 and --ent-coef, --vf-coef >= 0; got {args.gamma}, {args.ent_coef}, {args.vf_coef}")
     if args.rl_total_timesteps < args.rl_num_envs * args.rl_num_steps:
-        fail(f"--rl-total-timesteps {args.rl_total_timesteps} is less than one rollout "
-             f"(--rl-num-envs x --rl-num-steps = {args.rl_num_envs * args.rl_num_steps})")  # fmt: skip
+        fail(
+            f"--rl-total-timesteps {args.rl_total_timesteps} is less than one rollout "
+            f"(--rl-num-envs x --rl-num-steps = {args.rl_num_envs * args.rl_num_steps})"
+        )
     return args
 
 
@@ -414,8 +424,9 @@ class ELSTMStack(nn.Module):
             x, c, o = layer.x[t], layer.c[t], layer.o[t]
             g = c * o * (1 - o)
             w_x, w_c = gate.weight.split([x.shape[-1], c.shape[-1]], 1)
-            out.update(G_c=torch.diag_embed(o) + g[:, :, None] * w_c, G_x=g[:, :, None] * w_x, g=g,
-                       gate_input=torch.cat([x, c], -1))  # fmt: skip
+            out.update(
+                G_c=torch.diag_embed(o) + g[:, :, None] * w_c, G_x=g[:, :, None] * w_x, g=g, gate_input=torch.cat([x, c], -1)
+            )
         return out
 
     def _lift(self, R, own, step):
@@ -517,19 +528,19 @@ class OnlineLearner:
     def step(self, x, done, loss_fn):
         """One token (x: B x D, done: B): fills .grad for loss_fn(h^L_t) (h: 1 x B x N) and returns the loss."""
         if self.method not in ("tbptt", "rtrl-top+tbptt"):
-            loss, layers, self.sens = chunk_gradients(
-                self.net, x[None], self.c, done[None], self.sens, loss_fn, self.method)  # fmt: skip
+            loss, layers, self.sens = chunk_gradients(self.net, x[None], self.c, done[None], self.sens, loss_fn, self.method)
             self.c = [layer.c[-1] for layer in layers]
             return loss
         self.window.append((x, done))
         xs, dones = (torch.stack(v) for v in zip(*self.window))
-        last_loss = lambda h: loss_fn(h[-1:])  # noqa: E731  the window's earlier tokens had their update
+        last_loss = lambda h: loss_fn(h[-1:])
         loss, layers, _ = chunk_gradients(self.net, xs, self.c, dones, self.sens, last_loss, self.method)
         if len(self.window) == self.k:  # slide: the window's start state moves past its oldest token
             if self.method == "rtrl-top+tbptt":
                 top = layers[-1]
                 self.sens = self.net.stack.cells[-1].rtrl(
-                    top.x[:1].detach(), self.c[-1], dones[:1], self.sens, torch.zeros_like(top.c[:1]))[1]  # fmt: skip
+                    top.x[:1].detach(), self.c[-1], dones[:1], self.sens, torch.zeros_like(top.c[:1])
+                )[1]
             self.c = [layer.c[0].detach() for layer in layers]
             self.window.pop(0)
         return loss
@@ -557,7 +568,7 @@ class PeakTensorMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        key = lambda t: (t.device, t.untyped_storage().data_ptr())  # noqa: E731
+        key = lambda t: (t.device, t.untyped_storage().data_ptr())
         inputs = {key(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):
             if not isinstance(t, torch.Tensor) or key(t) in inputs or key(t) in self.tracked:
@@ -590,7 +601,7 @@ def measure_cost(method, num_layers, hidden, args, device):
     net = Net(hidden, hidden, num_layers, 1).to(device)
     xs = torch.randn(warmup + args.cost_steps, B, hidden, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    loss_fn = lambda h: net.head(h).square().sum()  # noqa: E731  any loss on h^L_t costs the same
+    loss_fn = lambda h: net.head(h).square().sum()
     with PeakTensorMemory() as memory:  # from the learner's empty state through the warm-up tokens
         learner = OnlineLearner(net, method, args.tbptt_k, B)
         for x in xs[:warmup]:
@@ -621,8 +632,11 @@ def cost_study(args, device):
     limit = args.cost_memory_limit_gb * 2**30
     by_hidden = [("rtrl", 1), ("rtrl", 2), ("rtrl", 3), ("rtrl-local", 2), ("tbptt", 2)]
     configs = [(m, L, n, "hidden") for m, L in by_hidden for n in sorted(set(args.cost_hidden_sizes))]
-    configs += [(m, L, args.cost_layers_hidden_size, "layers") for m in ("rtrl", "rtrl-local", "tbptt")
-                for L in sorted(set(args.cost_layers))]  # fmt: skip
+    configs += [
+        (m, L, args.cost_layers_hidden_size, "layers")
+        for m in ("rtrl", "rtrl-local", "tbptt")
+        for L in sorted(set(args.cost_layers))
+    ]
     rows = []
     for method, L, n, sweep in configs:
         row = dict(sweep=sweep, method=method, layers=L, hidden=n, batch=args.cost_batch_size)
@@ -631,20 +645,30 @@ def cost_study(args, device):
             row["skipped"] = f"exact sensitivities alone need {need / 2**30:.1f} GB > --cost-memory-limit-gb"
         else:
             row["seconds_per_token"], row["peak_bytes"] = measure_cost(method, L, n, args, device)
-        print(f"cost {sweep}: {method} L={L} N={n}: " + (row.get("skipped") or
-              f"{1e3 * row['seconds_per_token']:.2f} ms/token, peak {row['peak_bytes'] / 2**20:.2f} MB"))  # fmt: skip
+        print(
+            f"cost {sweep}: {method} L={L} N={n}: "
+            + (row.get("skipped") or f"{1e3 * row['seconds_per_token']:.2f} ms/token, peak {row['peak_bytes'] / 2**20:.2f} MB")
+        )
         rows.append(row)
     fits = []
     for method, L in by_hidden:  # fit the three largest N measured, where per-op overheads matter least
-        measured = [r for r in rows if r["sweep"] == "hidden" and (r["method"], r["layers"]) == (method, L)
-                    and "peak_bytes" in r][-3:]  # fmt: skip
+        measured = [
+            r for r in rows if r["sweep"] == "hidden" and (r["method"], r["layers"]) == (method, L) and "peak_bytes" in r
+        ][-3:]
         if len(measured) >= 2:
             xs = [r["hidden"] for r in measured]
             time_theory, memory_theory = theory_exponents(method, L)
-            fits.append(dict(method=method, layers=L, fit_hidden=xs, time_theory=time_theory,
-                             memory_theory=memory_theory,
-                             time_exponent=fit_exponent(xs, [r["seconds_per_token"] for r in measured]),
-                             memory_exponent=fit_exponent(xs, [r["peak_bytes"] for r in measured])))  # fmt: skip
+            fits.append(
+                dict(
+                    method=method,
+                    layers=L,
+                    fit_hidden=xs,
+                    time_theory=time_theory,
+                    memory_theory=memory_theory,
+                    time_exponent=fit_exponent(xs, [r["seconds_per_token"] for r in measured]),
+                    memory_exponent=fit_exponent(xs, [r["peak_bytes"] for r in measured]),
+                )
+            )
     return {"rows": rows, "fits": fits}
 
 
@@ -725,9 +749,17 @@ def copy_study(args, device):
             start = time.time()
             accuracy, net = train_copy(method, args.seed + i, replace(args, num_layers=layers), device)
             final = float(np.mean(accuracy[-max(1, len(accuracy) // 10) :]))
-            runs.append(dict(method=label, layers=layers, seed=args.seed + i, accuracy=[round(a, 4) for a in accuracy],
-                             final_accuracy=final, tokens_to_95=tokens_to_reach(accuracy, 0.95, tokens_per_sequence),
-                             seconds=time.time() - start))  # fmt: skip
+            runs.append(
+                dict(
+                    method=label,
+                    layers=layers,
+                    seed=args.seed + i,
+                    accuracy=[round(a, 4) for a in accuracy],
+                    final_accuracy=final,
+                    tokens_to_95=tokens_to_reach(accuracy, 0.95, tokens_per_sequence),
+                    seconds=time.time() - start,
+                )
+            )
             print(f"copy: {label} seed {args.seed + i}: final bit accuracy {final:.3f} ({time.time() - start:.0f} s)")
             if label == "rtrl" and trained is None:
                 trained = net
@@ -761,10 +793,15 @@ def gradient_table(net, args, device):
             for s, p in zip(total, params):
                 s += p.grad
         for group in sorted(set(map(layer_of, names))):
-            got, want = (torch.cat([g.flatten() for n, g in zip(names, gs) if layer_of(n) == group])
-                         for gs in (total, exact))  # fmt: skip
-            rows.append(dict(method=method, group=group, cosine=F.cosine_similarity(got, want, 0).item(),
-                             rel_error=((got - want).norm() / want.norm()).item()))  # fmt: skip
+            got, want = (torch.cat([g.flatten() for n, g in zip(names, gs) if layer_of(n) == group]) for gs in (total, exact))
+            rows.append(
+                dict(
+                    method=method,
+                    group=group,
+                    cosine=F.cosine_similarity(got, want, 0).item(),
+                    rel_error=((got - want).norm() / want.norm()).item(),
+                )
+            )
     return rows
 
 
@@ -777,8 +814,10 @@ def gradient_study(args, device, trained):
     for label, net in nets.items():
         tables[label] = gradient_table(net, args, device)
         for row in tables[label]:
-            print(f"gradients ({label}): {row['method']} {row['group']}: cosine {row['cosine']:.4f}, "
-                  f"rel. error {row['rel_error']:.2e}")  # fmt: skip
+            print(
+                f"gradients ({label}): {row['method']} {row['group']}: cosine {row['cosine']:.4f}, "
+                f"rel. error {row['rel_error']:.2e}"
+            )
     return tables
 
 
@@ -806,8 +845,9 @@ OBSERVATIONS = {
     "CartPole-v1": lambda obs: obs[:, [0, 2]] / np.array([2.4, 0.2095], dtype=np.float32),
     # the 7x7 egocentric view (object, colour, state ids) and the facing direction
     "MiniGrid-MemoryS7-v0": lambda obs: np.concatenate(
-        [obs["image"].reshape(len(obs["image"]), -1) / 10.0, np.eye(4)[obs["direction"]]], 1),
-}  # fmt: skip
+        [obs["image"].reshape(len(obs["image"]), -1) / 10.0, np.eye(4)[obs["direction"]]], 1
+    ),
+}
 
 
 class Envs:
@@ -913,10 +953,16 @@ def train_rl(method, seed, args, device):
     params = net.trained_params(method)
     optimizer = torch.optim.Adam(params, lr=args.learning_rate)
     T, B = args.rl_num_steps, args.rl_num_envs
-    zeros = lambda dtype=torch.float32: torch.zeros((T, B), dtype=dtype, device=device)  # noqa: E731
-    rollout = Rollout(obs=torch.zeros((T, *envs.obs.shape), device=device), firsts=zeros(torch.bool),
-                      deads=zeros(torch.bool), actions=zeros(torch.long), rewards=zeros(), terms=zeros(torch.bool),
-                      values=zeros())  # fmt: skip
+    zeros = lambda dtype=torch.float32: torch.zeros((T, B), dtype=dtype, device=device)
+    rollout = Rollout(
+        obs=torch.zeros((T, *envs.obs.shape), device=device),
+        firsts=zeros(torch.bool),
+        deads=zeros(torch.bool),
+        actions=zeros(torch.long),
+        rewards=zeros(),
+        terms=zeros(torch.bool),
+        values=zeros(),
+    )
     c, sens = method_state(net.stack, B, method)
     global_step, episodes = 0, []
     for _ in range(args.rl_total_timesteps // (T * B)):
@@ -949,10 +995,21 @@ def rl_study(args, device, num_bins=20):
             curve = [float(returns[bins == b].mean()) if (bins == b).any() else None for b in range(num_bins)]
             late = returns[steps > 0.8 * args.rl_total_timesteps]
             final = float(late.mean()) if len(late) else float("nan")
-            runs.append(dict(method=label, layers=layers, seed=args.seed + i, curve=curve, num_episodes=len(episodes),
-                             final_return=final, seconds=time.time() - start))  # fmt: skip
-            print(f"rl: {label} seed {args.seed + i}: mean return over the last 20% of steps {final:.1f} "
-                  f"({len(episodes)} episodes, {time.time() - start:.0f} s)")  # fmt: skip
+            runs.append(
+                dict(
+                    method=label,
+                    layers=layers,
+                    seed=args.seed + i,
+                    curve=curve,
+                    num_episodes=len(episodes),
+                    final_return=final,
+                    seconds=time.time() - start,
+                )
+            )
+            print(
+                f"rl: {label} seed {args.seed + i}: mean return over the last 20% of steps {final:.1f} "
+                f"({len(episodes)} episodes, {time.time() - start:.0f} s)"
+            )
     return {"env_id": args.rl_env_id, "runs": runs}
 
 
@@ -977,14 +1034,14 @@ def save_text(path, text):
 def csv_rows(results):
     """One long table: study, method, layers, hidden, seed, group, metric, value."""
     rows = []
+
     def add(study, metric, value, **key):
         rows.append({"study": study, "metric": metric, "value": value, **key})
 
     for r in results.get("cost", {}).get("rows", []):
         for metric in ("seconds_per_token", "peak_bytes"):
             if metric in r:
-                add(f"cost_vs_{r['sweep']}", metric, r[metric], method=r["method"], layers=r["layers"],
-                    hidden=r["hidden"])  # fmt: skip
+                add(f"cost_vs_{r['sweep']}", metric, r[metric], method=r["method"], layers=r["layers"], hidden=r["hidden"])
     for f in results.get("cost", {}).get("fits", []):
         for metric in ("time_exponent", "time_theory", "memory_exponent", "memory_theory"):
             add("cost_fit", metric, f[metric], method=f["method"], layers=f["layers"])
@@ -992,19 +1049,39 @@ def csv_rows(results):
     for label, table in results.get("gradients", {}).items():
         for r in table:
             for metric in ("cosine", "rel_error"):
-                add(f"gradients_{label}", metric, r[metric], method=r["method"], layers=args["num_layers"],
-                    hidden=args["copy_hidden_size"], group=r["group"])  # fmt: skip
+                add(
+                    f"gradients_{label}",
+                    metric,
+                    r[metric],
+                    method=r["method"],
+                    layers=args["num_layers"],
+                    hidden=args["copy_hidden_size"],
+                    group=r["group"],
+                )
     for r in results.get("gradient_sweeps", {}).get("rows", []):
         for metric in ("cosine", "rel_error"):
-            add(f"gradients_vs_{r['sweep']}_{r['value']}", metric, r[metric], method=r["method"],
-                layers=args["num_layers"], hidden=args["copy_hidden_size"], group=r["group"])  # fmt: skip
+            add(
+                f"gradients_vs_{r['sweep']}_{r['value']}",
+                metric,
+                r[metric],
+                method=r["method"],
+                layers=args["num_layers"],
+                hidden=args["copy_hidden_size"],
+                group=r["group"],
+            )
     for r in results.get("copy", {}).get("runs", []):
         for metric, value in (("final_bit_accuracy", r["final_accuracy"]), ("tokens_to_95", r["tokens_to_95"])):
-            add("copy", metric, value, method=r["method"], layers=r["layers"], hidden=args["copy_hidden_size"],
-                seed=r["seed"])  # fmt: skip
+            add("copy", metric, value, method=r["method"], layers=r["layers"], hidden=args["copy_hidden_size"], seed=r["seed"])
     for r in results.get("rl", {}).get("runs", []):
-        add("rl", "final_return", r["final_return"], method=r["method"], layers=r["layers"],
-            hidden=args["rl_hidden_size"], seed=r["seed"])  # fmt: skip
+        add(
+            "rl",
+            "final_return",
+            r["final_return"],
+            method=r["method"],
+            layers=r["layers"],
+            hidden=args["rl_hidden_size"],
+            seed=r["seed"],
+        )
     columns = ("study", "method", "layers", "hidden", "seed", "group", "metric", "value")
     return "\n".join([",".join(columns)] + [",".join(str(r.get(c, "")) for c in columns) for r in rows]) + "\n"
 
@@ -1109,25 +1186,61 @@ def markdown_table(header, rows):
 
 def cost_section(cost, args):
     fits = cost["fits"]
-    lines = ["## Cost of one per-token gradient step", "",
-             "![cost vs N](cost_vs_hidden.png)", "", "![cost vs L](cost_vs_layers.png)", "",
-             f"Batch B = {args['cost_batch_size']}, input size D = N, tbptt window k = {args['tbptt_k']}; time is the "
-             f"median over {args['cost_steps']} tokens. Peak memory counts every tensor storage alive at once among "
-             "those created from the learner's empty state through its first k + 1 tokens (a TorchDispatchMode sees "
-             "each op's outputs; parameters, allocator caches and Python objects are not counted). Exponents are "
-             "log-log slopes over the three largest N.", ""]  # fmt: skip
-    lines.append(markdown_table(
-        ["method", "L", "time exponent", "theory", "memory exponent", "theory", "fit over N"],
-        [[f["method"], f["layers"], f"{f['time_exponent']:.2f}", f["time_theory"], f"{f['memory_exponent']:.2f}",
-          f["memory_theory"], ", ".join(map(str, f["fit_hidden"]))] for f in fits]))  # fmt: skip
+    lines = [
+        "## Cost of one per-token gradient step",
+        "",
+        "![cost vs N](cost_vs_hidden.png)",
+        "",
+        "![cost vs L](cost_vs_layers.png)",
+        "",
+        f"Batch B = {args['cost_batch_size']}, input size D = N, tbptt window k = {args['tbptt_k']}; time is the "
+        f"median over {args['cost_steps']} tokens. Peak memory counts every tensor storage alive at once among "
+        "those created from the learner's empty state through its first k + 1 tokens (a TorchDispatchMode sees "
+        "each op's outputs; parameters, allocator caches and Python objects are not counted). Exponents are "
+        "log-log slopes over the three largest N.",
+        "",
+    ]
+    lines.append(
+        markdown_table(
+            ["method", "L", "time exponent", "theory", "memory exponent", "theory", "fit over N"],
+            [
+                [
+                    f["method"],
+                    f["layers"],
+                    f"{f['time_exponent']:.2f}",
+                    f["time_theory"],
+                    f"{f['memory_exponent']:.2f}",
+                    f["memory_theory"],
+                    ", ".join(map(str, f["fit_hidden"])),
+                ]
+                for f in fits
+            ],
+        )
+    )
     measured = [r for r in cost["rows"] if "peak_bytes" in r]
-    lines += ["", markdown_table(["sweep", "method", "L", "N", "ms / token", "peak MB"],
-              [[r["sweep"], r["method"], r["layers"], r["hidden"], f"{1e3 * r['seconds_per_token']:.2f}",
-                f"{r['peak_bytes'] / 2**20:.2f}"] for r in measured])]  # fmt: skip
+    lines += [
+        "",
+        markdown_table(
+            ["sweep", "method", "L", "N", "ms / token", "peak MB"],
+            [
+                [
+                    r["sweep"],
+                    r["method"],
+                    r["layers"],
+                    r["hidden"],
+                    f"{1e3 * r['seconds_per_token']:.2f}",
+                    f"{r['peak_bytes'] / 2**20:.2f}",
+                ]
+                for r in measured
+            ],
+        ),
+    ]
     skipped = [r for r in cost["rows"] if "skipped" in r]
     if skipped:
-        lines += ["", "Skipped: " + "; ".join(
-            f"{r['method']} L={r['layers']} N={r['hidden']} ({r['skipped']})" for r in skipped)]  # fmt: skip
+        lines += [
+            "",
+            "Skipped: " + "; ".join(f"{r['method']} L={r['layers']} N={r['hidden']} ({r['skipped']})" for r in skipped),
+        ]
     return lines
 
 
@@ -1149,11 +1262,17 @@ def findings(results, args):
         exact = [fit[("rtrl", L)] for L in (1, 2, 3) if ("rtrl", L) in fit]
         out.append(
             "**Exact RTRL's cost grows with depth** ([cost_vs_hidden.png](cost_vs_hidden.png), first table). Per "
-            "token, its time grows as " + ", ".join(f"N^{f['time_exponent']:.2f} for L = {f['layers']}" for f in exact)
-            + " (theory " + ", ".join(str(f["time_theory"]) for f in exact) + ") and its peak memory as "
-            + ", ".join(f"N^{f['memory_exponent']:.2f}" for f in exact) + " (theory "
-            + ", ".join(str(f["memory_theory"]) for f in exact) + "), with D = N. Slopes over small N "
-            "underestimate the asymptotic order where fixed per-op overheads still dominate the time.")
+            "token, its time grows as "
+            + ", ".join(f"N^{f['time_exponent']:.2f} for L = {f['layers']}" for f in exact)
+            + " (theory "
+            + ", ".join(str(f["time_theory"]) for f in exact)
+            + ") and its peak memory as "
+            + ", ".join(f"N^{f['memory_exponent']:.2f}" for f in exact)
+            + " (theory "
+            + ", ".join(str(f["memory_theory"]) for f in exact)
+            + "), with D = N. Slopes over small N "
+            "underestimate the asymptotic order where fixed per-op overheads still dominate the time."
+        )
         biggest = {(r["method"], r["layers"]): r for r in cost["rows"] if r["sweep"] == "hidden" and "peak_bytes" in r}
         if ("rtrl", 2) in biggest and ("rtrl-local", 2) in biggest:
             e, l = biggest[("rtrl", 2)], biggest[("rtrl-local", 2)]
@@ -1161,7 +1280,8 @@ def findings(results, args):
                 f" At N = {e['hidden']} and L = 2, exact RTRL takes {1e3 * e['seconds_per_token']:.1f} ms and "
                 f"{e['peak_bytes'] / 2**20:.1f} MB per token, rtrl-local {1e3 * l['seconds_per_token']:.1f} ms and "
                 f"{l['peak_bytes'] / 2**20:.1f} MB at N = {l['hidden']}; "
-                "[cost_vs_layers.png](cost_vs_layers.png) shows the growth with L at fixed N.")
+                "[cost_vs_layers.png](cost_vs_layers.png) shows the growth with L at fixed N."
+            )
     tables = results.get("gradients")
     if tables:
         rows = [dict(r, network=label) for label, t in tables.items() for r in t]
@@ -1172,18 +1292,25 @@ def findings(results, args):
             verdict = "equals BPTT up to float64 rounding" if worst < 1e-10 else "DIFFERS from BPTT (a bug)"
             text += f"Exact RTRL {verdict}: largest relative error {worst:.1e} over all layers and networks. "
         if lower and args["num_layers"] > 1:
-            text += "For layer 1 (below the top), cosine with the exact gradient: " + "; ".join(
-                f"{r['method']} {r['cosine']:.3f} ({r['network']})" for r in lower) + ". "
+            text += (
+                "For layer 1 (below the top), cosine with the exact gradient: "
+                + "; ".join(f"{r['method']} {r['cosine']:.3f} ({r['network']})" for r in lower)
+                + ". "
+            )
         top = f"layer {args['num_layers']}"
         exact_top = [r for r in rows if r["group"] == top and r["method"] in ("rtrl-local", "rtrl-top+tbptt")]
         if exact_top and args["num_layers"] > 1:
-            text += (f"The top layer's gradient is exact in rtrl-local and rtrl-top+tbptt (relative error at most "
-                     f"{max(r['rel_error'] for r in exact_top):.1e}).")  # fmt: skip
+            text += (
+                f"The top layer's gradient is exact in rtrl-local and rtrl-top+tbptt (relative error at most "
+                f"{max(r['rel_error'] for r in exact_top):.1e})."
+            )
         out.append(text)
     sweeps = results.get("gradient_sweeps")
     if sweeps:
-        text = (f"**Gradient quality against stream length and window** ([gradient_quality.png](gradient_quality.png), "
-                f"{sweeps['network']} network). ")  # fmt: skip
+        text = (
+            f"**Gradient quality against stream length and window** ([gradient_quality.png](gradient_quality.png), "
+            f"{sweeps['network']} network). "
+        )
         for (method, group), rs in by_key([r for r in sweeps["rows"] if r["group"] != "head"], ("method", "group")).items():
             by_length = [r["cosine"] for r in rs if r["sweep"] == "sequences"]
             by_k = [(r["value"], r["cosine"]) for r in rs if r["sweep"] == "k"]
@@ -1195,33 +1322,46 @@ def findings(results, args):
                 text += ", independent of k. "
             else:
                 text += f"; {min(c for _, c in by_k):.3f} at worst over k" + (
-                    f", above 0.99 from k = {exact_from} on. " if exact_from is not None else ". ")
-        text += (f"A copy sequence is {2 * args['copy_length'] + 1} tokens and the state resets between sequences, "
-                 "so a window that covers one sequence is exact.")
+                    f", above 0.99 from k = {exact_from} on. " if exact_from is not None else ". "
+                )
+        text += (
+            f"A copy sequence is {2 * args['copy_length'] + 1} tokens and the state resets between sequences, "
+            "so a window that covers one sequence is exact."
+        )
         out.append(text)
     copy_results = results.get("copy")
     if copy_results:
         K, k = args["copy_length"], args["tbptt_k"]
         finals = {m: [r["final_accuracy"] for r in rs] for m, rs in by_method(copy_results["runs"]).items()}
         tokens = args["copy_sequences"] * copy_results["tokens_per_sequence"]
-        text = (f"**Copy task** ([copy_accuracy.png](copy_accuracy.png), copy table). After {tokens} tokens per stream "
-                f"({args['copy_batch_size']} streams, K = {K}, {args['copy_bits']} bits, "
-                f"N = {args['copy_hidden_size']}, L = {args['num_layers']}; 1 for rtrl (L=1)), the recall bit accuracy over the last "
-                "10% of sequences (mean ± sd over seeds; chance 0.5) is "
-                + "; ".join(f"{m} {mean_sd(v)}" for m, v in finals.items()) + ". ")
+        text = (
+            f"**Copy task** ([copy_accuracy.png](copy_accuracy.png), copy table). After {tokens} tokens per stream "
+            f"({args['copy_batch_size']} streams, K = {K}, {args['copy_bits']} bits, "
+            f"N = {args['copy_hidden_size']}, L = {args['num_layers']}; 1 for rtrl (L=1)), "
+            "the recall bit accuracy over the last "
+            "10% of sequences (mean ± sd over seeds; chance 0.5) is "
+            + "; ".join(f"{m} {mean_sd(v)}" for m, v in finals.items())
+            + ". "
+        )
         reached = {m: [r["tokens_to_95"] for r in rs] for m, rs in by_method(copy_results["runs"]).items()}
         reached = {m: v for m, v in reached.items() if None not in v}
         if reached:
-            text += ("Where every seed reached 95% (20-sequence average), the median number of tokens per stream to "
-                     "get there is " + "; ".join(f"{int(np.median(v))} for {m}" for m, v in reached.items()) + ". ")
+            text += (
+                "Where every seed reached 95% (20-sequence average), the median number of tokens per stream to "
+                "get there is " + "; ".join(f"{int(np.median(v))} for {m}" for m, v in reached.items()) + ". "
+            )
         mean_final = {m: np.mean(v) for m, v in finals.items()}
         if mean_final.get("rtrl-top+tbptt", 1) < mean_final.get("frozen-lower", 0):
-            text += ("rtrl-top+tbptt ends below frozen-lower although both train the top layer with its exact "
-                     "gradient; the difference is that rtrl-top+tbptt also moves the lower layer, with truncated "
-                     "gradients. ")  # fmt: skip
+            text += (
+                "rtrl-top+tbptt ends below frozen-lower although both train the top layer with its exact "
+                "gradient; the difference is that rtrl-top+tbptt also moves the lower layer, with truncated "
+                "gradients. "
+            )
         if k < K + 2 and {"tbptt", "rtrl-top+tbptt"} & set(finals):
-            text += (f"Every recall step is K + 1 = {K + 1} steps after its pattern step, beyond the tbptt window of "
-                     f"k = {k} steps: truncated BPTT gives no gradient that connects them, through any layer.")
+            text += (
+                f"Every recall step is K + 1 = {K + 1} steps after its pattern step, beyond the tbptt window of "
+                f"k = {k} steps: truncated BPTT gives no gradient that connects them, through any layer."
+            )
         out.append(text)
     rl = results.get("rl")
     if rl:
@@ -1231,57 +1371,105 @@ def findings(results, args):
             + (" with the velocities hidden" if rl["env_id"] == "CartPole-v1" else "")
             + f", after {args['rl_total_timesteps']} steps the mean episode return over the last 20% of steps is "
             + "; ".join(f"{m} {mean_sd(v)}" for m, v in finals.items())
-            + f" ({args['rl_seeds']} seeds each; differences within the seed spread are not evidence either way).")
+            + f" ({args['rl_seeds']} seeds each; differences within the seed spread are not evidence either way)."
+        )
     return out
 
 
 def report_markdown(results):
     args = results["args"]
-    lines = ["# Multi-layer RTRL study", "", f"`{results['command']}`", "",
-             f"{results['machine']} — {results['seconds']:.0f} s in total.", "", "## Findings", ""]  # fmt: skip
+    lines = [
+        "# Multi-layer RTRL study",
+        "",
+        f"`{results['command']}`",
+        "",
+        f"{results['machine']} — {results['seconds']:.0f} s in total.",
+        "",
+        "## Findings",
+        "",
+    ]
     for paragraph in findings(results, args):
         lines += [paragraph, ""]
     if "cost" in results:
         lines += cost_section(results["cost"], args) + [""]
     if "gradients" in results:
         groups = list(dict.fromkeys(r["group"] for table in results["gradients"].values() for r in table))
-        lines += ["## Gradient quality", "",
-                  f"Each method's per-token gradients summed over {args['gradient_sequences']} copy sequences per "
-                  f"stream ({args['copy_batch_size']} streams, parameters fixed, float64), against BPTT through the "
-                  "whole stream. Cells: cosine / relative error. `init`: a fresh network; `trained`: the first rtrl "
-                  "copy-task network.", "",
-                  markdown_table(["network", "method", *groups], gradient_rows(results["gradients"])), ""]  # fmt: skip
+        lines += [
+            "## Gradient quality",
+            "",
+            f"Each method's per-token gradients summed over {args['gradient_sequences']} copy sequences per "
+            f"stream ({args['copy_batch_size']} streams, parameters fixed, float64), against BPTT through the "
+            "whole stream. Cells: cosine / relative error. `init`: a fresh network; `trained`: the first rtrl "
+            "copy-task network.",
+            "",
+            markdown_table(["network", "method", *groups], gradient_rows(results["gradients"])),
+            "",
+        ]
     if "gradient_sweeps" in results:
         sweeps = results["gradient_sweeps"]
         layers = [r for r in sweeps["rows"] if r["group"] != "head"]
-        for sweep, fixed in (("sequences", f"k = {args['tbptt_k']}"),
-                             ("k", f"{args['gradient_sequences']} sequences per stream")):  # fmt: skip
+        for sweep, fixed in (
+            ("sequences", f"k = {args['tbptt_k']}"),
+            ("k", f"{args['gradient_sequences']} sequences per stream"),
+        ):
             rows = by_key([r for r in layers if r["sweep"] == sweep], ("method", "group"))
             values = list(dict.fromkeys(r["value"] for r in layers if r["sweep"] == sweep))
             name = "stream length (sequences)" if sweep == "sequences" else "window k"
-            lines += [f"Cosine with the exact gradient, per layer, against {name} ({fixed}; "
-                      f"{sweeps['network']} network):", "",
-                      markdown_table(["method", "layer", *map(str, values)],
-                                     [[m, g, *(f"{r['cosine']:.3f}" for r in rs)] for (m, g), rs in rows.items()]),
-                      ""]  # fmt: skip
+            lines += [
+                f"Cosine with the exact gradient, per layer, against {name} ({fixed}; {sweeps['network']} network):",
+                "",
+                markdown_table(
+                    ["method", "layer", *map(str, values)],
+                    [[m, g, *(f"{r['cosine']:.3f}" for r in rs)] for (m, g), rs in rows.items()],
+                ),
+                "",
+            ]
         lines += ["![gradient quality](gradient_quality.png)", ""]
     if "copy" in results:
-        lines += ["## Copy task (fully online)", "", "![copy accuracy](copy_accuracy.png)", "",
-                  "Recall bit accuracy of each sequence, measured before each token's update. Final: the last 10% of "
-                  "sequences. Tokens to 95%: tokens per stream until the 20-sequence average first reaches 0.95.", "",
-                  markdown_table(["method", "final bit accuracy", "per seed", "tokens to 95% per seed", "s / run"],
-                                 [[m, mean_sd([r["final_accuracy"] for r in rs]),
-                                   ", ".join(f"{r['final_accuracy']:.3f}" for r in rs),
-                                   ", ".join(str(r["tokens_to_95"] or "never") for r in rs),
-                                   f"{np.mean([r['seconds'] for r in rs]):.0f}"]
-                                  for m, rs in by_method(results["copy"]["runs"]).items()]), ""]  # fmt: skip
+        lines += [
+            "## Copy task (fully online)",
+            "",
+            "![copy accuracy](copy_accuracy.png)",
+            "",
+            "Recall bit accuracy of each sequence, measured before each token's update. Final: the last 10% of "
+            "sequences. Tokens to 95%: tokens per stream until the 20-sequence average first reaches 0.95.",
+            "",
+            markdown_table(
+                ["method", "final bit accuracy", "per seed", "tokens to 95% per seed", "s / run"],
+                [
+                    [
+                        m,
+                        mean_sd([r["final_accuracy"] for r in rs]),
+                        ", ".join(f"{r['final_accuracy']:.3f}" for r in rs),
+                        ", ".join(str(r["tokens_to_95"] or "never") for r in rs),
+                        f"{np.mean([r['seconds'] for r in rs]):.0f}",
+                    ]
+                    for m, rs in by_method(results["copy"]["runs"]).items()
+                ],
+            ),
+            "",
+        ]
     if "rl" in results:
-        lines += ["## RL: A2C with the L-layer core", "", "![rl returns](rl_returns.png)", "",
-                  markdown_table(["method", "return, last 20% of steps", "per seed", "episodes", "s / run"],
-                                 [[m, mean_sd([r["final_return"] for r in rs]),
-                                   ", ".join(f"{r['final_return']:.1f}" for r in rs),
-                                   sum(r["num_episodes"] for r in rs), f"{np.mean([r['seconds'] for r in rs]):.0f}"]
-                                  for m, rs in by_method(results["rl"]["runs"]).items()]), ""]  # fmt: skip
+        lines += [
+            "## RL: A2C with the L-layer core",
+            "",
+            "![rl returns](rl_returns.png)",
+            "",
+            markdown_table(
+                ["method", "return, last 20% of steps", "per seed", "episodes", "s / run"],
+                [
+                    [
+                        m,
+                        mean_sd([r["final_return"] for r in rs]),
+                        ", ".join(f"{r['final_return']:.1f}" for r in rs),
+                        sum(r["num_episodes"] for r in rs),
+                        f"{np.mean([r['seconds'] for r in rs]):.0f}",
+                    ]
+                    for m, rs in by_method(results["rl"]["runs"]).items()
+                ],
+            ),
+            "",
+        ]
     return "\n".join(lines)
 
 

@@ -29,8 +29,11 @@ def load_script(filename):
 def pick_device(name):
     """The device of --device; cuda without a usable GPU is a one-line error (exit 2), never a silent CPU run."""
     if name == "cuda" and not torch.cuda.is_available():
-        print(f"{os.path.basename(sys.argv[0])}: error: --device cuda: no CUDA device found (torch {torch.__version__}, "
-              f"CUDA build {torch.version.cuda})", file=sys.stderr)  # fmt: skip
+        print(
+            f"{os.path.basename(sys.argv[0])}: error: --device cuda: no CUDA device found (torch {torch.__version__}, "
+            f"CUDA build {torch.version.cuda})",
+            file=sys.stderr,
+        )
         sys.exit(2)
     return torch.device(name)
 
@@ -46,7 +49,9 @@ def machine(device=torch.device("cpu")):
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    gpu = f"; device {device}: {torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}" if device.type == "cuda" else ""
+    gpu = (
+        f"; device {device}: {torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}" if device.type == "cuda" else ""
+    )
     return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} torch threads{gpu}"
 
 

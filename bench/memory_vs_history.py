@@ -16,11 +16,10 @@ from typing import Literal
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import tyro  # noqa: E402
-
-from common import ROOT, load_script, machine, peak_memory, pick_device, print_table, rel_err, sync  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+import tyro
+from common import ROOT, load_script, machine, peak_memory, pick_device, print_table, rel_err, sync
 
 
 @dataclass
@@ -102,8 +101,9 @@ def save_plot(results, args):
     for ax in (ax_mem, ax_time):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-    fig.suptitle(f"exact eLSTM gradients over a history: B={args.batch_size}, N={args.hidden_size}, "
-                 f"D={args.input_size}, float32")  # fmt: skip
+    fig.suptitle(
+        f"exact eLSTM gradients over a history: B={args.batch_size}, N={args.hidden_size}, D={args.input_size}, float32"
+    )
     fig.tight_layout()
     path = os.path.join(ROOT, args.plot)
     tmp = f"{path}.tmp.png"  # written whole, then renamed: never a half-written figure
@@ -127,9 +127,11 @@ def main(args):
     torch.manual_seed(args.seed)
     cell = script.ELSTM(args.input_size, args.hidden_size).to(device)
     print(f"machine: {machine(device)}")
-    print(f"B={args.batch_size}, N={args.hidden_size}, D={args.input_size}, float32, RTRL unroll {args.unroll}; "
-          f"memory: peak {'CUDA memory allocated' if device.type == 'cuda' else 'resident memory'} the call adds; "
-          f"BPTT budget {args.budget_gib} GiB")  # fmt: skip
+    print(
+        f"B={args.batch_size}, N={args.hidden_size}, D={args.input_size}, float32, RTRL unroll {args.unroll}; "
+        f"memory: peak {'CUDA memory allocated' if device.type == 'cuda' else 'resident memory'} the call adds; "
+        f"BPTT budget {args.budget_gib} GiB"
+    )
     rtrl_grads(cell, args.unroll, args), bptt_grads(cell, args.unroll, args)  # warm-up: one-time allocations
     results, rows, bptt_last = [], [], None
     for length in args.lengths:

@@ -18,9 +18,8 @@ from typing import Literal
 
 import torch
 import tyro
-from torch.profiler import profile
-
 from common import load_script, machine, min_times, peak_memory, pick_device, print_table, rel_err
+from torch.profiler import profile
 
 # script, T (unroll), B (batch), N (hidden), D (input = 256 features + last reward): SPEC §5
 SHAPES = [
@@ -88,8 +87,11 @@ def passes(cell, T, B, seed):
     # with no carried sensitivities, RTRL's gradient is BPTT's within the unroll
     zero_sens = {k: torch.zeros_like(s) for k, s in sens.items()}
     expected = bptt(cell, x, c0, done, dl_dc)
-    errors = [rel_err(cell.rtrl(x, c0, done, zero_sens, dl_dc, impl=impl)[0][k], expected[k])
-              for impl in ("chunked", "step") for k in expected]  # fmt: skip
+    errors = [
+        rel_err(cell.rtrl(x, c0, done, zero_sens, dl_dc, impl=impl)[0][k], expected[k])
+        for impl in ("chunked", "step")
+        for k in expected
+    ]
     return fns, max(errors)
 
 
@@ -113,8 +115,10 @@ def fused_passes(cell, T, B, seed):
         "bptt": lambda: bptt_with_input(cell, x, c0, done, dl_dc),
     }
     zero_sens = {k: torch.zeros_like(s) for k, s in sens.items()}
-    (expected, expected_dx), (grads, _, dl_dx) = bptt_with_input(cell, x, c0, done, dl_dc), cell.rtrl_scan(
-        x, cell.scan(x, c0, done), zero_sens, dl_dc)  # fmt: skip
+    (expected, expected_dx), (grads, _, dl_dx) = (
+        bptt_with_input(cell, x, c0, done, dl_dc),
+        cell.rtrl_scan(x, cell.scan(x, c0, done), zero_sens, dl_dc),
+    )
     return fns, max([rel_err(grads[k], expected[k]) for k in expected] + [rel_err(dl_dx, expected_dx)])
 
 
@@ -124,8 +128,10 @@ def main(args):
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
     print(f"machine: {machine(device)}")
-    print(f"float32; time: min over {args.repeats} runs after a warm-up ({args.step_repeats} for step); "
-          f"memory: {MEMORY[device.type]} the call adds")  # fmt: skip
+    print(
+        f"float32; time: min over {args.repeats} runs after a warm-up ({args.step_repeats} for step); "
+        f"memory: {MEMORY[device.type]} the call adds"
+    )
     scripts = {f: load_script(f) for f, *_ in SHAPES if not args.only or f in args.only}
     scripts = {f: s for f, s in scripts.items() if s is not None}
     measured = []
@@ -148,8 +154,9 @@ def main(args):
             fns, error = fused_passes(script.ELSTM(D, N).to(device), T, B, args.seed)
             seconds = min_times(fns, args.repeats, device=device)
             ratios = (f"{seconds[k] / seconds['bptt']:.2f}x" for k in ("fused", "fused, copy"))
-            fused.append([filename, label, f"{T},{B},{N},{D}", *(f"{1e3 * seconds[k]:.2f}" for k in fns), *ratios,
-                          f"{error:.0e}"])  # fmt: skip
+            fused.append(
+                [filename, label, f"{T},{B},{N},{D}", *(f"{1e3 * seconds[k]:.2f}" for k in fns), *ratios, f"{error:.0e}"]
+            )
     if args.profile:
         for filename, _, fns, _, _ in measured:
             for name in ("chunked", "bptt"):
@@ -161,21 +168,53 @@ def main(args):
     rows = []
     for filename, (T, B, N, D), fns, seconds, error in measured:  # memory after all timing: see peak_memory
         memory = {k: peak_memory(fn, device)[0] for k, fn in fns.items()}
-        rows.append([
-            filename, f"{T},{B},{N},{D}",
-            *(f"{1e3 * seconds[k]:.1f}" for k in ("chunked", "step", "bptt")),
-            *(f"{memory[k] / 2**20:.1f}" for k in ("chunked", "step", "bptt")),
-            f"{seconds['step'] / seconds['chunked']:.1f}x", f"{seconds['chunked'] / seconds['bptt']:.2f}x",
-            f"{error:.0e}",
-        ])  # fmt: skip
-    print_table(["script", "T,B,N,D", "chunked ms", "step ms", "bptt ms", "chunked MB", "step MB", "bptt MB",
-                 "step/chunked", "chunked/bptt", "max rel.err"], rows)  # fmt: skip
+        rows.append(
+            [
+                filename,
+                f"{T},{B},{N},{D}",
+                *(f"{1e3 * seconds[k]:.1f}" for k in ("chunked", "step", "bptt")),
+                *(f"{memory[k] / 2**20:.1f}" for k in ("chunked", "step", "bptt")),
+                f"{seconds['step'] / seconds['chunked']:.1f}x",
+                f"{seconds['chunked'] / seconds['bptt']:.2f}x",
+                f"{error:.0e}",
+            ]
+        )
+    print_table(
+        [
+            "script",
+            "T,B,N,D",
+            "chunked ms",
+            "step ms",
+            "bptt ms",
+            "chunked MB",
+            "step MB",
+            "bptt MB",
+            "step/chunked",
+            "chunked/bptt",
+            "max rel.err",
+        ],
+        rows,
+    )
 
-    print(f"\nthe update's pass, which also returns dL/dx: scan + rtrl_scan (chunked; sensitivities updated in "
-          f"place, and out of place) vs BPTT with weight and input gradients (forward + backward); min over "
-          f"{args.repeats} runs")  # fmt: skip
-    print_table(["script", "shapes", "T,B,N,D", "fused ms", "fused, copy ms", "bptt w+x ms", "fused/bptt",
-                 "fused, copy/bptt", "max rel.err"], fused)  # fmt: skip
+    print(
+        f"\nthe update's pass, which also returns dL/dx: scan + rtrl_scan (chunked; sensitivities updated in "
+        f"place, and out of place) vs BPTT with weight and input gradients (forward + backward); min over "
+        f"{args.repeats} runs"
+    )
+    print_table(
+        [
+            "script",
+            "shapes",
+            "T,B,N,D",
+            "fused ms",
+            "fused, copy ms",
+            "bptt w+x ms",
+            "fused/bptt",
+            "fused, copy/bptt",
+            "max rel.err",
+        ],
+        fused,
+    )
 
 
 if __name__ == "__main__":

@@ -25,22 +25,31 @@ from typing import Literal
 
 import torch
 import tyro
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from common import ROOT, load_script, machine, pick_device, print_table, sync
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 # what the bench needs to know of each script: its observations and actions, whether its rollout keeps the
 # stem's graphs for the update (Atari) or the update runs the stem again (MiniGrid's small MLP), how many
 # iterations a run needs for a steady figure, and a reference steps/s to print beside it
 SCRIPTS = {  # Atari's reference: CleanRL ppo_atari_lstm.py on Breakout on these 2-core machines (issue 6)
-    "rtrl_a2c_atari.py": dict(obs_shape=(4, 84, 84), num_actions=4, keeps_stem_graphs=True, iterations=6, rounds=2,
-                              reference=("CleanRL LSTM", 224)),
-    "rtrl_a2c_minigrid.py": dict(obs_shape=(7 * 7 * 3 + 1,), num_actions=3, keeps_stem_graphs=False, iterations=200,
-                                 rounds=3, reference=None),
-}  # fmt: skip
-PARTS = ("rollout: stem forward", "rollout: cell, heads, sampling", "update: stem forward", "update: cell forward",
-         "update: heads forward+backward", "update: RTRL (chunked)", "update: cell backward (BPTT)",
-         "update: stem backward", "update: grad clip + RMSprop")  # fmt: skip
+    "rtrl_a2c_atari.py": dict(
+        obs_shape=(4, 84, 84), num_actions=4, keeps_stem_graphs=True, iterations=6, rounds=2, reference=("CleanRL LSTM", 224)
+    ),
+    "rtrl_a2c_minigrid.py": dict(
+        obs_shape=(7 * 7 * 3 + 1,), num_actions=3, keeps_stem_graphs=False, iterations=200, rounds=3, reference=None
+    ),
+}
+PARTS = (
+    "rollout: stem forward",
+    "rollout: cell, heads, sampling",
+    "update: stem forward",
+    "update: cell forward",
+    "update: heads forward+backward",
+    "update: RTRL (chunked)",
+    "update: cell backward (BPTT)",
+    "update: stem backward",
+    "update: grad clip + RMSprop",
+)
 CHECK = "check: the script's compute_gradients"
 
 
@@ -80,9 +89,21 @@ def steady_sps(run_dir):
 
 def training_run(core, args):
     """(steady steps/s, the script's own charts/SPS at the end) of one run of the script, in a scratch dir."""
-    flags = ["--core", core, "--num-envs", args.num_envs, "--num-steps", args.num_steps, "--hidden-size",
-             args.hidden_size, "--total-timesteps", args.iterations * args.num_envs * args.num_steps,
-             "--eval-episodes", 0, "--cuda" if args.device == "cuda" else "--no-cuda"]  # fmt: skip
+    flags = [
+        "--core",
+        core,
+        "--num-envs",
+        args.num_envs,
+        "--num-steps",
+        args.num_steps,
+        "--hidden-size",
+        args.hidden_size,
+        "--total-timesteps",
+        args.iterations * args.num_envs * args.num_steps,
+        "--eval-episodes",
+        0,
+        "--cuda" if args.device == "cuda" else "--no-cuda",
+    ]
     with tempfile.TemporaryDirectory() as cwd:
         cmd = [sys.executable, os.path.join(ROOT, args.script), *map(str, flags)]
         proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
@@ -97,11 +118,14 @@ def fake_rollout(script, obs_shape, num_actions, T, B, g, device):
     high = 256 if len(obs_shape) == 3 else 3  # pixels, or MiniGrid's (object, colour, state) ids
     fields = dict(
         obs=torch.randint(0, high, (T, B, *obs_shape), generator=g, dtype=torch.uint8),
-        last_rewards=torch.randn(T, B, generator=g), firsts=torch.rand(T, B, generator=g) < 0.01,
-        deads=torch.rand(T, B, generator=g) < 0.01, actions=torch.randint(0, num_actions, (T, B), generator=g),
-        rewards=torch.randn(T, B, generator=g), terms=torch.rand(T, B, generator=g) < 0.01,
+        last_rewards=torch.randn(T, B, generator=g),
+        firsts=torch.rand(T, B, generator=g) < 0.01,
+        deads=torch.rand(T, B, generator=g) < 0.01,
+        actions=torch.randint(0, num_actions, (T, B), generator=g),
+        rewards=torch.randn(T, B, generator=g),
+        terms=torch.rand(T, B, generator=g) < 0.01,
         values=torch.randn(T, B, generator=g),
-    )  # fmt: skip
+    )
     return script.Rollout(**{k: v.to(device) for k, v in fields.items()})
 
 
@@ -149,13 +173,13 @@ def iteration_split(script, core, args, device):
         else:
             x = timed("update: stem forward", lambda: agent.features(rollout.obs, rollout.last_rewards))
         x_leaf = x.detach().requires_grad_()
-        heads = lambda: script.rollout_loss(agent, rollout, returns, x_leaf, c_leaf, cfg)[0].backward()  # noqa: E731
+        heads = lambda: script.rollout_loss(agent, rollout, returns, x_leaf, c_leaf, cfg)[0].backward()
         if core == "rtrl":  # the cell's forward without autograd; one pass gives the cell's and the stem's gradients
             scan = timed("update: cell forward", lambda: agent.cell.scan(x_leaf.detach(), c0, resets))
             c_leaf = scan[0].requires_grad_()
             timed("update: heads forward+backward", heads)
             sens, dl_dc = copy(sens0), c_leaf.grad
-            rtrl = lambda: agent.cell.rtrl_scan(x_leaf.detach(), scan, sens, dl_dc, **overwrite)  # noqa: E731
+            rtrl = lambda: agent.cell.rtrl_scan(x_leaf.detach(), scan, sens, dl_dc, **overwrite)
             dl_dx = timed("update: RTRL (chunked)", rtrl)[2]
             timed("update: stem backward", lambda: x.backward(x_leaf.grad + dl_dx))
         else:
@@ -203,10 +227,14 @@ def main(args):
             sps[core].append(training_run(core, args))
     best = {core: max(runs) for core, runs in sps.items()}
     reference = best["tbptt"][0] if "tbptt" in best else None
-    print(f"\nsteps/s, best of {args.rounds} interleaved runs of {args.iterations} iterations each "
-          f"(steady: after the first iteration)")  # fmt: skip
-    rows = [[core, f"{s:.0f}", f"{script_sps:.0f}", f"{s / reference:.2f}x" if reference else "-"]
-            for core, (s, script_sps) in best.items()]  # fmt: skip
+    print(
+        f"\nsteps/s, best of {args.rounds} interleaved runs of {args.iterations} iterations each "
+        f"(steady: after the first iteration)"
+    )
+    rows = [
+        [core, f"{s:.0f}", f"{script_sps:.0f}", f"{s / reference:.2f}x" if reference else "-"]
+        for core, (s, script_sps) in best.items()
+    ]
     headers = ["core", "steps/s", "charts/SPS at end", "vs tbptt"]
     if known["reference"]:
         name, other_sps = known["reference"]
@@ -217,15 +245,24 @@ def main(args):
     if reference and "rtrl" in best:
         median = {core: statistics.median(s for s, _ in sps[core]) for core in ("rtrl", "tbptt")}
         runs = ", ".join(f"{core} {[round(s) for s, _ in sps[core]]}" for core in args.cores)
-        print(f"\nrtrl / tbptt steps/s: {best['rtrl'][0] / reference:.2f}x (best runs), "
-              f"{median['rtrl'] / median['tbptt']:.2f}x (median runs); each core's runs, steps/s: {runs}")
+        print(
+            f"\nrtrl / tbptt steps/s: {best['rtrl'][0] / reference:.2f}x (best runs), "
+            f"{median['rtrl'] / median['tbptt']:.2f}x (median runs); each core's runs, steps/s: {runs}"
+        )
 
     splits = {core: iteration_split(script, core, args, device) for core in args.cores}
-    print(f"\nseconds per iteration, in process (min over {args.split_repeats} replays; "
-          f"env stepping etc. = {T * B} steps / steady steps/s - the parts)")  # fmt: skip
+    print(
+        f"\nseconds per iteration, in process (min over {args.split_repeats} replays; "
+        f"env stepping etc. = {T * B} steps / steady steps/s - the parts)"
+    )
     iteration = {core: T * B / best[core][0] for core in args.cores}
-    sums = {core: {"update": sum(splits[core][p] for p in PARTS if p.startswith("update")),
-                   "all": sum(splits[core][p] for p in PARTS)} for core in args.cores}  # fmt: skip
+    sums = {
+        core: {
+            "update": sum(splits[core][p] for p in PARTS if p.startswith("update")),
+            "all": sum(splits[core][p] for p in PARTS),
+        }
+        for core in args.cores
+    }
     rows = [[part, *(f"{splits[core][part]:.4f}" for core in args.cores)] for part in PARTS]
     rows.append(["env stepping and the rest", *(f"{iteration[core] - sums[core]['all']:.4f}" for core in args.cores)])
     rows.append(["iteration (from steps/s)", *(f"{iteration[core]:.4f}" for core in args.cores)])

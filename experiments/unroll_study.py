@@ -42,24 +42,34 @@ import tyro
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 matplotlib.use("Agg")  # plots go to files; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORES = ("rtrl", "tbptt", "lstm", "ff")
 GRID_FLAGS = ("--env-id", "--core", "--num-steps", "--seed", "--total-timesteps", "--run-name")  # set by the runner
 FINAL_FRACTION = 0.2  # final return/success: the episodes that finish in the last 20% of the steps
 CURVE_BINS = 40  # the recorded learning curve: mean return and success in 40 equal bins of steps
-DEFAULTS = dict(env_ids=("MiniGrid-MemoryS7-v0",), cores=CORES, num_steps=(2, 8, 32), seeds=(1, 2, 3),
-                total_timesteps=1_000_000, extra="")  # fmt: skip
+DEFAULTS = dict(
+    env_ids=("MiniGrid-MemoryS7-v0",), cores=CORES, num_steps=(2, 8, 32), seeds=(1, 2, 3), total_timesteps=1_000_000, extra=""
+)
 # --quick: 4 runs of ~10 s; a random policy ends an episode every ~170 steps, so the last 20% of 4096 steps hold a few
-QUICK = dict(env_ids=("MiniGrid-MemoryS7-v0",), cores=("rtrl", "tbptt"), num_steps=(4, 8), seeds=(1,),
-             total_timesteps=4096, extra="--num-envs 2 --hidden-size 8 --eval-episodes 1")  # fmt: skip
+QUICK = dict(
+    env_ids=("MiniGrid-MemoryS7-v0",),
+    cores=("rtrl", "tbptt"),
+    num_steps=(4, 8),
+    seeds=(1,),
+    total_timesteps=4096,
+    extra="--num-envs 2 --hidden-size 8 --eval-episodes 1",
+)
 
 
 def preset(name, metavar):
     """The help's "(default: ...; --quick: ...)", from DEFAULTS and QUICK: the field itself defaults to None, so that
     --quick can tell a flag left out from one passed (even one passed with the default value)."""
-    show = lambda v: " ".join(map(str, v)) if isinstance(v, tuple) else repr(v) if isinstance(v, str) else v
+
+    def show(v):
+        return " ".join(map(str, v)) if isinstance(v, tuple) else repr(v) if isinstance(v, str) else v
+
     hint = f"(default: {show(DEFAULTS[name])}; --quick: {show(QUICK[name])})"
     return tyro.conf.arg(metavar=metavar, help_behavior_hint=hint)
 
@@ -187,9 +197,12 @@ def parse_args(argv=None):
 def grid(args, sets):
     """Every run of the study, seed outermost: a study stopped early has every cell for its first seeds."""
     combos = [dict(zip(sets, values)) for values in itertools.product(*sets.values())]
-    return [dict(env_id=env_id, core=core, num_steps=num_steps, seed=seed, sets=combo)
-            for seed, env_id, combo, num_steps, core in itertools.product(args.seeds, args.env_ids, combos,
-                                                                          args.num_steps, args.cores)]  # fmt: skip
+    return [
+        dict(env_id=env_id, core=core, num_steps=num_steps, seed=seed, sets=combo)
+        for seed, env_id, combo, num_steps, core in itertools.product(
+            args.seeds, args.env_ids, combos, args.num_steps, args.cores
+        )
+    ]
 
 
 def run_key(config):
@@ -201,8 +214,18 @@ def run_key(config):
 
 def script_flags(config, fixed):
     """The run's flags: the grid's, then --extra's, then the swept ones (the runner adds --run-name)."""
-    flags = ["--env-id", config["env_id"], "--core", config["core"], "--num-steps", str(config["num_steps"]),
-             "--seed", str(config["seed"]), "--total-timesteps", str(fixed["total_timesteps"])]  # fmt: skip
+    flags = [
+        "--env-id",
+        config["env_id"],
+        "--core",
+        config["core"],
+        "--num-steps",
+        str(config["num_steps"]),
+        "--seed",
+        str(config["seed"]),
+        "--total-timesteps",
+        str(fixed["total_timesteps"]),
+    ]
     return flags + fixed["extra"] + [token for name, value in config["sets"].items() for token in (f"--{name}", value)]
 
 
@@ -234,16 +257,25 @@ def summarize_events(run_dir, total_timesteps):
         return [mean(values[bins == b]) for b in range(CURVE_BINS)]
 
     steps, _ = series("charts/episodic_return")
-    metrics = dict(final_return=final("charts/episodic_return"), final_success=final("charts/success"),
-                   final_episodes=int((steps >= (1 - FINAL_FRACTION) * total_timesteps).sum()), episodes=len(steps),
-                   eval_return=mean(series("eval/episodic_return")[1]), eval_success=mean(series("eval/success")[1]),
-                   eval_episodes=len(series("eval/episodic_return")[1]), sps=mean(series("charts/SPS")[1]))  # fmt: skip
+    metrics = dict(
+        final_return=final("charts/episodic_return"),
+        final_success=final("charts/success"),
+        final_episodes=int((steps >= (1 - FINAL_FRACTION) * total_timesteps).sum()),
+        episodes=len(steps),
+        eval_return=mean(series("eval/episodic_return")[1]),
+        eval_success=mean(series("eval/success")[1]),
+        eval_episodes=len(series("eval/episodic_return")[1]),
+        sps=mean(series("charts/SPS")[1]),
+    )
     for group in ("", "_stem", "_cell", "_heads"):  # median gradient norms before clipping, per parameter group
         values = series(f"losses/grad_norm{group}")[1]
         metrics[f"median_grad_norm{group}"] = float(np.median(values)) if len(values) else None
     edges = np.linspace(0, total_timesteps, CURVE_BINS + 1)
-    curve = dict(step=((edges[:-1] + edges[1:]) / 2).round(1).tolist(),  # bin centres
-                 episodic_return=binned("charts/episodic_return"), success=binned("charts/success"))  # fmt: skip
+    curve = dict(
+        step=((edges[:-1] + edges[1:]) / 2).round(1).tolist(),  # bin centres
+        episodic_return=binned("charts/episodic_return"),
+        success=binned("charts/success"),
+    )
     return metrics, curve
 
 
@@ -283,16 +315,32 @@ class Launcher:
             with self.lock:  # no new run once a stop has begun
                 if self.stopping:
                     raise RuntimeError("the study is stopping")
-                proc = subprocess.Popen(command, cwd=os.path.dirname(self.runs_root), stdin=subprocess.DEVNULL,
-                                        stdout=log, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+                proc = subprocess.Popen(
+                    command,
+                    cwd=os.path.dirname(self.runs_root),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                )
                 self.live.add(proc)
             returncode = proc.wait()
             with self.lock:
                 self.live.discard(proc)
         run_dir = os.path.join(self.runs_root, name)
-        record = dict(key=key, config=config, status="ok", returncode=returncode, run_name=name, run_dir=run_dir,
-                      log=log.name, command=shlex.join(["python", os.path.basename(self.script), *command[2:]]),
-                      wall_time=time.time() - start, fixed=self.fixed, study_command=self.study_command)  # fmt: skip
+        record = dict(
+            key=key,
+            config=config,
+            status="ok",
+            returncode=returncode,
+            run_name=name,
+            run_dir=run_dir,
+            log=log.name,
+            command=shlex.join(["python", os.path.basename(self.script), *command[2:]]),
+            wall_time=time.time() - start,
+            fixed=self.fixed,
+            study_command=self.study_command,
+        )
         if returncode == 0:
             try:
                 record["metrics"], record["curve"] = summarize_events(run_dir, self.fixed["total_timesteps"])
@@ -364,8 +412,11 @@ def run_study(args, sets, fixed, study_command, runs_path, records):
     configs = grid(args, sets)
     done = finished(records)
     todo = [c for c in configs if run_key(c) not in done]
-    print(f"{len(configs)} runs in the grid: {len(configs) - len(todo)} finished earlier (skipped), "
-          f"{len(todo)} to run, {args.jobs} at a time; runs in {os.path.abspath(args.work_dir)}/runs", flush=True)
+    print(
+        f"{len(configs)} runs in the grid: {len(configs) - len(todo)} finished earlier (skipped), "
+        f"{len(todo)} to run, {args.jobs} at a time; runs in {os.path.abspath(args.work_dir)}/runs",
+        flush=True,
+    )
     if not todo:
         return 0
     os.makedirs(os.path.join(args.work_dir, "runs"), exist_ok=True)
@@ -380,14 +431,19 @@ def run_study(args, sets, fixed, study_command, runs_path, records):
             save_records(runs_path, records)  # recorded as it finishes: a stop loses only the runs under way
             if record["status"] == "ok":
                 m = record["metrics"]
-                print(f"[{i}/{len(todo)}] ok {record['run_name']}: final return {number(m['final_return'], 3)}, "
-                      f"success {number(m['final_success'], 2)} ({m['final_episodes']} episodes), "
-                      f"{number(m['sps'], 0)} SPS, {record['wall_time']:.0f} s", flush=True)  # fmt: skip
+                print(
+                    f"[{i}/{len(todo)}] ok {record['run_name']}: final return {number(m['final_return'], 3)}, "
+                    f"success {number(m['final_success'], 2)} ({m['final_episodes']} episodes), "
+                    f"{number(m['sps'], 0)} SPS, {record['wall_time']:.0f} s",
+                    flush=True,
+                )
             else:
                 failures += 1
                 last = record["log_tail"].strip().splitlines()[-1:] or [""]
-                print(f"[{i}/{len(todo)}] FAILED {record['run_name']} ({record['error']}): {last[0]} "
-                      f"(log: {record['log']})", flush=True)  # fmt: skip
+                print(
+                    f"[{i}/{len(todo)}] FAILED {record['run_name']} ({record['error']}): {last[0]} (log: {record['log']})",
+                    flush=True,
+                )
     finally:  # on a stop (Ctrl-C, SIGTERM) or a crash: start nothing more, end the runs under way
         launcher.stop()
         pool.shutdown(wait=True, cancel_futures=True)
@@ -406,8 +462,12 @@ METRICS = ("final_return", "final_success", "eval_return", "eval_success", "sps"
 def spread(values):
     """mean and sample sd (n - 1) over the finite values; sd is None below two values."""
     finite = [v for v in values if v is not None and math.isfinite(v)]
-    return dict(mean=statistics.fmean(finite) if finite else None,
-                sd=statistics.stdev(finite) if len(finite) > 1 else None, n=len(finite), values=values)  # fmt: skip
+    return dict(
+        mean=statistics.fmean(finite) if finite else None,
+        sd=statistics.stdev(finite) if len(finite) > 1 else None,
+        n=len(finite),
+        values=values,
+    )
 
 
 def sort_value(value):
@@ -428,13 +488,28 @@ def aggregate(records):
     for r in finished(records).values():
         by_cell.setdefault(cell_key(r["config"]), []).append(r)
     env_order = list(dict.fromkeys(r["config"]["env_id"] for r in records))
-    order = lambda k: (env_order.index(k[0]), CORES.index(k[1]) if k[1] in CORES else len(CORES), k[1],
-                       [(n, sort_value(v)) for n, v in k[3]], k[2])  # fmt: skip
+
+    def order(k):
+        return (
+            env_order.index(k[0]),
+            CORES.index(k[1]) if k[1] in CORES else len(CORES),
+            k[1],
+            [(n, sort_value(v)) for n, v in k[3]],
+            k[2],
+        )
+
     cells = []
     for key in sorted(by_cell, key=order):
         runs = sorted(by_cell[key], key=lambda r: r["config"]["seed"])
-        cell = dict(env_id=key[0], core=key[1], num_steps=key[2], sets=dict(key[3]), n=len(runs),
-                    seeds=[r["config"]["seed"] for r in runs], keys=[r["key"] for r in runs])  # fmt: skip
+        cell = dict(
+            env_id=key[0],
+            core=key[1],
+            num_steps=key[2],
+            sets=dict(key[3]),
+            n=len(runs),
+            seeds=[r["config"]["seed"] for r in runs],
+            keys=[r["key"] for r in runs],
+        )
         cell.update({metric: spread([r["metrics"][metric] for r in runs]) for metric in METRICS})
         cells.append(cell)
     return cells
@@ -466,13 +541,25 @@ def table_md(results):
     fixed, cells = results["fixed"], results["cells"]
     flags = shlex.join(fixed["extra"]) or "none (the script's defaults)"
     swept = ", ".join(f"`--{name}` {' '.join(values)}" for name, values in results["swept"].items()) or "none"
-    lines = ["# Unroll-length study", "", "Written by `experiments/unroll_study.py` from `runs.jsonl`: data only.", "",
-             f"- script: `{fixed['script']}`, `--total-timesteps {fixed['total_timesteps']}`",
-             f"- flags of every run, the same for every core: `{flags}`", f"- swept flags: {swept}",
-             f"- final return (success rate): mean over the training episodes that finish in the last "
-             f"{FINAL_FRACTION:.0%} of the steps; mean ± sample sd over seeds, n = seeds",
-             "", "Commands that made these runs:", "", "```", *results["commands"], "```",
-             "", f"Report command: `{results['report_command']}`"]  # fmt: skip
+    lines = [
+        "# Unroll-length study",
+        "",
+        "Written by `experiments/unroll_study.py` from `runs.jsonl`: data only.",
+        "",
+        f"- script: `{fixed['script']}`, `--total-timesteps {fixed['total_timesteps']}`",
+        f"- flags of every run, the same for every core: `{flags}`",
+        f"- swept flags: {swept}",
+        f"- final return (success rate): mean over the training episodes that finish in the last "
+        f"{FINAL_FRACTION:.0%} of the steps; mean ± sample sd over seeds, n = seeds",
+        "",
+        "Commands that made these runs:",
+        "",
+        "```",
+        *results["commands"],
+        "```",
+        "",
+        f"Report command: `{results['report_command']}`",
+    ]
     for env_id in dict.fromkeys(c["env_id"] for c in cells):
         lines += ["", f"## {env_id}", "", "Final return (success rate):", ""]
         lines += markdown_table(cells, env_id, "final_return", "final_success")
@@ -490,9 +577,25 @@ def table_md(results):
 
 def results_csv(results):
     """One row per run record, failed ones too (with empty metrics); a column per swept flag."""
-    columns = ["run_name", "status", "env_id", "core", "num_steps", "seed", *results["swept"], "final_return",
-               "final_success", "final_episodes", "episodes", "eval_return", "eval_success", "eval_episodes", "sps",
-               "wall_time", "returncode"]  # fmt: skip
+    columns = [
+        "run_name",
+        "status",
+        "env_id",
+        "core",
+        "num_steps",
+        "seed",
+        *results["swept"],
+        "final_return",
+        "final_success",
+        "final_episodes",
+        "episodes",
+        "eval_return",
+        "eval_success",
+        "eval_episodes",
+        "sps",
+        "wall_time",
+        "returncode",
+    ]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -550,8 +653,15 @@ def plot_final(cells, env_id, path):
             line = [c for c in cells if line_label(c) == label and c[metric]["mean"] is not None]
             xs = [c["num_steps"] for c in line]
             color = f"C{i % 10}"
-            ax.errorbar(xs, [c[metric]["mean"] for c in line], yerr=[c[metric]["sd"] or 0 for c in line],
-                        color=color, marker="o", capsize=3, label=label)  # fmt: skip
+            ax.errorbar(
+                xs,
+                [c[metric]["mean"] for c in line],
+                yerr=[c[metric]["sd"] or 0 for c in line],
+                color=color,
+                marker="o",
+                capsize=3,
+                label=label,
+            )
             points = [(c["num_steps"], v) for c in line for v in c[metric]["values"] if v is not None]
             if points:
                 ax.scatter(*zip(*points), color=color, s=10, alpha=0.5)
@@ -573,8 +683,7 @@ def write_report(out_dir, records, fixed, report_command):
             swept.setdefault(name, set()).add(value)
     swept = {name: sorted(values, key=sort_value) for name, values in swept.items()}
     commands = list(dict.fromkeys(r["study_command"] for r in records))
-    results = dict(report_command=report_command, commands=commands, fixed=fixed, swept=swept, cells=cells,
-                   runs=records)  # fmt: skip
+    results = dict(report_command=report_command, commands=commands, fixed=fixed, swept=swept, cells=cells, runs=records)
     save_text(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1) + "\n")
     save_text(os.path.join(out_dir, "results.csv"), results_csv(results))
     for env_id in dict.fromkeys(c["env_id"] for c in cells):

@@ -9,9 +9,8 @@ import glob
 import os
 
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from helpers import episode_flags, rel_err, same_tensors
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 PARAMS = ("w_z", "w_f", "v_z", "v_f", "b_z", "b_f")
 
@@ -92,8 +91,7 @@ def check_carried_sensitivities_are_dc_dtheta(script):
     # Independent: dc_T/dtheta by autograd, c_0 depending on theta linearly with Jacobian sens0
     params = [getattr(cell, k) for k in PARAMS]
     c0_of_theta = c0 + sum(
-        (sens0[k] * (p - p.detach())).sum(-1) if p.dim() == 2 else sens0[k] * (p - p.detach())
-        for k, p in zip(PARAMS, params)
+        (sens0[k] * (p - p.detach())).sum(-1) if p.dim() == 2 else sens0[k] * (p - p.detach()) for k, p in zip(PARAMS, params)
     )
     c_T = spec_cell(cell, x, c0_of_theta, done)[-1]
     for b in range(2):
@@ -174,14 +172,18 @@ def random_rollouts(script, num, steps, batch, seed=2, obs_kind=Pixels):
     rollouts = []
     for i in range(num):
         span = slice(i * steps, (i + 1) * steps)
-        rollouts.append(script.Rollout(
-            obs=obs_kind.sample(steps, batch, g),
-            last_rewards=3 * torch.randn(steps, batch, generator=g, dtype=torch.float64),
-            firsts=firsts[span], deads=deads[span], terms=terms[span],
-            actions=torch.randint(0, NUM_ACTIONS, (steps, batch), generator=g),
-            rewards=3 * torch.randn(steps, batch, generator=g, dtype=torch.float64),
-            values=torch.randn(steps, batch, generator=g, dtype=torch.float64),
-        ))  # fmt: skip
+        rollouts.append(
+            script.Rollout(
+                obs=obs_kind.sample(steps, batch, g),
+                last_rewards=3 * torch.randn(steps, batch, generator=g, dtype=torch.float64),
+                firsts=firsts[span],
+                deads=deads[span],
+                terms=terms[span],
+                actions=torch.randint(0, NUM_ACTIONS, (steps, batch), generator=g),
+                rewards=3 * torch.randn(steps, batch, generator=g, dtype=torch.float64),
+                values=torch.randn(steps, batch, generator=g, dtype=torch.float64),
+            )
+        )
     return rollouts
 
 
@@ -274,7 +276,7 @@ def check_update_gradients_equal_autograd(script, core, impl, obs_kind=Pixels):
     rollouts = random_rollouts(script, 3, 5, 3, obs_kind=obs_kind)
     returns = torch.randn(5, 3, dtype=torch.float64)
     got = script_grads(script, agent, rollouts, returns, args)
-    reference = lambda c: reference_rollout_loss(agent, rollouts, returns, c, args, obs_kind)  # noqa: E731
+    reference = lambda c: reference_rollout_loss(agent, rollouts, returns, c, args, obs_kind)
     assert_grads_equal_reference(agent, got, reference, core)
 
 
@@ -294,8 +296,15 @@ def assert_grads_equal_reference(agent, got, reference_loss, core):
 # ---------------------------------------------------------------------------------------------
 # What a run wrote
 # ---------------------------------------------------------------------------------------------
-UPDATE_SCALARS = ("charts/SPS", "charts/learning_rate", "losses/policy_loss", "losses/value_loss", "losses/entropy",
-                  "losses/grad_norm", "charts/rtrl_share_of_update")  # fmt: skip
+UPDATE_SCALARS = (
+    "charts/SPS",
+    "charts/learning_rate",
+    "losses/policy_loss",
+    "losses/value_loss",
+    "losses/entropy",
+    "losses/grad_norm",
+    "charts/rtrl_share_of_update",
+)
 
 
 def read_scalars(run_dir):
@@ -430,9 +439,14 @@ def check_init_stem_from(script, tmp_path, capsys, obs_shape, other_obs_shape):
     torch.save({"model": mlp_stem, "args": {}}, tmp_path / "mlp.pt")
     torch.save([1, 2], tmp_path / "list.pt")
     (tmp_path / "text.pt").write_text("not a checkpoint\n")
-    cases = {"missing.pt": "no such file", "text.pt": "not a checkpoint", "list.pt": "not a checkpoint",
-             "other.pt": "written by other_script.py", "mlp.pt": "its stem does not fit",
-             "shape.pt": "its stem does not fit"}  # fmt: skip
+    cases = {
+        "missing.pt": "no such file",
+        "text.pt": "not a checkpoint",
+        "list.pt": "not a checkpoint",
+        "other.pt": "written by other_script.py",
+        "mlp.pt": "its stem does not fit",
+        "shape.pt": "its stem does not fit",
+    }
     capsys.readouterr()
     for name, message in cases.items():
         try:

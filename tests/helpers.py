@@ -16,13 +16,13 @@ def rel_err(a, b):
 
 def run_script(script, cwd, *flags, env=None):
     """The script as a user runs it, in `cwd` (with `env` if given); returns the CompletedProcess."""
-    return subprocess.run([sys.executable, script, *flags], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    return subprocess.run([sys.executable, script, *flags], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def episode_flags(steps, batch, g):
-    """Flags as the scripts' env wrappers make them, env by env: episodes of random length whose last step returns terminated (half
-    of them) or truncated; the next step takes the terminal observation (dead), the one after starts anew (first)."""
+    """Flags as the scripts' env wrappers make them, env by env: episodes of random length whose last step returns
+    terminated (half of them) or truncated; the next step takes the terminal observation (dead), the one after
+    starts anew (first)."""
     terms, deads, firsts = (torch.zeros(steps, batch, dtype=torch.bool) for _ in range(3))
     for b in range(batch):
         start = 0

@@ -14,12 +14,11 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import claims as checks
+import helpers
 import pytest
 import torch
 import tyro
-
-import claims as checks
-import helpers
 
 
 def run_in_process(script, cwd, flags, monkeypatch):
@@ -51,8 +50,14 @@ def first_run(script, tmp_path, flags, steps):
     assert saved["script"] == os.path.basename(script.__file__) and saved["global_step"] == steps
     batch = saved["args"]["num_envs"] * saved["args"]["num_steps"]
     assert saved["iteration"] == steps // batch and saved["optimizer"]["state"]  # RMSprop's running averages
-    return SimpleNamespace(dir=tmp_path, name=os.path.basename(run_dir), flags=flags, saved=saved, batch=batch,
-                           scalars=helpers.scalar_steps(run_dir))  # fmt: skip
+    return SimpleNamespace(
+        dir=tmp_path,
+        name=os.path.basename(run_dir),
+        flags=flags,
+        saved=saved,
+        batch=batch,
+        scalars=helpers.scalar_steps(run_dir),
+    )
 
 
 def check_resume_restores_every_tensor_bit_for_bit(script, run, monkeypatch, capsys):
@@ -65,8 +70,10 @@ def check_resume_restores_every_tensor_bit_for_bit(script, run, monkeypatch, cap
     assert torch.backends.cuda.matmul.allow_tf32 is False  # the script asks for full float32 matmuls itself
     out = capsys.readouterr().out
     assert out.startswith("device: cpu (--cuda: no CUDA device found)\n") or torch.cuda.is_available(), out
-    assert f"resumed runs/{run.name} at global_step={step}: every environment starts a new episode, recurrent " \
-           "state and sensitivities zero" in out  # fmt: skip
+    assert (
+        f"resumed runs/{run.name} at global_step={step}: every environment starts a new episode, recurrent "
+        "state and sensitivities zero" in out
+    )
     again = torch.load(run.dir / checkpoint, weights_only=True)
     for key in ("model", "optimizer", "rng", "iteration", "global_step", "run_name", "script"):
         assert helpers.same_tensors(run.saved[key], again[key]), key
@@ -111,8 +118,9 @@ def check_ctrl_c_writes_a_checkpoint_and_exits_130(script, run, tmp_path):
     --checkpoint-every), and the exit code is 130."""
     # the last --checkpoint-every given wins
     flags = [*run.flags, "--checkpoint-every", "0", "--total-timesteps", "100000000"]
-    proc = subprocess.Popen([sys.executable, script.__file__, *flags], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, script.__file__, *flags], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     for line in proc.stdout:
         if line.startswith("global_step="):
             break
@@ -122,8 +130,10 @@ def check_ctrl_c_writes_a_checkpoint_and_exits_130(script, run, tmp_path):
     run_dir = the_run_dir(tmp_path)
     path = os.path.relpath(os.path.join(run_dir, "checkpoint.pt"), tmp_path)
     checkpoint = torch.load(tmp_path / path, weights_only=True)
-    assert f"stopped by SIGINT at global_step={checkpoint['global_step']}; checkpoint: {path} (continue with " \
-           f"--resume {path})" in out, out  # fmt: skip
+    assert (
+        f"stopped by SIGINT at global_step={checkpoint['global_step']}; checkpoint: {path} (continue with "
+        f"--resume {path})" in out
+    ), out
     assert checkpoint["global_step"] == run.batch * checkpoint["iteration"] and checkpoint["iteration"] >= 1
     assert not glob.glob(os.path.join(run_dir, "*.tmp")) and not os.path.exists(os.path.join(run_dir, "model.pt"))
 
@@ -154,6 +164,7 @@ def check_sigterm_finishes_the_update_and_exits_143(script, run, tmp_path, monke
 def check_bad_checkpoints_are_one_line_errors(script, run, tmp_path, capsys, obs_shape, num_actions, cases):
     """Each case (change, flags, message): the checkpoint changed so (or as saved), resumed with the first run's
     flags and `flags`, exits 2 with one line. Restoring is part of it: a model that does not fit is refused too."""
+
     def resume(argv):
         args = tyro.cli(script.Args, args=argv)
         checkpoint = script.load_resume(args)
@@ -167,9 +178,11 @@ def check_bad_checkpoints_are_one_line_errors(script, run, tmp_path, capsys, obs
             path.write_bytes((run.dir / "saved.pt").read_bytes()[:2000])
         else:
             other = script.Agent(obs_shape, num_actions, 8).state_dict()  # the first run's hidden size is 16
-            edited = {"weights only": {"model": run.saved["model"], "args": run.saved["args"]},
-                      "other script": {**run.saved, "script": "rtrl_a2c_minigrid.py"},
-                      "other shapes": {**run.saved, "model": other}}  # fmt: skip
+            edited = {
+                "weights only": {"model": run.saved["model"], "args": run.saved["args"]},
+                "other script": {**run.saved, "script": "rtrl_a2c_minigrid.py"},
+                "other shapes": {**run.saved, "model": other},
+            }
             torch.save(edited.get(change, run.saved), path)
         argv = [*run.flags, "--total-timesteps", str(2 * saved_step), "--resume", str(path), *flags]
         helpers.bad_input_in_process(resume, argv, message, capsys)
@@ -207,8 +220,12 @@ def check_stem_in_update_gives_the_same_gradients(script, core):
     returns = torch.randn(5, 3, dtype=torch.float64)
     grads = {}
     for stem_in_update in (True, False):
-        rollout.features = torch.stack([script.rollout_features(agent, obs, reward, stem_in_update)
-                                        for obs, reward in zip(rollout.obs, rollout.last_rewards)])  # fmt: skip
+        rollout.features = torch.stack(
+            [
+                script.rollout_features(agent, obs, reward, stem_in_update)
+                for obs, reward in zip(rollout.obs, rollout.last_rewards)
+            ]
+        )
         assert rollout.features.requires_grad != stem_in_update  # no graph: the update must recompute
         if stem_in_update:
             rollout.features = None
@@ -228,8 +245,10 @@ def check_the_device_line_names_the_device(script, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: f"Fake GPU on {device}")
     monkeypatch.setattr(torch.version, "cuda", "12.4")
-    assert script.pick_device(script.Args()) == (torch.device("cuda:0"),
-                                                 "device: cuda:0 (Fake GPU on cuda:0, torch CUDA 12.4)")  # fmt: skip
+    assert script.pick_device(script.Args()) == (
+        torch.device("cuda:0"),
+        "device: cuda:0 (Fake GPU on cuda:0, torch CUDA 12.4)",
+    )
     assert script.pick_device(script.Args(cuda=False)) == (torch.device("cpu"), "device: cpu")
 
 
@@ -249,8 +268,13 @@ def check_a_checkpoint_from_a_gpu_loads_on_the_cpu(script, obs_shape, num_action
     for p in agent.parameters():
         p.grad = torch.randn_like(p)
     optimizer.step()  # RMSprop's running averages, tensors in the optimizer state
-    fake = lambda tree: {k: fake(v) if isinstance(v, dict) else v.as_subclass(OnFakeGPU)  # noqa: E731
-                         if isinstance(v, torch.Tensor) else v for k, v in tree.items()}  # fmt: skip
+
+    def fake(tree):
+        return {
+            k: fake(v) if isinstance(v, dict) else v.as_subclass(OnFakeGPU) if isinstance(v, torch.Tensor) else v
+            for k, v in tree.items()
+        }
+
     model, state = fake(agent.state_dict()), optimizer.state_dict()
     state = {**state, "state": {k: fake(v) for k, v in state["state"].items()}}
     assert all(type(v) is OnFakeGPU for v in model.values())

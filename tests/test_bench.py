@@ -3,10 +3,9 @@
 import os
 import re
 
+import helpers
 import pytest
 import torch
-
-import helpers
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 SCRIPTS = ("rtrl_a2c_atari.py", "rtrl_a2c_procgen.py", "rtrl_impala_dmlab.py", "rtrl_a2c_minigrid.py")
@@ -79,8 +78,13 @@ def test_sps_runs_every_core_and_splits_the_iteration(tmp_path, script):
     assert re.search(r"^rtrl / tbptt steps/s: \d+\.\d\dx", out, re.M)
     _, parts = table(out, "part")
     names = [row[0] for row in parts]
-    for part in ("rollout: stem forward", "update: RTRL (chunked)", "update: stem backward",
-                 "iteration (from steps/s)", "check: the script's compute_gradients"):  # fmt: skip
+    for part in (
+        "rollout: stem forward",
+        "update: RTRL (chunked)",
+        "update: stem backward",
+        "iteration (from steps/s)",
+        "check: the script's compute_gradients",
+    ):
         assert part in names
     rtrl = dict((row[0], float(row[1])) for row in parts)
     assert rtrl["update: RTRL (chunked)"] > 0 and rtrl["iteration (from steps/s)"] > 0
@@ -91,8 +95,9 @@ def test_a_benchmark_asked_for_a_gpu_without_one_is_a_one_line_error(monkeypatch
     import common
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    helpers.bad_input_in_process(lambda argv: common.pick_device(*argv), ["cuda"], "--device cuda: no CUDA device found",
-                                 capsys)  # fmt: skip
+    helpers.bad_input_in_process(
+        lambda argv: common.pick_device(*argv), ["cuda"], "--device cuda: no CUDA device found", capsys
+    )
     assert common.pick_device("cpu") == torch.device("cpu")
 
 

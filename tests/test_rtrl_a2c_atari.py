@@ -3,13 +3,13 @@
 import glob
 import os
 
+import claims as checks
+import helpers
+import long_runs
 import pytest
 import torch
 import tyro
 
-import claims as checks
-import helpers
-import long_runs
 import rtrl_a2c_atari as atari
 
 SCRIPT = atari.__file__
@@ -84,8 +84,7 @@ def run_script(tmp_path, *flags):
 # rtrl at T=8 runs long enough for games to end in the resumed run below. tbptt runs the update code ff runs (the
 # eLSTM by autograd, another reset mask): lstm takes its smoke run; the fully online run also loads a pretrained
 # stem and freezes it. These show that each core's loop runs and writes what it should.
-@pytest.mark.parametrize("core,num_steps,updates,frozen", [("lstm", 8, 3, False), ("ff", 8, 3, False),
-                                                           ("rtrl", 1, 8, True)])  # fmt: skip
+@pytest.mark.parametrize("core,num_steps,updates,frozen", [("lstm", 8, 3, False), ("ff", 8, 3, False), ("rtrl", 1, 8, True)])
 def test_training_run_writes_scalars_and_a_loadable_checkpoint(tmp_path, core, num_steps, updates, frozen):
     steps = 2 * num_steps * updates
     torch.manual_seed(0)
@@ -94,9 +93,23 @@ def test_training_run_writes_scalars_and_a_loadable_checkpoint(tmp_path, core, n
     stem_flags = ["--init-stem-from", "pretrained.pt", "--freeze-stem"] if frozen else []
     if core == "ff":  # the stem recomputed in the update (the CUDA default; the CPU's keeps the rollout's graphs)
         stem_flags = ["--stem-in-update", "on"]
-    proc = run_script(tmp_path, "--core", core, "--num-envs", "2", "--num-steps", str(num_steps),
-                      "--total-timesteps", str(steps), "--hidden-size", "16", "--eval-episodes", "1", "--save-model",
-                      *stem_flags)  # fmt: skip
+    proc = run_script(
+        tmp_path,
+        "--core",
+        core,
+        "--num-envs",
+        "2",
+        "--num-steps",
+        str(num_steps),
+        "--total-timesteps",
+        str(steps),
+        "--hidden-size",
+        "16",
+        "--eval-episodes",
+        "1",
+        "--save-model",
+        *stem_flags,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("device: cpu (--cuda: no CUDA device found)\n") or torch.cuda.is_available()
     (run_dir,) = glob.glob(str(tmp_path / "runs" / f"Breakout-v5__rtrl_a2c_atari__{core}__T{num_steps}__1__*"))
@@ -129,8 +142,7 @@ def test_training_run_writes_scalars_and_a_loadable_checkpoint(tmp_path, core, n
     ],
 )
 def test_bad_input_is_a_one_line_error(flags, message, capsys):
-    helpers.bad_input_in_process(lambda argv: atari.check_args(tyro.cli(atari.Args, args=argv)), flags, message,
-                                 capsys)  # fmt: skip
+    helpers.bad_input_in_process(lambda argv: atari.check_args(tyro.cli(atari.Args, args=argv)), flags, message, capsys)
 
 
 def test_the_script_checks_its_input_before_it_starts(tmp_path):
@@ -141,8 +153,7 @@ def test_the_script_checks_its_input_before_it_starts(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Long runs: --checkpoint-every, --resume, Ctrl-C / SIGTERM (tests/long_runs.py)
 # ---------------------------------------------------------------------------------------------
-RESUMABLE = ("--num-envs", "2", "--num-steps", "8", "--hidden-size", "16", "--eval-episodes", "0",
-             "--checkpoint-every", "16")  # fmt: skip
+RESUMABLE = ("--num-envs", "2", "--num-steps", "8", "--hidden-size", "16", "--eval-episodes", "0", "--checkpoint-every", "16")
 SAVED_STEP = 48  # 3 updates of 2 envs x 8 steps; checkpoints at 16, 32, 48 (the end)
 
 
@@ -151,8 +162,7 @@ def checkpointed(tmp_path_factory):
     return long_runs.first_run(atari, tmp_path_factory.mktemp("checkpointed"), RESUMABLE, SAVED_STEP)
 
 
-def test_resume_restores_every_tensor_bit_for_bit_and_the_run_goes_on_from_its_step(checkpointed, monkeypatch,
-                                                                                     capsys):  # fmt: skip
+def test_resume_restores_every_tensor_bit_for_bit_and_the_run_goes_on_from_its_step(checkpointed, monkeypatch, capsys):
     long_runs.check_resume_restores_every_tensor_bit_for_bit(atari, checkpointed, monkeypatch, capsys)
     # to 640 steps (320 per env: games end), with the smoke run's evaluation and model.pt
     more = ["--eval-episodes", "1", "--save-model"]
@@ -182,12 +192,15 @@ def test_a_bad_checkpoint_to_resume_is_a_one_line_error(checkpointed, tmp_path, 
         ("truncate", [], "is not a readable checkpoint"),
         ("weights only", [], "is not a checkpoint to resume from (no global_step, iteration, optimizer"),
         ("other script", [], "was written by rtrl_a2c_minigrid.py, not rtrl_a2c_atari.py"),
-        (None, ["--hidden-size", "64", "--core", "tbptt"],
-         "differs from the checkpoint's run: --hidden-size 64 (checkpoint: 16), --core tbptt (checkpoint: rtrl)"),
+        (
+            None,
+            ["--hidden-size", "64", "--core", "tbptt"],
+            "differs from the checkpoint's run: --hidden-size 64 (checkpoint: 16), --core tbptt (checkpoint: rtrl)",
+        ),
         (None, ["--env-id", "Pong-v5"], "--env-id Pong-v5 (checkpoint: Breakout-v5)"),
         (None, ["--total-timesteps", "40"], "--total-timesteps 40 is below the checkpoint's step 48"),
         ("other shapes", [], "--resume: the checkpoint does not fit this agent (Error(s) in loading state_dict"),
-    ]  # fmt: skip
+    ]
     long_runs.check_bad_checkpoints_are_one_line_errors(atari, checkpointed, tmp_path, capsys, (4, 84, 84), 4, cases)
 
 
@@ -210,6 +223,5 @@ def test_rtrl_equals_bptt_on_cuda(impl):
 
 @long_runs.CUDA
 def test_two_updates_on_cuda(tmp_path):
-    flags = ("--num-envs", "2", "--num-steps", "8", "--total-timesteps", "32", "--hidden-size", "16",
-              "--eval-episodes", "1")  # fmt: skip
+    flags = ("--num-envs", "2", "--num-steps", "8", "--total-timesteps", "32", "--hidden-size", "16", "--eval-episodes", "1")
     long_runs.check_two_updates_on_cuda(atari, tmp_path, flags)

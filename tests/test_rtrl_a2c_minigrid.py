@@ -9,14 +9,14 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import claims as checks
 import envpool
+import helpers
 import numpy as np
 import pytest
 import torch
 import tyro
 
-import claims as checks
-import helpers
 import rtrl_a2c_minigrid as minigrid
 
 SCRIPT = minigrid.__file__
@@ -142,8 +142,22 @@ def run_script(tmp_path, *flags):
 @pytest.mark.parametrize("core,num_steps", [("rtrl", 8), ("lstm", 8), ("rtrl", 1)])
 def test_training_run_writes_scalars_and_a_loadable_checkpoint(tmp_path, core, num_steps):
     steps = 4 * num_steps * (100 if num_steps > 1 else 400)
-    proc = run_script(tmp_path, "--core", core, "--num-envs", "4", "--num-steps", str(num_steps),
-                      "--total-timesteps", str(steps), "--hidden-size", "16", "--eval-episodes", "3", "--save-model")  # fmt: skip
+    proc = run_script(
+        tmp_path,
+        "--core",
+        core,
+        "--num-envs",
+        "4",
+        "--num-steps",
+        str(num_steps),
+        "--total-timesteps",
+        str(steps),
+        "--hidden-size",
+        "16",
+        "--eval-episodes",
+        "3",
+        "--save-model",
+    )
     assert proc.returncode == 0, proc.stderr
     (run_dir,) = glob.glob(str(tmp_path / "runs" / f"{ENV_ID}__rtrl_a2c_minigrid__{core}__T{num_steps}__1__*"))
     scalars = checks.read_scalars(run_dir)
@@ -163,8 +177,25 @@ def test_training_run_writes_scalars_and_a_loadable_checkpoint(tmp_path, core, n
 
 @pytest.mark.parametrize("core", ["rtrl", "tbptt"])
 def test_staleness_diagnostic_logs_cosines_and_errors(tmp_path, core):
-    proc = run_script(tmp_path, "--core", core, "--num-envs", "3", "--num-steps", "4", "--total-timesteps", "480",
-                      "--hidden-size", "8", "--eval-episodes", "0", "--staleness-every", "5", "--run-name", "diag")  # fmt: skip
+    proc = run_script(
+        tmp_path,
+        "--core",
+        core,
+        "--num-envs",
+        "3",
+        "--num-steps",
+        "4",
+        "--total-timesteps",
+        "480",
+        "--hidden-size",
+        "8",
+        "--eval-episodes",
+        "0",
+        "--staleness-every",
+        "5",
+        "--run-name",
+        "diag",
+    )
     assert proc.returncode == 0, proc.stderr
     scalars = checks.read_scalars(str(tmp_path / "runs" / "diag"))
     diag = {k: v for k, v in scalars.items() if k.startswith("diag/")}
@@ -194,8 +225,7 @@ def test_staleness_diagnostic_logs_cosines_and_errors(tmp_path, core):
     ],
 )
 def test_bad_input_is_a_one_line_error(flags, message, capsys):
-    helpers.bad_input_in_process(lambda argv: minigrid.check_args(tyro.cli(minigrid.Args, args=argv)), flags, message,
-                                 capsys)  # fmt: skip
+    helpers.bad_input_in_process(lambda argv: minigrid.check_args(tyro.cli(minigrid.Args, args=argv)), flags, message, capsys)
 
 
 def test_the_script_checks_its_input_before_it_starts(tmp_path):
@@ -205,8 +235,20 @@ def test_the_script_checks_its_input_before_it_starts(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Long runs: --checkpoint-every, --resume, Ctrl-C (masked CartPole: short episodes, so some end after a resume)
 # ---------------------------------------------------------------------------------------------
-RESUMABLE = ("--env-id", "CartPole-v1", "--num-envs", "2", "--num-steps", "4", "--hidden-size", "8", "--eval-episodes",
-             "0", "--checkpoint-every", "16")  # fmt: skip
+RESUMABLE = (
+    "--env-id",
+    "CartPole-v1",
+    "--num-envs",
+    "2",
+    "--num-steps",
+    "4",
+    "--hidden-size",
+    "8",
+    "--eval-episodes",
+    "0",
+    "--checkpoint-every",
+    "16",
+)
 SAVED_STEP = 48  # 6 updates of 2 envs x 4 steps; checkpoints at 16, 32, 48 (the end)
 FIRST_RUN = (*RESUMABLE, "--total-timesteps", str(SAVED_STEP), "--eval-episodes", "2", "--save-model")
 
@@ -219,8 +261,10 @@ def checkpointed(tmp_path_factory):
     proc = run_script(tmp_path, *FIRST_RUN, "--run-name", "a")
     assert proc.returncode == 0, proc.stderr
     shutil.copy(tmp_path / "runs" / "a" / "checkpoint.pt", tmp_path / "saved.pt")
-    run = SimpleNamespace(scalars=checks.read_scalars(tmp_path / "runs" / "a"),
-                          model=torch.load(tmp_path / "runs" / "a" / "model.pt", weights_only=True))
+    run = SimpleNamespace(
+        scalars=checks.read_scalars(tmp_path / "runs" / "a"),
+        model=torch.load(tmp_path / "runs" / "a" / "model.pt", weights_only=True),
+    )
     return tmp_path, torch.load(tmp_path / "saved.pt", weights_only=True), run
 
 
@@ -272,9 +316,13 @@ def test_the_same_seed_logs_identical_losses(checkpointed):
 
 
 def test_ctrl_c_finishes_the_update_writes_a_checkpoint_and_exits_130(tmp_path):
-    proc = subprocess.Popen([sys.executable, SCRIPT, *RESUMABLE, "--checkpoint-every", "0", "--total-timesteps",
-                             "10000000", "--run-name", "c"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, SCRIPT, *RESUMABLE, "--checkpoint-every", "0", "--total-timesteps", "10000000", "--run-name", "c"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in proc.stdout:
         if line.startswith("global_step="):
             break
@@ -293,7 +341,11 @@ def test_ctrl_c_finishes_the_update_writes_a_checkpoint_and_exits_130(tmp_path):
         ("truncate", [], "is not a readable checkpoint"),
         ("weights only", [], "is not a checkpoint to resume from (no global_step, iteration, optimizer"),
         ("other script", [], "was written by rtrl_a2c_atari.py, not rtrl_a2c_minigrid.py"),
-        (None, ["--hidden-size", "16", "--core", "tbptt"], "differs from the checkpoint's run: --hidden-size 16 (checkpoint: 8), --core tbptt (checkpoint: rtrl)"),
+        (
+            None,
+            ["--hidden-size", "16", "--core", "tbptt"],
+            "differs from the checkpoint's run: --hidden-size 16 (checkpoint: 8), --core tbptt (checkpoint: rtrl)",
+        ),
         (None, ["--env-id", "Acrobot-v1"], "--env-id Acrobot-v1 (checkpoint: CartPole-v1)"),
         (None, ["--run-name", "b"], "--run-name b (checkpoint: a)"),
         (None, ["--total-timesteps", "40"], "--total-timesteps 40 is below the checkpoint's step 48"),
@@ -305,7 +357,10 @@ def test_a_bad_checkpoint_to_resume_is_a_one_line_error(checkpointed, tmp_path, 
     if change == "truncate":
         path.write_bytes((saved_dir / "saved.pt").read_bytes()[:2000])
     else:
-        edited = {"weights only": {"model": saved["model"], "args": saved["args"]}, "other script": {**saved, "script": "rtrl_a2c_atari.py"}}
+        edited = {
+            "weights only": {"model": saved["model"], "args": saved["args"]},
+            "other script": {**saved, "script": "rtrl_a2c_atari.py"},
+        }
         torch.save(edited.get(change, saved), path)
     argv = [*RESUMABLE, "--total-timesteps", "96", "--resume", str(path), *flags]
     helpers.bad_input_in_process(lambda a: minigrid.load_resume(tyro.cli(minigrid.Args, args=a)), argv, message, capsys)
@@ -336,8 +391,23 @@ def test_on_cuda_rtrl_equals_bptt_across_chunks_with_resets(impl):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_cuda_two_updates_train_and_save_a_model_that_loads_on_the_cpu(tmp_path):
-    proc = run_script(tmp_path, "--num-envs", "4", "--num-steps", "8", "--total-timesteps", "64", "--hidden-size", "16",
-                      "--eval-episodes", "1", "--save-model", "--run-name", "gpu", "--cuda")  # fmt: skip
+    proc = run_script(
+        tmp_path,
+        "--num-envs",
+        "4",
+        "--num-steps",
+        "8",
+        "--total-timesteps",
+        "64",
+        "--hidden-size",
+        "16",
+        "--eval-episodes",
+        "1",
+        "--save-model",
+        "--run-name",
+        "gpu",
+        "--cuda",
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"device: cuda:0 ({torch.cuda.get_device_name(0)}, torch CUDA {torch.version.cuda})" in proc.stdout
     checks.check_update_scalars(checks.read_scalars(tmp_path / "runs" / "gpu"), iterations=2)

@@ -4,13 +4,13 @@ import ctypes.util
 import glob
 import os
 
+import claims as checks
+import helpers
+import long_runs
 import pytest
 import torch
 import tyro
 
-import claims as checks
-import helpers
-import long_runs
 import rtrl_a2c_procgen as procgen
 
 SCRIPT = procgen.__file__
@@ -86,8 +86,9 @@ def test_defaults_make_the_papers_chaser_hard_on_500_training_levels():
 
 def test_eval_uses_only_held_out_levels(tmp_path):
     """EnvPool's info["level_seed"] of every evaluation episode lies in its own level set."""
-    args = procgen.Args(env_id="ChaserEasy-v0", start_level=10, num_levels=5, test_level_starts=(20, 40),
-                        test_num_levels=3, eval_episodes=6)  # fmt: skip
+    args = procgen.Args(
+        env_id="ChaserEasy-v0", start_level=10, num_levels=5, test_level_starts=(20, 40), test_num_levels=3, eval_episodes=6
+    )
     torch.manual_seed(0)
     agent = procgen.Agent((3, 64, 64), 15, 8)
     writer = procgen.SummaryWriter(str(tmp_path))
@@ -118,18 +119,36 @@ def run_script(tmp_path, *flags, env=None):
 # (greedy MazeMemory ones last their 500-step limit): the fully online lstm on a pretrained, frozen stem (rtrl at
 # T=8: the resumed run below; ff: the Atari smoke runs, the gradient test)
 @pytest.mark.parametrize("core,num_steps,updates,test_sets", [("lstm", 1, 16, ["3000"])])
-def test_training_run_writes_both_eval_scalars_and_a_loadable_checkpoint(tmp_path, core, num_steps, updates,
-                                                                         test_sets):  # fmt: skip
+def test_training_run_writes_both_eval_scalars_and_a_loadable_checkpoint(tmp_path, core, num_steps, updates, test_sets):
     steps = 2 * num_steps * updates
     frozen = core == "lstm"
     torch.manual_seed(0)
     pretrained = procgen.Agent((3, 64, 64), 15, 8, "tbptt")
     procgen.save_checkpoint(pretrained, procgen.Args(core="tbptt"), str(tmp_path / "pretrained.pt"))
     stem_flags = ["--init-stem-from", "pretrained.pt", "--freeze-stem"] if frozen else []
-    proc = run_script(tmp_path, "--core", core, "--num-envs", "2", "--num-steps", str(num_steps),
-                      "--total-timesteps", str(steps), "--hidden-size", "16", "--eval-episodes", "2",
-                      "--eval-every", str(steps // 2), "--test-level-starts", *test_sets, "--save-model",
-                      "--stem-in-update", "on", *stem_flags)  # fmt: skip
+    proc = run_script(
+        tmp_path,
+        "--core",
+        core,
+        "--num-envs",
+        "2",
+        "--num-steps",
+        str(num_steps),
+        "--total-timesteps",
+        str(steps),
+        "--hidden-size",
+        "16",
+        "--eval-episodes",
+        "2",
+        "--eval-every",
+        str(steps // 2),
+        "--test-level-starts",
+        *test_sets,
+        "--save-model",
+        "--stem-in-update",
+        "on",
+        *stem_flags,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("device: cpu (--cuda: no CUDA device found)\n") or torch.cuda.is_available()
     (run_dir,) = glob.glob(str(tmp_path / "runs" / f"ChaserHard-v0__rtrl_a2c_procgen__{core}__T{num_steps}__1__*"))
@@ -169,8 +188,7 @@ def test_training_run_writes_both_eval_scalars_and_a_loadable_checkpoint(tmp_pat
     ],
 )
 def test_bad_input_is_a_one_line_error(flags, message, capsys):
-    helpers.bad_input_in_process(lambda argv: procgen.check_args(tyro.cli(procgen.Args, args=argv)), flags, message,
-                                 capsys)  # fmt: skip
+    helpers.bad_input_in_process(lambda argv: procgen.check_args(tyro.cli(procgen.Args, args=argv)), flags, message, capsys)
 
 
 def test_the_script_checks_its_input_before_it_starts(tmp_path):
@@ -181,8 +199,20 @@ def test_the_script_checks_its_input_before_it_starts(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Long runs: --checkpoint-every, --resume, Ctrl-C / SIGTERM (tests/long_runs.py)
 # ---------------------------------------------------------------------------------------------
-RESUMABLE = ("--num-envs", "2", "--num-steps", "8", "--hidden-size", "16", "--eval-episodes", "0",
-             "--checkpoint-every", "16", "--eval-every", "160")  # fmt: skip
+RESUMABLE = (
+    "--num-envs",
+    "2",
+    "--num-steps",
+    "8",
+    "--hidden-size",
+    "16",
+    "--eval-episodes",
+    "0",
+    "--checkpoint-every",
+    "16",
+    "--eval-every",
+    "160",
+)
 SAVED_STEP = 48  # 3 updates of 2 envs x 8 steps; checkpoints at 16, 32, 48 (the end)
 
 
@@ -191,8 +221,7 @@ def checkpointed(tmp_path_factory):
     return long_runs.first_run(procgen, tmp_path_factory.mktemp("checkpointed"), RESUMABLE, SAVED_STEP)
 
 
-def test_resume_restores_every_tensor_bit_for_bit_and_the_run_goes_on_from_its_step(checkpointed, monkeypatch,
-                                                                                     capsys):  # fmt: skip
+def test_resume_restores_every_tensor_bit_for_bit_and_the_run_goes_on_from_its_step(checkpointed, monkeypatch, capsys):
     long_runs.check_resume_restores_every_tensor_bit_for_bit(procgen, checkpointed, monkeypatch, capsys)
     # to 320 steps (136 per env after the resume: Chaser's episodes end), with the smoke run's evaluations (160 steps
     # after the resume, and at the end) on the default test sets, and model.pt
@@ -226,15 +255,17 @@ def test_a_bad_checkpoint_to_resume_is_a_one_line_error(checkpointed, tmp_path, 
         ("truncate", [], "is not a readable checkpoint"),
         ("weights only", [], "is not a checkpoint to resume from (no global_step, iteration, optimizer"),
         ("other script", [], "was written by rtrl_a2c_minigrid.py, not rtrl_a2c_procgen.py"),
-        (None, ["--hidden-size", "64", "--core", "tbptt"],
-         "differs from the checkpoint's run: --hidden-size 64 (checkpoint: 16), --core tbptt (checkpoint: rtrl)"),
+        (
+            None,
+            ["--hidden-size", "64", "--core", "tbptt"],
+            "differs from the checkpoint's run: --hidden-size 64 (checkpoint: 16), --core tbptt (checkpoint: rtrl)",
+        ),
         (None, ["--env-id", "MazeMemory-v0"], "--env-id MazeMemory-v0 (checkpoint: ChaserHard-v0)"),
         (None, ["--test-level-starts", "2000"], "--test-level-starts (2000,) (checkpoint: (1000, 1200, 1400))"),
         (None, ["--total-timesteps", "40"], "--total-timesteps 40 is below the checkpoint's step 48"),
         ("other shapes", [], "--resume: the checkpoint does not fit this agent (Error(s) in loading state_dict"),
-    ]  # fmt: skip
-    long_runs.check_bad_checkpoints_are_one_line_errors(procgen, checkpointed, tmp_path, capsys, (3, 64, 64), 15,
-                                                        cases)  # fmt: skip
+    ]
+    long_runs.check_bad_checkpoints_are_one_line_errors(procgen, checkpointed, tmp_path, capsys, (3, 64, 64), 15, cases)
 
 
 def test_a_checkpoint_serves_as_init_stem_from(checkpointed):
@@ -265,6 +296,18 @@ def test_rtrl_equals_bptt_on_cuda(impl):
 
 @long_runs.CUDA
 def test_two_updates_on_cuda(tmp_path):
-    flags = ("--num-envs", "2", "--num-steps", "8", "--total-timesteps", "32", "--hidden-size", "16",
-              "--eval-episodes", "1", "--test-level-starts", "3000")  # fmt: skip
+    flags = (
+        "--num-envs",
+        "2",
+        "--num-steps",
+        "8",
+        "--total-timesteps",
+        "32",
+        "--hidden-size",
+        "16",
+        "--eval-episodes",
+        "1",
+        "--test-level-starts",
+        "3000",
+    )
     long_runs.check_two_updates_on_cuda(procgen, tmp_path, flags)

@@ -18,15 +18,15 @@ import tempfile
 import time
 from types import SimpleNamespace
 
+import claims as checks  # the claims every script's ELSTM must meet, and the shared references
+import helpers
 import numpy as np
 import pytest
 import torch
 import tyro
-
-import claims as checks  # the claims every script's ELSTM must meet, and the shared references
-import helpers
-import rtrl_impala_dmlab as impala
 from helpers import episode_flags, rel_err
+
+import rtrl_impala_dmlab as impala
 
 SCRIPT = impala.__file__
 FAKE_LAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_deepmind_lab")
@@ -46,7 +46,7 @@ def reference_vtrace(rewards, values, bootstrap_value, log_rhos, terms, deads, g
     Advantages rho_s (r_s + gamma v_{s+1} - V(x_s)), none on dead steps."""
     steps, batch = rewards.shape
     rho = log_rhos.exp().clamp(max=1.0)
-    value = lambda t, b: bootstrap_value[b] if t == steps else values[t, b]  # noqa: E731
+    value = lambda t, b: bootstrap_value[b] if t == steps else values[t, b]
     vs, advantages = torch.zeros(steps, batch, dtype=torch.float64), torch.zeros(steps, batch, dtype=torch.float64)
     for b in range(batch):
         for s in range(steps):
@@ -165,11 +165,15 @@ def random_unroll_after_history(history, T, batch, seed=7):
     g = torch.Generator().manual_seed(seed + 1)
     unroll = slice(history, history + T + 1)
     return (obs[:history], last_rewards[:history], firsts[:history]), {
-        "obs": obs[unroll], "last_rewards": last_rewards[unroll], "firsts": firsts[unroll], "deads": deads[unroll],
-        "terms": terms[history : history + T], "rewards": 3 * torch.randn(T, batch, generator=g, dtype=torch.float64),
+        "obs": obs[unroll],
+        "last_rewards": last_rewards[unroll],
+        "firsts": firsts[unroll],
+        "deads": deads[unroll],
+        "terms": terms[history : history + T],
+        "rewards": 3 * torch.randn(T, batch, generator=g, dtype=torch.float64),
         "actions": torch.randint(0, NUM_ACTIONS, (T, batch), generator=g),
         "logits": torch.randn(T, batch, NUM_ACTIONS, generator=g, dtype=torch.float64),
-    }  # fmt: skip
+    }
 
 
 def reference_unroll_loss(agent, history, unroll, core, args):
@@ -179,9 +183,17 @@ def reference_unroll_loss(agent, history, unroll, core, args):
     unroll's start (tbptt, lstm); the stem only sees the unroll. Step T only bootstraps.
     """
     T = len(unroll["actions"])
-    resets = lambda firsts: torch.ones_like(firsts) if core == "ff" else firsts  # noqa: E731
-    features = lambda o, r: torch.cat([agent.stem(o.flatten(0, 1).double() / 255).unflatten(0, o.shape[:2]),  # noqa: E731
-                                       r.clamp(-1, 1)[..., None]], -1)  # fmt: skip
+    resets = lambda firsts: torch.ones_like(firsts) if core == "ff" else firsts
+
+    def features(o, r):
+        return torch.cat(
+            [
+                agent.stem(o.flatten(0, 1).double() / 255).unflatten(0, o.shape[:2]),
+                r.clamp(-1, 1)[..., None],
+            ],
+            -1,
+        )
+
     cell = checks.spec_lstm if core == "lstm" else checks.spec_cell
     obs, last_rewards, firsts = history
     c = torch.zeros(obs.shape[1], 2 * HIDDEN if core == "lstm" else HIDDEN, dtype=torch.float64)
@@ -194,8 +206,15 @@ def reference_unroll_loss(agent, history, unroll, core, args):
     log_pi = logp.gather(-1, unroll["actions"][..., None])[..., 0]
     log_mu = torch.log_softmax(unroll["logits"], -1).gather(-1, unroll["actions"][..., None])[..., 0]
     deads = unroll["deads"][:T]
-    vs, advantages = reference_vtrace(unroll["rewards"].clamp(-1, 1), values[:T].detach(), values[T].detach(),
-                                      (log_pi - log_mu).detach(), unroll["terms"], deads, args.gamma)  # fmt: skip
+    vs, advantages = reference_vtrace(
+        unroll["rewards"].clamp(-1, 1),
+        values[:T].detach(),
+        values[T].detach(),
+        (log_pi - log_mu).detach(),
+        unroll["terms"],
+        deads,
+        args.gamma,
+    )
     live = (~deads).double()
     pg = -(live * log_pi * advantages).sum()
     entropy = -(live * (logp.exp() * logp).sum(-1)).sum()
@@ -225,7 +244,7 @@ def learner_grads(agent, batch, args):
 )
 def test_update_gradients_equal_autograd_through_the_actors_history(core, impl):
     agent, history, unroll, args, batch = actor_history_and_unroll(core, impl)
-    reference = lambda c: reference_unroll_loss(agent, history, unroll, c, args)  # noqa: E731
+    reference = lambda c: reference_unroll_loss(agent, history, unroll, c, args)
     checks.assert_grads_equal_reference(agent, learner_grads(agent, batch, args), reference, core)
 
 
@@ -247,9 +266,10 @@ def test_frozen_stem_rtrl_gradients_equal_the_reference_and_step_goes_forward_in
     heads = {k for k, _ in agent.named_parameters() if k.startswith(("gate.", "actor.", "critic."))}
     assert len(passes) == 1 and passes[0] <= heads, passes
     assert all(got[k] is None for k in got if k.startswith("stem.")) and got["cell.w_z"] is not None
-    trained = SimpleNamespace(cell=agent.cell, named_parameters=lambda: [(k, p) for k, p in agent.named_parameters()
-                                                                         if p.requires_grad])  # fmt: skip
-    reference = lambda c: reference_unroll_loss(agent, history, unroll, c, args)  # noqa: E731
+    trained = SimpleNamespace(
+        cell=agent.cell, named_parameters=lambda: [(k, p) for k, p in agent.named_parameters() if p.requires_grad]
+    )
+    reference = lambda c: reference_unroll_loss(agent, history, unroll, c, args)
     checks.assert_grads_equal_reference(trained, got, reference, "rtrl")
 
 
@@ -277,10 +297,16 @@ def test_dmlab_observations_are_72x96_rgb_from_each_envs_seeded_reset(lab):
 
 # IMPALA's action set as DMLab vectors, in DMLab's order: look left/right, look down/up, strafe, move, fire, jump, crouch
 IMPALA_ACTIONS = [
-    [0, 0, 0, 1, 0, 0, 0], [0, 0, 0, -1, 0, 0, 0], [0, 0, -1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0, 0],
-    [-20, 0, 0, 0, 0, 0, 0], [20, 0, 0, 0, 0, 0, 0], [-20, 0, 0, 1, 0, 0, 0], [20, 0, 0, 1, 0, 0, 0],
+    [0, 0, 0, 1, 0, 0, 0],
+    [0, 0, 0, -1, 0, 0, 0],
+    [0, 0, -1, 0, 0, 0, 0],
+    [0, 0, 1, 0, 0, 0, 0],
+    [-20, 0, 0, 0, 0, 0, 0],
+    [20, 0, 0, 0, 0, 0, 0],
+    [-20, 0, 0, 1, 0, 0, 0],
+    [20, 0, 0, 1, 0, 0, 0],
     [0, 0, 0, 0, 1, 0, 0],
-]  # fmt: skip
+]
 
 
 def test_dmlab_nine_actions_are_impalas_action_vectors(lab):
@@ -407,9 +433,28 @@ def saved_agent(path, obs_shape, num_actions):
 def test_torchrun_two_ranks_end_with_identical_weights_and_rank_0_checkpoints_them(tmp_path):
     """Also the LSTM baseline end to end."""
     updates = 10
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT, *TINY,
-           "--env-id", "rooms_watermaze", "--num-actors", "1", "--total-timesteps", str(updates * 2 * 5 * 2),
-           "--eval-episodes", "0", "--core", "lstm", "--checkpoint-every", "60"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        SCRIPT,
+        *TINY,
+        "--env-id",
+        "rooms_watermaze",
+        "--num-actors",
+        "1",
+        "--total-timesteps",
+        str(updates * 2 * 5 * 2),
+        "--eval-episodes",
+        "0",
+        "--core",
+        "lstm",
+        "--checkpoint-every",
+        "60",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=user_env(tmp_path, True), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     digests = dict(re.findall(r"rank (\d)/2: weights sha256 (\w+)", proc.stdout))
@@ -442,9 +487,14 @@ def actor_pids(learner):
 
 def launch(tmp_path, env_id, *flags):
     """A run in the background (fake DMLab unless env_id is an EnvPool task)."""
-    return subprocess.Popen([sys.executable, SCRIPT, "--env-id", env_id, *TINY, *flags], cwd=tmp_path,
-                            env=user_env(tmp_path, env_id == "rooms_watermaze"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, SCRIPT, "--env-id", env_id, *TINY, *flags],
+        cwd=tmp_path,
+        env=user_env(tmp_path, env_id == "rooms_watermaze"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def first_update(proc):
@@ -471,8 +521,20 @@ def test_vizdoom_stand_in_restarts_a_killed_actor_whose_processes_do_not_outlive
     updates = 30
     pretrained = impala.Agent((3, 72, 96), 18, 8, "tbptt")  # any core: only its stem is read
     impala.save_checkpoint(pretrained, impala.Args(core="tbptt"), str(tmp_path / "pretrained.pt"))
-    proc = start_run(tmp_path, "MyWayHome-v1", "--num-actors", "2", "--total-timesteps", str(updates * 10),
-                     "--eval-episodes", "1", "--save-model", "--init-stem-from", "pretrained.pt", "--freeze-stem")  # fmt: skip
+    proc = start_run(
+        tmp_path,
+        "MyWayHome-v1",
+        "--num-actors",
+        "2",
+        "--total-timesteps",
+        str(updates * 10),
+        "--eval-episodes",
+        "1",
+        "--save-model",
+        "--init-stem-from",
+        "pretrained.pt",
+        "--freeze-stem",
+    )
     before = actor_pids(proc.pid)
     assert len(before) == 2
     # A ViZDoom process holding an actor's pipe to the learner would keep a message cut off by the kill open forever
@@ -518,8 +580,14 @@ def stopped(tmp_path_factory):
         proc.send_signal(signum)
         out, err = proc.communicate(timeout=120)
         path = dirs[signum]
-        runs[signum] = SimpleNamespace(dir=path, returncode=proc.returncode, out=out, err=err, actors=actors,
-                                       name=os.path.basename(run_dir(path, "rooms_watermaze")))  # fmt: skip
+        runs[signum] = SimpleNamespace(
+            dir=path,
+            returncode=proc.returncode,
+            out=out,
+            err=err,
+            actors=actors,
+            name=os.path.basename(run_dir(path, "rooms_watermaze")),
+        )
         checkpoint = path / "runs" / runs[signum].name / "checkpoint.pt"
         runs[signum].saved = torch.load(checkpoint, weights_only=True) if checkpoint.exists() else None
         runs[signum].scalars = helpers.scalar_steps(path / "runs" / runs[signum].name)
@@ -533,8 +601,10 @@ def test_a_stop_signal_finishes_the_update_stops_every_process_and_writes_a_chec
     run = stopped[signum]
     assert run.returncode == 128 + signum and run.saved is not None, run.err[-3000:]
     path, saved = f"runs/{run.name}/checkpoint.pt", run.saved
-    assert f"stopped by {signal.Signals(signum).name} at global_step={saved['global_step']}; checkpoint: {path} " \
-           f"(continue with --resume {path})" in run.out  # fmt: skip
+    assert (
+        f"stopped by {signal.Signals(signum).name} at global_step={saved['global_step']}; checkpoint: {path} "
+        f"(continue with --resume {path})" in run.out
+    )
     assert saved["global_step"] == 10 * saved["iteration"] == run.scalars["charts/SPS"][-1][0] >= 10
     assert saved["script"] == "rtrl_impala_dmlab.py" and saved["args"]["total_timesteps"] == 1000000
     assert sorted(f for f in os.listdir(run.dir / "runs" / run.name) if not f.startswith("events.")) == ["checkpoint.pt"]
@@ -581,16 +651,27 @@ def test_resume_restores_every_tensor_bit_for_bit(stopped, tmp_path, monkeypatch
     """Resumed with no update left to make, the learner loads its checkpoint and writes it again (no actor starts)."""
     run = stopped[signal.SIGINT]
     checkpoint, step = copy_of(run, tmp_path), run.saved["global_step"]
-    flags = [*RESUMED, "--resume", checkpoint, "--total-timesteps", str(step), "--checkpoint-every", "10",
-             "--actor-timeout", "30"]  # a flag a resumed run may change  # fmt: skip
+    flags = [
+        *RESUMED,
+        "--resume",
+        checkpoint,
+        "--total-timesteps",
+        str(step),
+        "--checkpoint-every",
+        "10",
+        "--actor-timeout",
+        "30",
+    ]  # a flag a resumed run may change
     # as a global setting may have left it (set directly: pytest 9.2's monkeypatch cannot undo this attribute);
     # the script turns it off again, torch's default
     torch.backends.cuda.matmul.allow_tf32 = True
     run_in_process(tmp_path, flags, monkeypatch)
     assert torch.backends.cuda.matmul.allow_tf32 is False  # the script asks for full float32 matmuls itself
     out = capsys.readouterr().out
-    assert f"resumed runs/{run.name} at global_step={step}: every environment starts a new episode, recurrent " \
-           "state and sensitivities zero" in out  # fmt: skip
+    assert (
+        f"resumed runs/{run.name} at global_step={step}: every environment starts a new episode, recurrent "
+        "state and sensitivities zero" in out
+    )
     assert "device: cpu (--cuda: no CUDA device found)\n" in out  # --cuda is the default; no GPU here
     again = torch.load(tmp_path / checkpoint, weights_only=True)
     for key in ("model", "optimizer", "rng", "iteration", "global_step", "run_name", "script"):
@@ -664,8 +745,11 @@ def resume(argv):
         ("truncate", [], "is not a readable checkpoint (RuntimeError: PytorchStreamReader failed"),
         ("weights only", [], "is not a checkpoint to resume from (no global_step, iteration, optimizer, rng, run_name"),
         ("other script", [], "was written by rtrl_a2c_minigrid.py, not rtrl_impala_dmlab.py"),
-        (None, ["--hidden-size", "64", "--core", "tbptt"],
-         "differs from the checkpoint's run: --hidden-size 64 (checkpoint: 16), --core tbptt (checkpoint: rtrl)"),
+        (
+            None,
+            ["--hidden-size", "64", "--core", "tbptt"],
+            "differs from the checkpoint's run: --hidden-size 64 (checkpoint: 16), --core tbptt (checkpoint: rtrl)",
+        ),
         (None, ["--env-id", "rooms_keys_doors_puzzle"], "--env-id rooms_keys_doors_puzzle (checkpoint: rooms_watermaze)"),
         (None, ["--num-actors", "2"], "differs from the checkpoint's run: --num-actors 2 (checkpoint: 1)"),
         ("two learners", [], "differs from the checkpoint's run: learners (WORLD_SIZE) 1 (checkpoint: 2)"),
@@ -680,11 +764,13 @@ def test_a_bad_checkpoint_to_resume_is_a_one_line_error(stopped, tmp_path, monke
     if change == "truncate":
         path.write_bytes((run.dir / "runs" / run.name / "checkpoint.pt").read_bytes()[:3000])
     else:
-        edited = {"weights only": {"model": run.saved["model"], "args": run.saved["args"]},
-                  "other script": {**run.saved, "script": "rtrl_a2c_minigrid.py"},
-                  "two learners": {**run.saved, "args": {**run.saved["args"], "world_size": 2}},
-                  "other shapes": {**run.saved, "model": impala.Agent((3, 72, 96), 9, 8).state_dict()},
-                  "further on": {**run.saved, "global_step": 3000000}}  # fmt: skip
+        edited = {
+            "weights only": {"model": run.saved["model"], "args": run.saved["args"]},
+            "other script": {**run.saved, "script": "rtrl_a2c_minigrid.py"},
+            "two learners": {**run.saved, "args": {**run.saved["args"], "world_size": 2}},
+            "other shapes": {**run.saved, "model": impala.Agent((3, 72, 96), 9, 8).state_dict()},
+            "further on": {**run.saved, "global_step": 3000000},
+        }
         torch.save(edited.get(change, run.saved), path)
     argv = [*RESUMED, "--total-timesteps", "2000000", "--resume", str(path), *flags]
     helpers.bad_input_in_process(resume, argv, message, capsys)
@@ -713,8 +799,9 @@ def pool(tmp_path_factory):
         patch.syspath_prepend(FAKE_LAB)
         patch.setenv("FAKE_DMLAB_HANG_TRIGGER", str(trigger))
         patch.setenv("OMP_NUM_THREADS", "1")
-        args = impala.Args(env_id="rooms_watermaze", num_actors=3, batch_size=1, unroll_length=2, hidden_size=8,
-                           core="ff", actor_timeout=2.0)  # fmt: skip
+        args = impala.Args(
+            env_id="rooms_watermaze", num_actors=3, batch_size=1, unroll_length=2, hidden_size=8, core="ff", actor_timeout=2.0
+        )
         agent = impala.Agent((3, 72, 96), 9, 8, "ff")
         actors = impala.ActorPool(args, (3, 72, 96), 9, 0, agent, str(tmp_path_factory.mktemp("actors")))
         actors.trigger = trigger
@@ -749,8 +836,9 @@ def test_an_actor_that_sends_nothing_is_killed_and_restarted(pool, capsys):
         next_batch(pool)
     (hung,) = [i for i, n in enumerate(pool.incarnations) if n == 1]
     assert pool.hangs == 1 and not pool.trigger.exists()
-    assert re.search(rf"actor {hung} \(pid \d+\) sent no unroll for .* s \(deadline 2\.0 s\): hung; restarting it",
-                     capsys.readouterr().out)  # fmt: skip
+    assert re.search(
+        rf"actor {hung} \(pid \d+\) sent no unroll for .* s \(deadline 2\.0 s\): hung; restarting it", capsys.readouterr().out
+    )
     while pool.sent[hung] == 0 and time.time() < deadline:  # its new process works
         next_batch(pool)
     assert pool.sent[hung] > 0 and pool.hangs == 1
@@ -827,7 +915,7 @@ def test_more_ranks_than_gpus_under_cuda_is_a_one_line_error_naming_both_counts(
 
 
 def test_a_checkpoint_holds_cpu_copies_of_every_tensor_and_loads_with_map_location_cpu(tmp_path, monkeypatch):
-    make_agent = lambda: impala.Agent(OBS_SHAPE, NUM_ACTIONS, HIDDEN)  # noqa: E731
+    make_agent = lambda: impala.Agent(OBS_SHAPE, NUM_ACTIONS, HIDDEN)
     checks.check_checkpoint_holds_cpu_copies(impala, make_agent, tmp_path, monkeypatch)
 
 
@@ -839,8 +927,21 @@ def test_on_cuda_rtrl_equals_bptt_across_chunks_with_resets(impl):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_cuda_two_updates_train_and_save_a_model_that_loads_on_the_cpu(tmp_path):
-    proc = run_script(tmp_path, *TINY, "--env-id", "rooms_watermaze", "--num-actors", "1", "--total-timesteps", "20",
-                      "--eval-episodes", "0", "--save-model", "--cuda", fake_lab=True)  # fmt: skip
+    proc = run_script(
+        tmp_path,
+        *TINY,
+        "--env-id",
+        "rooms_watermaze",
+        "--num-actors",
+        "1",
+        "--total-timesteps",
+        "20",
+        "--eval-episodes",
+        "0",
+        "--save-model",
+        "--cuda",
+        fake_lab=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"device: cuda:0 ({torch.cuda.get_device_name(0)}, torch CUDA {torch.version.cuda})" in proc.stdout
     path = run_dir(tmp_path, "rooms_watermaze")

@@ -3,13 +3,13 @@
 import csv
 import json
 
+import helpers
 import numpy as np
 import pytest
 import torch
+from helpers import episode_flags, rel_err
 
 import rtrl_multilayer_study as study
-from helpers import episode_flags, rel_err
-import helpers
 
 SCRIPT = study.__file__
 
@@ -42,8 +42,9 @@ def spec_stack(net, x, c0s, done, detach_above=None, cut_before=None):
 def groups(net):
     """Parameter names by layer: each layer's cell and gate, then the head."""
     names = [n for n, _ in net.named_parameters()]
-    layers = [[n for n in names if n.startswith((f"stack.cells.{l}.", f"stack.gates.{l}."))]
-              for l in range(len(net.stack.cells))]  # fmt: skip
+    layers = [
+        [n for n in names if n.startswith((f"stack.cells.{l}.", f"stack.gates.{l}."))] for l in range(len(net.stack.cells))
+    ]
     return layers + [[n for n in names if n.startswith("head.")]]
 
 
@@ -117,23 +118,30 @@ def test_stack_forward_matches_spec_equations():
 
 @pytest.mark.parametrize(
     "num_layers,method,impl,chunk_len",
-    [(1, "rtrl", "chunked", 5), (1, "rtrl", "step", 5), (2, "rtrl", "chunked", 5), (2, "rtrl", "chunked", 1),
-     (3, "rtrl", "chunked", 5), (3, "rtrl", "chunked", 1), (2, "rtrl-local", "chunked", 5),
-     (3, "rtrl-local", "step", 5)],
-)  # fmt: skip
+    [
+        (1, "rtrl", "chunked", 5),
+        (1, "rtrl", "step", 5),
+        (2, "rtrl", "chunked", 5),
+        (2, "rtrl", "chunked", 1),
+        (3, "rtrl", "chunked", 5),
+        (3, "rtrl", "chunked", 1),
+        (2, "rtrl-local", "chunked", 5),
+        (3, "rtrl-local", "step", 5),
+    ],
+)
 def test_rtrl_equals_its_definition_across_chunks_with_resets(num_layers, method, impl, chunk_len):
     """Exact RTRL equals BPTT through the whole history for every parameter of every layer; rtrl-local equals
     autograd with the upper layers' memory detached. State and sensitivities are carried across chunks."""
     net, steps, batch = make_net(num_layers), 15, 2
     x, done, w = random_history(steps, batch, 3, 2)
-    loss_of = lambda **kw: head_loss(net, spec_stack(net, x, zero_states(net, batch), done, **kw)[0], w)  # noqa: E731
+    loss_of = lambda **kw: head_loss(net, spec_stack(net, x, zero_states(net, batch), done, **kw)[0], w)
     expected = method_grads(net, method, loss_of, None)
 
     c, sens = study.method_state(net.stack, batch, method)
     total = {n: torch.zeros_like(p) for n, p in net.named_parameters()}
     for start in range(0, steps, chunk_len):
         chunk = slice(start, start + chunk_len)
-        chunk_loss = lambda h: head_loss(net, h, w[chunk])  # noqa: E731
+        chunk_loss = lambda h: head_loss(net, h, w[chunk])
         _, layers, sens = study.chunk_gradients(net, x[chunk], c, done[chunk], sens, chunk_loss, method, impl)
         c = [layer.c[-1] for layer in layers]
         for n, p in net.named_parameters():
@@ -170,8 +178,8 @@ def test_online_learner_gives_each_tokens_gradient_as_its_method_defines(method)
     for t in range(steps):
         learner.step(x[t], done[t], lambda h: head_loss(net, h, w[t : t + 1]))
         got = {n: p.grad.clone() for n, p in net.named_parameters()}
-        h_of = lambda **kw: spec_stack(net, x[: t + 1], zero_states(net, batch), done[: t + 1], **kw)[0]  # noqa: E731
-        loss_of = lambda **kw: head_loss(net, h_of(**kw)[-1:], w[t : t + 1])  # noqa: E731
+        h_of = lambda **kw: spec_stack(net, x[: t + 1], zero_states(net, batch), done[: t + 1], **kw)[0]
+        loss_of = lambda **kw: head_loss(net, h_of(**kw)[-1:], w[t : t + 1])
         expected = method_grads(net, method, loss_of, window_start=max(0, t - k + 1))
         assert_grads_equal(got, expected)
 
@@ -236,13 +244,15 @@ def random_rollouts(num, steps, batch, obs_size, num_actions, seed=2):
     return [
         study.Rollout(
             obs=torch.randn(steps, batch, obs_size, generator=g, dtype=torch.float64),
-            firsts=firsts[span], deads=deads[span], terms=terms[span],
+            firsts=firsts[span],
+            deads=deads[span],
+            terms=terms[span],
             actions=torch.randint(0, num_actions, (steps, batch), generator=g),
             rewards=torch.randn(steps, batch, generator=g, dtype=torch.float64),
             values=torch.randn(steps, batch, generator=g, dtype=torch.float64),
         )
         for span in (slice(i * steps, (i + 1) * steps) for i in range(num))
-    ]  # fmt: skip
+    ]
 
 
 def test_returns_bootstrap_truncations_and_cut_terminations():
@@ -314,9 +324,32 @@ def run_script(tmp_path, *flags):
     return helpers.run_script(SCRIPT, tmp_path, *flags)
 
 
-TINY = ["--quick", "--cost-hidden-sizes", "4", "8", "16", "--cost-layers", "1", "2", "--cost-layers-hidden-size", "4",
-        "--cost-steps", "1", "--copy-sequences", "3", "--copy-seeds", "1", "--copy-batch-size", "4",
-        "--gradient-sequences", "1", "--rl-total-timesteps", "320", "--rl-seeds", "1"]  # fmt: skip
+TINY = [
+    "--quick",
+    "--cost-hidden-sizes",
+    "4",
+    "8",
+    "16",
+    "--cost-layers",
+    "1",
+    "2",
+    "--cost-layers-hidden-size",
+    "4",
+    "--cost-steps",
+    "1",
+    "--copy-sequences",
+    "3",
+    "--copy-seeds",
+    "1",
+    "--copy-batch-size",
+    "4",
+    "--gradient-sequences",
+    "1",
+    "--rl-total-timesteps",
+    "320",
+    "--rl-seeds",
+    "1",
+]
 
 
 def test_quick_run_writes_the_whole_report(tmp_path):
@@ -334,7 +367,8 @@ def test_quick_run_writes_the_whole_report(tmp_path):
     assert all(r["num_episodes"] > 0 and len(r["curve"]) == 20 for r in results["rl"]["runs"])
     sweeps = results["gradient_sweeps"]["rows"]
     assert {(r["sweep"], r["value"]) for r in sweeps} == {("sequences", n) for n in study.Args.gradient_sweep_sequences} | {
-        ("k", k) for k in study.Args.gradient_sweep_k}
+        ("k", k) for k in study.Args.gradient_sweep_k
+    }
     # the state resets at every copy sequence (2K + 1 = 7 tokens here): a window that covers one is exact
     covering = [r for r in sweeps if r["sweep"] == "k" and r["value"] >= 7 and r["method"] == "tbptt"]
     assert covering and max(r["rel_error"] for r in covering) < 1e-10
@@ -342,8 +376,17 @@ def test_quick_run_writes_the_whole_report(tmp_path):
     assert short and min(r["rel_error"] for r in short) > 1e-3
     with open(out / "results.csv") as f:
         studies = {row["study"] for row in csv.DictReader(f)}
-    expected = {"cost_vs_hidden", "cost_vs_layers", "cost_fit", "gradients_init", "gradients_trained", "copy", "rl",
-                "gradients_vs_k_1", "gradients_vs_sequences_1"}
+    expected = {
+        "cost_vs_hidden",
+        "cost_vs_layers",
+        "cost_fit",
+        "gradients_init",
+        "gradients_trained",
+        "copy",
+        "rl",
+        "gradients_vs_k_1",
+        "gradients_vs_sequences_1",
+    }
     assert expected <= studies
     report = (out / "report.md").read_text()
     for png in ("cost_vs_hidden.png", "cost_vs_layers.png", "copy_accuracy.png", "gradient_quality.png", "rl_returns.png"):

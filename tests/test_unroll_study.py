@@ -6,11 +6,11 @@ import math
 import os
 import statistics
 
+import helpers
 import numpy as np
 import pytest
 
 import experiments.unroll_study as study
-import helpers
 
 RUNNER = study.__file__
 REAL_SCRIPT = study.Args.script  # rtrl_a2c_minigrid.py at the repo root
@@ -120,8 +120,25 @@ def test_restart_of_a_finished_study_launches_nothing(quick_study):
 # ---------------------------------------------------------------------------------------------
 def test_runs_go_jobs_at_a_time_and_failed_or_killed_runs_rerun_in_fresh_directories(tmp_path):
     (tmp_path / "fake.py").write_text(FAKE)
-    flags = ("--script", "fake.py", "--cores", "rtrl", "tbptt", "--num-steps", "2", "--seeds", "1",
-             "--total-timesteps", "1000", "--jobs", "2", "--out-dir", "out", "--work-dir", "work")  # fmt: skip
+    flags = (
+        "--script",
+        "fake.py",
+        "--cores",
+        "rtrl",
+        "tbptt",
+        "--num-steps",
+        "2",
+        "--seeds",
+        "1",
+        "--total-timesteps",
+        "1000",
+        "--jobs",
+        "2",
+        "--out-dir",
+        "out",
+        "--work-dir",
+        "work",
+    )
     env = {**os.environ, "FAKE_LOG": str(tmp_path / "lifetimes"), "OMP_NUM_THREADS": "4"}
     killed = tmp_path / "work" / "runs" / "MiniGrid-MemoryS7-v0__rtrl__ns2__s1"
     killed.mkdir(parents=True)  # what a run killed mid-way leaves: its directory, and no record
@@ -149,7 +166,8 @@ def test_runs_go_jobs_at_a_time_and_failed_or_killed_runs_rerun_in_fresh_directo
     assert "1 finished earlier (skipped), 1 to run" in proc.stdout
     results, rows, table = read(tmp_path / "out")
     assert [(r["config"]["core"], r["status"], r["run_name"]) for r in results["runs"]][2:] == [
-        ("tbptt", "ok", "MiniGrid-MemoryS7-v0__tbptt__ns2__s1__a2")]  # fmt: skip
+        ("tbptt", "ok", "MiniGrid-MemoryS7-v0__tbptt__ns2__s1__a2")
+    ]
     assert sorted(row["status"] for row in rows) == ["failed", "ok", "ok"]
     assert {c["core"]: c["n"] for c in results["cells"]} == {"rtrl": 1, "tbptt": 1} and "Failed runs" not in table
 
@@ -159,13 +177,32 @@ def test_runs_go_jobs_at_a_time_and_failed_or_killed_runs_rerun_in_fresh_directo
 # ---------------------------------------------------------------------------------------------
 def record(core, num_steps, seed, final_return, final_success, status="ok", lr="1e-3"):
     config = dict(env_id="MiniGrid-MemoryS7-v0", core=core, num_steps=num_steps, seed=seed, sets={"learning-rate": lr})
-    r = dict(key=study.run_key(config), config=config, status=status, run_name=study.run_key(config), log="x.log",
-             returncode=0 if status == "ok" else 1, wall_time=1.0, study_command="python unroll_study.py",
-             fixed=dict(script="rtrl_a2c_minigrid.py", total_timesteps=1000, extra=[]))  # fmt: skip
+    r = dict(
+        key=study.run_key(config),
+        config=config,
+        status=status,
+        run_name=study.run_key(config),
+        log="x.log",
+        returncode=0 if status == "ok" else 1,
+        wall_time=1.0,
+        study_command="python unroll_study.py",
+        fixed=dict(script="rtrl_a2c_minigrid.py", total_timesteps=1000, extra=[]),
+    )
     if status == "ok":
         curve = dict(step=[250, 750], episodic_return=[None, final_return], success=[0.0, final_success])
-        r.update(curve=curve, metrics=dict(final_return=final_return, final_success=final_success, final_episodes=5,
-                                           episodes=9, eval_return=None, eval_success=None, eval_episodes=0, sps=100.0))
+        r.update(
+            curve=curve,
+            metrics=dict(
+                final_return=final_return,
+                final_success=final_success,
+                final_episodes=5,
+                episodes=9,
+                eval_return=None,
+                eval_success=None,
+                eval_episodes=0,
+                sps=100.0,
+            ),
+        )
     else:
         r.update(error="exit code 1", log_tail="boom\n")
     return r
@@ -174,9 +211,13 @@ def record(core, num_steps, seed, final_return, final_success, status="ok", lr="
 def test_cells_are_mean_and_sample_sd_over_seeds(tmp_path):
     returns, successes = [0.2, 0.5, 0.65], [0.25, 0.5, 1.0]
     records = [record("tbptt", 8, s, r, p) for s, r, p in zip((1, 2, 3), returns, successes)]
-    records += [record("rtrl", 8, 1, None, None, status="failed"), record("rtrl", 8, 1, 0.9, 1.0),  # failed, retried
-                record("rtrl", 2, 1, 0.4, 0.5), record("rtrl", 2, 2, 0.6, 0.5),
-                record("tbptt", 8, 1, 0.7, 0.7, lr="3e-4")]  # fmt: skip
+    records += [
+        record("rtrl", 8, 1, None, None, status="failed"),
+        record("rtrl", 8, 1, 0.9, 1.0),  # failed, retried
+        record("rtrl", 2, 1, 0.4, 0.5),
+        record("rtrl", 2, 2, 0.6, 0.5),
+        record("tbptt", 8, 1, 0.7, 0.7, lr="3e-4"),
+    ]
     (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert study.main(["--report-only", "--out-dir", str(tmp_path)]) == 0
     results, rows, table = read(tmp_path)

@@ -25,16 +25,30 @@ import time
 import numpy as np
 
 EPISODE_FRAMES = 30
-LEVELS = ("rooms_watermaze", "rooms_keys_doors_puzzle", "rooms_select_nonmatching_object",
-          "explore_goal_locations_small", "lasertag_one_opponent_small", "rooms_collect_good_objects_train",
-          "rooms_collect_good_objects_test", "rooms_exploit_deferred_effects_train",
-          "rooms_exploit_deferred_effects_test", "psychlab_continuous_recognition", "psychlab_visual_search",
-          "psychlab_arbitrary_visuomotor_mapping")  # some of DMLab-30 and the held-out variants  # fmt: skip
+LEVELS = (
+    "rooms_watermaze",
+    "rooms_keys_doors_puzzle",
+    "rooms_select_nonmatching_object",
+    "explore_goal_locations_small",
+    "lasertag_one_opponent_small",
+    "rooms_collect_good_objects_train",
+    "rooms_collect_good_objects_test",
+    "rooms_exploit_deferred_effects_train",
+    "rooms_exploit_deferred_effects_test",
+    "psychlab_continuous_recognition",
+    "psychlab_visual_search",
+    "psychlab_arbitrary_visuomotor_mapping",
+)  # some of DMLab-30 and the held-out variants
 HOLD_OUT = ("rooms_collect_good_objects_test", "rooms_exploit_deferred_effects_test")
 NEEDS_DATASET = ("psychlab_continuous_recognition", "psychlab_arbitrary_visuomotor_mapping")
 _ACTIONS = (  # DMLab's order
-    ("LOOK_LEFT_RIGHT_PIXELS_PER_FRAME", -512, 512), ("LOOK_DOWN_UP_PIXELS_PER_FRAME", -512, 512),
-    ("STRAFE_LEFT_RIGHT", -1, 1), ("MOVE_BACK_FORWARD", -1, 1), ("FIRE", 0, 1), ("JUMP", 0, 1), ("CROUCH", 0, 1),
+    ("LOOK_LEFT_RIGHT_PIXELS_PER_FRAME", -512, 512),
+    ("LOOK_DOWN_UP_PIXELS_PER_FRAME", -512, 512),
+    ("STRAFE_LEFT_RIGHT", -1, 1),
+    ("MOVE_BACK_FORWARD", -1, 1),
+    ("FIRE", 0, 1),
+    ("JUMP", 0, 1),
+    ("CROUCH", 0, 1),
 )
 _FORWARD = np.array([0, 0, 0, 1, 0, 0, 0], dtype=np.intc)
 
@@ -52,10 +66,12 @@ class Lab:
         if name not in LEVELS or not level.startswith("contributed/dmlab30/"):
             raise RuntimeError(f"Invalid levelName flag '{level}' - \"Failed to find level script\"")
         if name in HOLD_OUT and config.get("allowHoldOutLevels") != "true":
-            raise RuntimeError(f"Failed to init environment - \"{name} is a hold-out level: allowHoldOutLevels\"")
+            raise RuntimeError(f'Failed to init environment - "{name} is a hold-out level: allowHoldOutLevels"')
         if name in NEEDS_DATASET and not config.get("datasetPath"):
-            raise RuntimeError("Failed to init environment - \"Follow instructions to download datasets here: "
-                               "data/brady_konkle_oliva2008/README.md\"")  # fmt: skip
+            raise RuntimeError(
+                'Failed to init environment - "Follow instructions to download datasets here: '
+                'data/brady_konkle_oliva2008/README.md"'
+            )
         if observations != ["RGB_INTERLEAVED"]:
             raise ValueError(f"unsupported observations {observations!r} in this fake")
         if renderer not in ("software", "hardware"):
