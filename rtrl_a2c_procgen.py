@@ -209,7 +209,7 @@ def check_args(args):
 
 
 class ProcgenEnvs:
-    """EnvPool ProcGen on a range of levels (64x64 RGB, 15 actions, SPEC §5) and the agent's view of episode ends.
+    """EnvPool ProcGen on a range of levels (64x64 RGB, 15 actions, Method §5) and the agent's view of episode ends.
 
     EnvPool answers the step after an episode ends with the next episode's first observation and
     ignores that step's action. So the observation that follows a `terminated`/`truncated` is the
@@ -256,10 +256,10 @@ class ProcgenEnvs:
 
 
 # ---------------------------------------------------------------------------------------------
-# The element-wise LSTM and its exact RTRL (SPEC §1-3)
+# The element-wise LSTM and its exact RTRL (Method §1-3)
 # ---------------------------------------------------------------------------------------------
 class ELSTM(nn.Module):
-    """c_t = f_t * c_{t-1} + (1 - f_t) * z_t, with z, f reading c_{t-1} only element-wise (SPEC §1).
+    """c_t = f_t * c_{t-1} + (1 - f_t) * z_t, with z, f reading c_{t-1} only element-wise (Method §1).
 
     The output gate lives outside (Agent.heads): it is feed-forward and needs no sensitivities.
     """
@@ -306,7 +306,7 @@ class ELSTM(nn.Module):
     def rtrl(self, x, c0, done, sens, dl_dc, impl="chunked"):
         """Exact gradients of sum_t <dl_dc[t], c_t> through the whole history, and the sensitivities at T.
 
-        `sens` are dc_0/dtheta carried from earlier chunks; dl_dc[t] is the local dL/dc_t (SPEC §2).
+        `sens` are dc_0/dtheta carried from earlier chunks; dl_dc[t] is the local dL/dc_t (Method §2).
         """
         grads, sens_T, _ = self.rtrl_scan(x, self.scan(x, c0, done), sens, dl_dc, impl)
         return grads, sens_T
@@ -347,7 +347,7 @@ class ELSTM(nn.Module):
         return grads, sens_T, dl_dx
 
     def _rtrl_step(self, x, c_prev, a, u, sens, dl_dc):
-        """SPEC §2: S_t = J_t * S_{t-1} + u_t (x) x_t;  grad += sum_b delta_t * S_t."""
+        """Method §2: S_t = J_t * S_{t-1} + u_t (x) x_t;  grad += sum_b delta_t * S_t."""
         alpha, beta = u.unbind(2)
         u = {"w_z": alpha, "w_f": beta, "v_z": alpha * c_prev, "v_f": beta * c_prev, "b_z": alpha, "b_f": beta}
         grads = {k: torch.zeros_like(p) for k, p in self.named_parameters()}
@@ -363,7 +363,7 @@ class ELSTM(nn.Module):
         return grads, sens
 
     def _rtrl_chunked(self, x, c_prev, a, u, uR, R, P, sens, overwrite):
-        """SPEC §3: the same numbers, reading S_0 once and turning the rest into matrix products."""
+        """Method §3: the same numbers, reading S_0 once and turning the rest into matrix products."""
         T, B, _, N = u.shape
         aR0, aP0 = a[0] * R[0], a[0] * P[0]
         # (alpha_t P_t, beta_t P_t), stored B x T x 2 x N: each batch row's N x T factor of S_T is a plain matrix
@@ -418,7 +418,7 @@ class LSTM(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# The agent (SPEC §5): IMPALA ResNet stem -> [features ; clipped last reward] -> eLSTM (or LSTM) -> heads
+# The agent (Method §5): IMPALA ResNet stem -> [features ; clipped last reward] -> eLSTM (or LSTM) -> heads
 # ---------------------------------------------------------------------------------------------
 class ResidualBlock(nn.Module):
     def __init__(self, channels):
@@ -451,7 +451,7 @@ class Agent(nn.Module):
         self.stem.to(memory_format=torch.channels_last)  # NHWC: CPU (oneDNN) convolutions run ~1.6x faster
         self.stem.requires_grad_(not freeze_stem)  # frozen: its output has no graph, so nothing flows back into it
         self.cell = LSTM(256 + 1, hidden_size) if core == "lstm" else ELSTM(256 + 1, hidden_size)
-        # the eLSTM's output gate (SPEC §1); the LSTM has its own
+        # the eLSTM's output gate (Method §1); the LSTM has its own
         self.gate = None if core == "lstm" else nn.Linear(256 + 1 + hidden_size, hidden_size)
         self.actor = nn.Linear(hidden_size, num_actions)
         self.critic = nn.Linear(hidden_size, 1)
@@ -470,7 +470,7 @@ class Agent(nn.Module):
         if self.core == "lstm":
             h = c[..., : self.actor.in_features]  # the LSTM's own output h_t
         else:
-            h = torch.sigmoid(self.gate(torch.cat([x, c], -1))) * c  # output gate conditioned on c_t (SPEC §1)
+            h = torch.sigmoid(self.gate(torch.cat([x, c], -1))) * c  # output gate conditioned on c_t (Method §1)
         return self.actor(h), self.critic(h).squeeze(-1)
 
     @torch.no_grad()
@@ -498,7 +498,7 @@ class Rollout:
 
 
 def n_step_returns(rollout, next_value, gamma):
-    """G_t = clip(r_t) + gamma G_{t+1}, cut by terminations; a dead step's G is its value (SPEC §6:
+    """G_t = clip(r_t) + gamma G_{t+1}, cut by terminations; a dead step's G is its value (Method §6:
     a truncated episode bootstraps from its terminal observation)."""
     returns = torch.empty_like(rollout.values)
     g = next_value
@@ -516,7 +516,7 @@ def timer(device):
 
 
 def rollout_loss(agent, rollout, returns, x, c, args):
-    """The A2C loss summed over time and batch (SPEC §5), and its parts for logging."""
+    """The A2C loss summed over time and batch (Method §5), and its parts for logging."""
     logits, value = agent.heads(x, c)
     dist = torch.distributions.Categorical(logits=logits)
     live = (~rollout.deads).to(value.dtype)
@@ -533,7 +533,7 @@ def compute_gradients(agent, rollout, returns, c0, sens0, args):
 
     rtrl: the eLSTM gets exact untruncated gradients from the carried sensitivities, and the stem its
     gradient through the cell within the rollout from the same pass (rtrl_scan); stem, gate and heads
-    get backprop (SPEC §5). tbptt / lstm / ff: autograd within the rollout.
+    get backprop (Method §5). tbptt / lstm / ff: autograd within the rollout.
 
     A frozen stem (its features have no graph) gets nothing: no stem backward, and for rtrl the only
     backward pass is the heads' (per step, from leaves x_t and c_t); rtrl_scan's dL/dx goes unused.
@@ -545,7 +545,7 @@ def compute_gradients(agent, rollout, returns, c0, sens0, args):
     rtrl_time, sens_T = 0.0, sens0
     if args.core == "rtrl":
         scan = agent.cell.scan(x_leaf.detach(), c0, resets)
-        c_leaf = scan[0].requires_grad_()  # its grad is the local delta_t = dL/dc_t (SPEC §2)
+        c_leaf = scan[0].requires_grad_()  # its grad is the local delta_t = dL/dc_t (Method §2)
         loss, stats = rollout_loss(agent, rollout, returns, x_leaf, c_leaf, args)
         loss.backward()
         start = timer(x.device)
@@ -584,7 +584,7 @@ def pick_device(args):
 
 
 def env_seeds(seed, n):
-    """Distinct per-env seeds derived from --seed (SPEC §6)."""
+    """Distinct per-env seeds derived from --seed (Method §6)."""
     return np.random.default_rng(seed).choice(2**31 - 1, size=n, replace=False)
 
 

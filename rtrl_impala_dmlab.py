@@ -100,7 +100,7 @@ class Args:
     state zeroed at every step)"""
     rtrl_impl: Literal["chunked", "step"] = "chunked"
     """the learner's exact RTRL in one GEMM-shaped pass per unroll (chunked) or by the per-step recursion (step):
-    same numbers; with --freeze-stem, step is SPEC §2's forward recursion alone, nothing going backward in time"""
+    same numbers; with --freeze-stem, step is Method §2's forward recursion alone, nothing going backward in time"""
     init_stem_from: str = ""
     """a model.pt of this script (any core): start from its stem, every `stem.*` parameter, i.e. everything
     before the cell (the IMPALA ResNet's convolutions and the Linear layer after them); cell and heads start fresh"""
@@ -290,7 +290,7 @@ class EnvPoolEnvs:
 
 
 class DmLabEnvs:
-    """DeepMind Lab levels (SPEC §5): RGB_INTERLEAVED 72x96, IMPALA's 9 actions, action repeat 4 with rewards
+    """DeepMind Lab levels (Method §5): RGB_INTERLEAVED 72x96, IMPALA's 9 actions, action repeat 4 with rewards
     summed (Lab.step(action, num_steps) sums them), episode end from is_running().
 
     DMLab has no observation once an episode is over, so, as in IMPALA, the episode's last step is terminal
@@ -402,10 +402,10 @@ def check_args(args):
 
 
 # ---------------------------------------------------------------------------------------------
-# The element-wise LSTM and its exact RTRL (SPEC §1-3)
+# The element-wise LSTM and its exact RTRL (Method §1-3)
 # ---------------------------------------------------------------------------------------------
 class ELSTM(nn.Module):
-    """c_t = f_t * c_{t-1} + (1 - f_t) * z_t, with z, f reading c_{t-1} only element-wise (SPEC §1).
+    """c_t = f_t * c_{t-1} + (1 - f_t) * z_t, with z, f reading c_{t-1} only element-wise (Method §1).
 
     The output gate lives outside (Agent.heads): it is feed-forward and needs no sensitivities.
     """
@@ -452,7 +452,7 @@ class ELSTM(nn.Module):
     def rtrl(self, x, c0, done, sens, dl_dc, impl="chunked"):
         """Exact gradients of sum_t <dl_dc[t], c_t> through the whole history, and the sensitivities at T.
 
-        `sens` are dc_0/dtheta carried from earlier chunks; dl_dc[t] is the local dL/dc_t (SPEC §2).
+        `sens` are dc_0/dtheta carried from earlier chunks; dl_dc[t] is the local dL/dc_t (Method §2).
         """
         grads, sens_T, _ = self.rtrl_scan(x, self.scan(x, c0, done), sens, dl_dc, impl)
         return grads, sens_T
@@ -493,7 +493,7 @@ class ELSTM(nn.Module):
         return grads, sens_T, dl_dx
 
     def _rtrl_step(self, x, c_prev, a, u, sens, dl_dc):
-        """SPEC §2: S_t = J_t * S_{t-1} + u_t (x) x_t;  grad += sum_b delta_t * S_t."""
+        """Method §2: S_t = J_t * S_{t-1} + u_t (x) x_t;  grad += sum_b delta_t * S_t."""
         alpha, beta = u.unbind(2)
         u = {"w_z": alpha, "w_f": beta, "v_z": alpha * c_prev, "v_f": beta * c_prev, "b_z": alpha, "b_f": beta}
         grads = {k: torch.zeros_like(p) for k, p in self.named_parameters()}
@@ -509,7 +509,7 @@ class ELSTM(nn.Module):
         return grads, sens
 
     def _rtrl_chunked(self, x, c_prev, a, u, uR, R, P, sens, overwrite):
-        """SPEC §3: the same numbers, reading S_0 once and turning the rest into matrix products."""
+        """Method §3: the same numbers, reading S_0 once and turning the rest into matrix products."""
         T, B, _, N = u.shape
         aR0, aP0 = a[0] * R[0], a[0] * P[0]
         # (alpha_t P_t, beta_t P_t), stored B x T x 2 x N: each batch row's N x T factor of S_T is a plain matrix
@@ -543,13 +543,13 @@ class ELSTM(nn.Module):
 
 
 class OnlineELSTM(ELSTM):
-    """The ELSTM plus RTRL forward in time (SPEC §2), as the actors run it: c and its sensitivities advance
+    """The ELSTM plus RTRL forward in time (Method §2), as the actors run it: c and its sensitivities advance
     together at every environment step, and the learner's rtrl_scan starts from what they carried. With a
     frozen stem and --rtrl-impl step the learner runs it too (rtrl_forward): nothing then goes backward in time."""
 
     @torch.no_grad()
     def scan_with_increments(self, x, c0, done):
-        """c_1..c_T, a_t = notdone_t * J_t and the increments u_t of every parameter's sensitivity (SPEC §2)."""
+        """c_1..c_T, a_t = notdone_t * J_t and the increments u_t of every parameter's sensitivity (Method §2)."""
         cs, c_prev, z, f, notdone = self._scan(x, c0, done)
         c, c_prev, z, f = torch.stack(cs), torch.stack(c_prev), torch.stack(z), torch.stack(f)
         one_minus_f = 1 - f
@@ -560,7 +560,7 @@ class OnlineELSTM(ELSTM):
         return c, a, u
 
     def _sens_step(self, sens, a, u, x, in_place=False):
-        """SPEC §2, one step: S_t = J_t * S_{t-1} + u_t (x) x_t (the outer product for the matrices only); over
+        """Method §2, one step: S_t = J_t * S_{t-1} + u_t (x) x_t (the outer product for the matrices only); over
         `sens`' own tensors if in_place (the B x N x D ones are then read and written once, with no temporary)."""
         sens = sens if in_place else {k: s.clone() for k, s in sens.items()}
         return {
@@ -578,9 +578,9 @@ class OnlineELSTM(ELSTM):
 
     @torch.no_grad()
     def rtrl_forward(self, x, a, u, sens, dl_dc):
-        """Exact gradients of sum_t <dl_dc[t], c_t> (and sens_T) from scan_with_increments' a and u, by SPEC §2's
+        """Exact gradients of sum_t <dl_dc[t], c_t> (and sens_T) from scan_with_increments' a and u, by Method §2's
         recursion alone: S_t = J_t * S_{t-1} + u_t (x) x_t, grad += sum_b delta_t * S_t. Unlike rtrl_scan (whose
-        R_t runs from T back to 1, SPEC §3), nothing here goes backward in time; it gives no dL/dx."""
+        R_t runs from T back to 1, Method §3), nothing here goes backward in time; it gives no dL/dx."""
         grads = {k: torch.zeros_like(p) for k, p in self.named_parameters()}
         for t in range(len(dl_dc)):
             sens = self._sens_step(sens, a[t], {k: v[t] for k, v in u.items()}, x[t], in_place=t > 0)
@@ -614,7 +614,7 @@ class LSTM(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# The agent (SPEC §5): IMPALA ResNet stem -> [features ; clipped last reward] -> eLSTM -> heads
+# The agent (Method §5): IMPALA ResNet stem -> [features ; clipped last reward] -> eLSTM -> heads
 # ---------------------------------------------------------------------------------------------
 class ResidualBlock(nn.Module):
     def __init__(self, channels):
@@ -646,7 +646,7 @@ class Agent(nn.Module):
         self.stem.to(memory_format=torch.channels_last)  # NHWC: CPU (oneDNN) convolutions run ~1.6x faster
         self.stem.requires_grad_(not freeze_stem)  # frozen: its output has no graph, so nothing flows back into it
         self.cell = LSTM(256 + 1, hidden_size) if core == "lstm" else OnlineELSTM(256 + 1, hidden_size)
-        # the eLSTM's output gate (SPEC §1); the LSTM has its own
+        # the eLSTM's output gate (Method §1); the LSTM has its own
         self.gate = None if core == "lstm" else nn.Linear(256 + 1 + hidden_size, hidden_size)
         self.actor = nn.Linear(hidden_size, num_actions)
         self.critic = nn.Linear(hidden_size, 1)
@@ -665,13 +665,13 @@ class Agent(nn.Module):
         if self.core == "lstm":
             h = c[..., : self.actor.in_features]  # the LSTM's own output h_t
         else:
-            h = torch.sigmoid(self.gate(torch.cat([x, c], -1))) * c  # output gate conditioned on c_t (SPEC §1)
+            h = torch.sigmoid(self.gate(torch.cat([x, c], -1))) * c  # output gate conditioned on c_t (Method §1)
         return self.actor(h), self.critic(h).squeeze(-1)
 
     @torch.no_grad()
     def act(self, obs, last_reward, c, first, sens=None, greedy=False):
         """One environment step of the policy: (action, logits, next c, next sens). With `sens`, the RTRL
-        sensitivities advance with the state (SPEC §2), as in the actors."""
+        sensitivities advance with the state (Method §2), as in the actors."""
         x = self.features(obs, last_reward)
         if sens is None:
             c = self.cell(x[None], c, self.resets(first)[None])[0]
@@ -689,7 +689,7 @@ UNROLL_KEYS = ("obs", "last_rewards", "firsts", "deads", "actions", "logits", "r
 
 
 def actor_seed(args, rank, actor_id, incarnation, start_step=0):
-    """Distinct seeds derived from --seed for every learner, actor, restart and environment (SPEC §6). A run
+    """Distinct seeds derived from --seed for every learner, actor, restart and environment (Method §6). A run
     resumed at `start_step` folds it in: its actors do not replay the episodes of the run's start."""
     return np.random.default_rng([args.seed, rank, actor_id, incarnation, *([start_step] if start_step else [])])
 
@@ -947,7 +947,7 @@ def vtrace(rewards, values, bootstrap_value, log_rhos, discounts, deads, rho_bar
 
     v_s = V_s + delta_s + discounts_s c_s (v_{s+1} - V_{s+1}),  delta_s = rho_s (r_s + discounts_s V_{s+1} - V_s),
     rho_s = min(rho_bar, pi/mu), c_s = min(c_bar, pi/mu); discounts_s = gamma, or 0 where step s ended its
-    episode. A dead step (a terminal observation, SPEC §6) keeps v_s = V_s, so a truncation bootstraps from it.
+    episode. A dead step (a terminal observation, Method §6) keeps v_s = V_s, so a truncation bootstraps from it.
     """
     live = (~deads).to(values.dtype)
     ratios = log_rhos.exp()
@@ -979,7 +979,7 @@ def timer(device):
 
 
 def unroll_loss(agent, batch, x, c, args):
-    """The V-trace actor-critic loss of T + 1 steps' features and states, summed over time and batch (SPEC §5),
+    """The V-trace actor-critic loss of T + 1 steps' features and states, summed over time and batch (Method §5),
     and its parts for logging. Step T only bootstraps (its loss is the next unroll's)."""
     T = args.unroll_length
     logits, values = agent.heads(x, c)
@@ -1004,10 +1004,10 @@ def compute_gradients(agent, batch, args):
 
     rtrl: the eLSTM gets exact untruncated gradients from the actors' carried sensitivities, recomputed over
     the unroll with the learner's parameters, and the stem its gradient through the cell within the unroll from
-    the same pass (rtrl_scan); stem, gate and heads get backprop (SPEC §5). With a frozen stem the only
-    backward pass is the heads', step by step, and the stem gets nothing; --rtrl-impl step then runs SPEC §2's
+    the same pass (rtrl_scan); stem, gate and heads get backprop (Method §5). With a frozen stem the only
+    backward pass is the heads', step by step, and the stem gets nothing; --rtrl-impl step then runs Method §2's
     recursion alone (rtrl_forward: nothing in it goes backward in time), chunked the same gradients faster
-    (its R_t sums the unroll's steps from T back to 1, SPEC §3). tbptt / lstm / ff: autograd within the unroll.
+    (its R_t sums the unroll's steps from T back to 1, Method §3). tbptt / lstm / ff: autograd within the unroll.
     """
     T = args.unroll_length
     resets = agent.resets(batch["firsts"])
@@ -1022,7 +1022,7 @@ def compute_gradients(agent, batch, args):
             c_leaf.requires_grad_()
         else:
             scan = agent.cell.scan(x_leaf.detach(), batch["c0"], resets)
-            c_leaf = scan[0].requires_grad_()  # its grad is the local delta_t = dL/dc_t (SPEC §2)
+            c_leaf = scan[0].requires_grad_()  # its grad is the local delta_t = dL/dc_t (Method §2)
         loss, stats = unroll_loss(agent, batch, x_leaf, c_leaf, args)
         loss.backward()
         start = timer(x.device)

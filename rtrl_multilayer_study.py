@@ -1,7 +1,7 @@
 """Exact RTRL for stacked element-wise LSTMs, its cost, and what its cheap approximations lose.
 
 Irie, Gopalakrishnan, Schmidhuber, "Exploring the Promise and Limits of Real-Time Recurrent
-Learning", ICLR 2024 (arXiv 2305.19044), the multi-layer limit (SPEC §4). One eLSTM layer has
+Learning", ICLR 2024 (arXiv 2305.19044), the multi-layer limit (Method §4). One eLSTM layer has
 element-wise sensitivities, O(N D) per step. Stacking breaks that: c^2 reads all of h^1, so
 dc^2/dtheta^1 is dense. This script implements exact multi-layer RTRL (equal to BPTT for every
 parameter), measures its time and memory against N and L, compares the gradients of per-layer
@@ -179,10 +179,10 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# The element-wise LSTM and its exact RTRL (SPEC §1-3), as in rtrl_a2c_atari.py
+# The element-wise LSTM and its exact RTRL (Method §1-3), as in rtrl_a2c_atari.py
 # ---------------------------------------------------------------------------------------------
 class ELSTM(nn.Module):
-    """c_t = f_t * c_{t-1} + (1 - f_t) * z_t, with z, f reading c_{t-1} only element-wise (SPEC §1).
+    """c_t = f_t * c_{t-1} + (1 - f_t) * z_t, with z, f reading c_{t-1} only element-wise (Method §1).
 
     The output gate lives outside (ELSTMStack.gates): it needs no sensitivities of its own.
     """
@@ -207,7 +207,7 @@ class ELSTM(nn.Module):
         return F.linear(x, self.w_z, self.b_z), F.linear(x, self.w_f, self.b_f)
 
     def _cell(self, pre_z, pre_f, c_prev):
-        """SPEC §1 from the input pre-activations and the (already reset) c_{t-1}: (c_t, z_t, f_t)."""
+        """Method §1 from the input pre-activations and the (already reset) c_{t-1}: (c_t, z_t, f_t)."""
         z = torch.tanh(pre_z + self.v_z * c_prev)
         f = torch.sigmoid(pre_f + self.v_f * c_prev)
         return f * c_prev + (1 - f) * z, z, f
@@ -231,7 +231,7 @@ class ELSTM(nn.Module):
     def rtrl(self, x, c0, done, sens, dl_dc, impl="chunked"):
         """Exact gradients of sum_t <dl_dc[t], c_t> through the whole history, and the sensitivities at T.
 
-        `sens` are dc_0/dtheta carried from earlier chunks; dl_dc[t] is the local dL/dc_t (SPEC §2).
+        `sens` are dc_0/dtheta carried from earlier chunks; dl_dc[t] is the local dL/dc_t (Method §2).
         """
         _, c_prev, z, f, notdone = self._scan(x, c0, done)
         return self._rtrl(x, c_prev, z, f, notdone, sens, dl_dc, impl)
@@ -242,7 +242,7 @@ class ELSTM(nn.Module):
         return rtrl(x, a, u, sens, dl_dc)
 
     def _coefficients(self, c_prev, z, f, notdone):
-        """a_t = notdone_t * J_t and the increments u_t of SPEC §2 (u of w_z / w_f are alpha / beta)."""
+        """a_t = notdone_t * J_t and the increments u_t of Method §2 (u of w_z / w_f are alpha / beta)."""
         alpha = (1 - f) * (1 - z * z)  # dc_t / d pre-activation of z
         beta = (c_prev - z) * f * (1 - f)  # dc_t / d pre-activation of f
         a = notdone * (f + alpha * self.v_z + beta * self.v_f)  # J_t, zeroed across resets
@@ -250,14 +250,14 @@ class ELSTM(nn.Module):
         return a, u
 
     def _rtrl_step(self, x, a, u, sens, dl_dc):
-        """SPEC §2: S_t = J_t * S_{t-1} + u_t (x) x_t;  grad += sum_b delta_t * S_t."""
+        """Method §2: S_t = J_t * S_{t-1} + u_t (x) x_t;  grad += sum_b delta_t * S_t."""
         grads = {k: torch.zeros_like(p) for k, p in self.named_parameters()}
         for t in range(x.shape[0]):
             sens = self._advance(sens, grads, x[t], a[t], {k: v[t] for k, v in u.items()}, dl_dc[t])
         return grads, sens
 
     def _advance(self, sens, grads, x, a, u, dl_dc):
-        """One step of SPEC §2 (x: B x D, a: B x N, u: per parameter B x N); adds delta_t * S_t to grads."""
+        """One step of Method §2 (x: B x D, a: B x N, u: per parameter B x N); adds delta_t * S_t to grads."""
         new = {}
         for k, s in sens.items():
             if k in self.MATRICES:
@@ -269,7 +269,7 @@ class ELSTM(nn.Module):
         return new
 
     def _rtrl_chunked(self, x, a, u, sens, dl_dc):
-        """SPEC §3: the same numbers, reading S_0 once and turning the rest into matrix products."""
+        """Method §3: the same numbers, reading S_0 once and turning the rest into matrix products."""
         # R_s = delta_s + a_{s+1} R_{s+1}: what step s's sensitivity is worth to the chunk's loss
         R = torch.empty_like(dl_dc)
         R[-1] = dl_dc[-1]
@@ -291,13 +291,13 @@ class ELSTM(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Stacked eLSTMs and their exact RTRL (SPEC §4)
+# Stacked eLSTMs and their exact RTRL (Method §4)
 # ---------------------------------------------------------------------------------------------
 Layer = namedtuple("Layer", "x c c_prev z f notdone o")  # one layer over a chunk; x is its input h^{l-1}
 
 
 class ELSTMStack(nn.Module):
-    """L eLSTM layers; layer l+1 reads h^l = o^l * c^l, o^l = sigmoid(W_o^l [x^l ; c^l] + b_o^l) (SPEC §1, §4).
+    """L eLSTM layers; layer l+1 reads h^l = o^l * c^l, o^l = sigmoid(W_o^l [x^l ; c^l] + b_o^l) (Method §1, §4).
 
     Exact RTRL: layer l's cell keeps its element-wise sensitivities dc^l/dtheta^l ("own"). Every upper layer
     m > l carries a dense dc^m/dtheta^l, B x N x P_l ("cross"), over the P_l flattened parameters of layer l
@@ -327,7 +327,7 @@ class ELSTMStack(nn.Module):
 
     @staticmethod
     def _gated(gate, x, c):
-        """(h, o): h = o * c with the output gate conditioned on c_t (SPEC §1)."""
+        """(h, o): h = o * c with the output gate conditioned on c_t (Method §1)."""
         o = torch.sigmoid(gate(torch.cat([x, c], -1)))
         return o * c, o
 
@@ -369,7 +369,7 @@ class ELSTMStack(nn.Module):
         exact: every cell, and the lower gates' path through the upper c's (their path through h^L_t is
         feed-forward backprop), through the whole history. local: each cell by its own element-wise RTRL.
         """
-        if method == "local" or len(self.cells) == 1:  # no cross-layer sensitivities: SPEC §2-3 per layer
+        if method == "local" or len(self.cells) == 1:  # no cross-layer sensitivities: Method §2-3 per layer
             grads, own = {}, []
             for l, (cell, ly) in enumerate(zip(self.cells, layers)):
                 g, s = cell._rtrl(ly.x, ly.c_prev, ly.z, ly.f, ly.notdone, sens["own"][l], dl_dc[l], impl)
@@ -378,7 +378,7 @@ class ELSTMStack(nn.Module):
         return self._rtrl_exact(layers, sens, dl_dc)
 
     def _rtrl_exact(self, layers, sens, dl_dc):
-        """SPEC §4, step by step: the dense recursion needs every layer's sensitivities at every step.
+        """Method §4, step by step: the dense recursion needs every layer's sensitivities at every step.
 
         With K^m_t = dc^m_t/dh^{m-1}_t = alpha^m W_z^m + beta^m W_f^m and H^{m,l}_t = dh^m_t/dtheta^l,
             S^{m,l}_t = a^m_t * S^{m,l}_{t-1} + K^m_t H^{m-1,l}_t
@@ -680,7 +680,7 @@ def copy_stream(args, num_sequences, gen, device, dtype=torch.float32):
 
     Returns x (T x B x bits+1, the last channel marks the delimiter), target (T x B x bits), has_target (T)
     and done (T x B, True at each sequence's first token). Every pattern bit is a target at its recall step;
-    the delimiter and the padding are not (SPEC §6).
+    the delimiter and the padding are not (Method §6).
     """
     K, bits, B = args.copy_length, args.copy_bits, args.copy_batch_size
     patterns = torch.randint(0, 2, (num_sequences, K, B, bits), generator=gen).to(dtype)
@@ -736,7 +736,7 @@ def tokens_to_reach(accuracy, level, tokens_per_sequence, window=20):
 
 def variants(methods, num_layers):
     """(label, method, L) of each run: every method at L layers, and 1-layer exact RTRL beside them, the
-    single-layer case that stays cheap (SPEC §4)."""
+    single-layer case that stays cheap (Method §4)."""
     runs = [(m, m, num_layers) for m in methods]
     return runs + [("rtrl (L=1)", "rtrl", 1)] if num_layers > 1 and "rtrl" in methods else runs
 
@@ -770,7 +770,7 @@ def copy_study(args, device):
 # Gradient quality: each method's summed per-token gradients against BPTT, at fixed parameters
 # ---------------------------------------------------------------------------------------------
 def layer_of(name):
-    """'layer l' (1-based, as in SPEC §4) for stack.cells.{l-1}.* / stack.gates.{l-1}.*; 'head' otherwise."""
+    """'layer l' (1-based, as in Method §4) for stack.cells.{l-1}.* / stack.gates.{l-1}.*; 'head' otherwise."""
     parts = name.split(".")
     return f"layer {int(parts[2]) + 1}" if parts[0] == "stack" else "head"
 
@@ -903,7 +903,7 @@ class Rollout:
 
 
 def n_step_returns(rollout, next_value, gamma):
-    """G_t = r_t + gamma G_{t+1}, cut by terminations; a dead step's G is its value (SPEC §6: a truncated
+    """G_t = r_t + gamma G_{t+1}, cut by terminations; a dead step's G is its value (Method §6: a truncated
     episode bootstraps from its terminal observation)."""
     returns = torch.empty_like(rollout.values)
     g = next_value
@@ -915,7 +915,7 @@ def n_step_returns(rollout, next_value, gamma):
 
 
 def a2c_loss(net, h, rollout, returns, args):
-    """Policy gradient, value and entropy terms summed over the rollout's live steps (SPEC §5); (loss, stats)."""
+    """Policy gradient, value and entropy terms summed over the rollout's live steps (Method §5); (loss, stats)."""
     out = net.head(h)
     dist, value = torch.distributions.Categorical(logits=out[..., :-1]), out[..., -1]
     live = (~rollout.deads).to(value.dtype)
@@ -941,7 +941,7 @@ def rl_gradients(net, rollout, returns, c0s, sens, method, args):
 
 
 def env_seeds(seed, n):
-    """Distinct per-env seeds derived from the run's seed (SPEC §6)."""
+    """Distinct per-env seeds derived from the run's seed (Method §6)."""
     return np.random.default_rng(seed).choice(2**31 - 1, size=n, replace=False)
 
 

@@ -21,7 +21,7 @@ import tyro
 from common import load_script, machine, min_times, peak_memory, pick_device, print_table, rel_err
 from torch.profiler import profile
 
-# script, T (unroll), B (batch), N (hidden), D (input = 256 features + last reward): SPEC §5
+# script, T (unroll), B (batch), N (hidden), D (input = 256 features + last reward): Method §5
 SHAPES = [
     ("rtrl_a2c_atari.py", 50, 32, 256, 257),
     ("rtrl_a2c_procgen.py", 50, 32, 256, 257),

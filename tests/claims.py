@@ -1,7 +1,7 @@
 """Claims every script must meet, each checked against an independent float64 computation.
 
 Each check takes the script's module, so the scripts are held to the same references (written from
-SPEC §1, §2 and §5 alone) while importing nothing from each other. The update checks are the A2C
+Method §1, §2 and §5 alone) while importing nothing from each other. The update checks are the A2C
 scripts'; rtrl_impala_dmlab.py's tests reuse the eLSTM checks and the references.
 """
 
@@ -19,7 +19,7 @@ PARAMS = ("w_z", "w_f", "v_z", "v_f", "b_z", "b_f")
 # The eLSTM and its RTRL
 # ---------------------------------------------------------------------------------------------
 def spec_cell(cell, x, c0, done):
-    """SPEC §1 written out step by step, sharing no code with the scripts' ELSTM."""
+    """Method §1 written out step by step, sharing no code with the scripts' ELSTM."""
     c, out = c0, []
     for t in range(x.shape[0]):
         c = c * (1.0 - done[t].double())[:, None]
@@ -129,7 +129,7 @@ NUM_ACTIONS, HIDDEN = 3, 6
 
 
 class Pixels:
-    """uint8 images; the stem sees them scaled to [0, 1] (SPEC §5)."""
+    """uint8 images; the stem sees them scaled to [0, 1] (Method §5)."""
 
     shape = (2, 12, 12)
 
@@ -231,7 +231,7 @@ def spec_lstm(lstm, x, state0, done):
 
 
 def reference_rollout_loss(agent, rollouts, returns, core, args, obs_kind=Pixels):
-    """Loss of the last rollout as a function of all parameters, written from SPEC §1 and §5 alone.
+    """Loss of the last rollout as a function of all parameters, written from Method §1 and §5 alone.
 
     The recurrent state at the rollout's start depends on the cell's parameters through all earlier
     rollouts (rtrl), or is cut at the rollout's start (tbptt, lstm); the stem only sees the current

@@ -202,7 +202,8 @@ def test_staleness_diagnostic_logs_cosines_and_errors(tmp_path, core):
     keys = ("cos_update_exact", "relerr_update_exact", "cos_truncated_exact", "episode_prefix_steps")
     assert set(diag) == {f"diag/{k}" for k in keys}
     assert all(len(v) == 480 // 12 // 5 for v in diag.values())
-    assert all(-1 <= v <= 1 for k in ("cos_update_exact", "cos_truncated_exact") for v in diag[f"diag/{k}"])
+    cosines = [v for k in ("cos_update_exact", "cos_truncated_exact") for v in diag[f"diag/{k}"]]
+    assert all(abs(v) <= 1 + 1e-5 for v in cosines), cosines  # float32 rounding may pass 1 by an ulp
     assert all(v >= 0 for v in diag["diag/relerr_update_exact"])
 
 

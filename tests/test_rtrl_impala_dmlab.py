@@ -134,7 +134,7 @@ def random_steps(steps, batch, seed):
 
 
 def act_online(agent, obs, last_rewards, firsts, c, sens):
-    """What an actor does: one agent.act per step, c and sens advancing online (SPEC §2)."""
+    """What an actor does: one agent.act per step, c and sens advancing online (Method §2)."""
     for t in range(len(obs)):
         _, _, c, sens = agent.act(obs[t], last_rewards[t], c, firsts[t], sens)
     return c, sens
@@ -177,7 +177,7 @@ def random_unroll_after_history(history, T, batch, seed=7):
 
 
 def reference_unroll_loss(agent, history, unroll, core, args):
-    """The unroll's loss as a function of all parameters, from SPEC §1 and §5 and the V-trace definition alone.
+    """The unroll's loss as a function of all parameters, from Method §1 and §5 and the V-trace definition alone.
 
     The cell's start state depends on its parameters through the actor's whole history (rtrl), or is cut at the
     unroll's start (tbptt, lstm); the stem only sees the unroll. Step T only bootstraps.

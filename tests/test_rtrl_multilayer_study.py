@@ -15,7 +15,7 @@ SCRIPT = study.__file__
 
 
 # ---------------------------------------------------------------------------------------------
-# Independent references: SPEC §1 and §4 written out step by step, and each method's definition
+# Independent references: Method §1 and §4 written out step by step, and each method's definition
 # ---------------------------------------------------------------------------------------------
 def spec_stack(net, x, c0s, done, detach_above=None, cut_before=None):
     """h^L_1..T and the final c's, sharing no code with the script.
