@@ -729,6 +729,34 @@ def restore(checkpoint, agent, optimizer):
     return checkpoint["iteration"], checkpoint["global_step"]
 
 
+class Progress:
+    """The progress line's clock, every 10 s: the elapsed time and an ETA from the steps/s of the last minute."""
+
+    def __init__(self, step, total_steps):
+        self.start, self.total_steps, self.last_line = time.time(), total_steps, 0.0
+        self.marks = [(self.start, step)]  # (time, step) at each line; the last 7 span about a minute
+
+    def due(self):
+        return time.time() - self.last_line > 10
+
+    def __call__(self, step):
+        self.last_line = now = time.time()
+        self.marks = (self.marks + [(now, step)])[-7:]
+        (then, step_then), rate = self.marks[0], 0.0
+        if now > then:
+            rate = (step - step_then) / (now - then)
+        left = (self.total_steps - step) / rate if rate > 0 else float("inf")
+        return f"elapsed={duration(now - self.start)} eta={duration(left)}"
+
+
+def duration(seconds):
+    """12s, 4m09s, 10h31m; ? while no step has been timed."""
+    if seconds == float("inf"):
+        return "?"
+    s = round(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
 class StopSignals:
     """Ctrl-C / SIGTERM: recorded, so that the loop can finish its update, checkpoint and exit 128 + signum."""
 
@@ -843,7 +871,8 @@ if __name__ == "__main__":
     )
     # a resumed run's episodes are new ones: they start from zero state and sensitivities, as every episode does
     c, sens = agent.cell.initial_state(B)
-    start_step, start_time, last_print, recent_returns = global_step, time.time(), 0.0, []
+    start_step, start_time, recent_returns = global_step, time.time(), []
+    progress = Progress(global_step, args.num_iterations * B * T)
     eval_time, next_eval, results = 0.0, global_step + args.eval_every, {}
     checkpoint_path, next_checkpoint = f"runs/{run_name}/checkpoint.pt", global_step + args.checkpoint_every
     stop = StopSignals()
@@ -884,11 +913,11 @@ if __name__ == "__main__":
         writer.add_scalar("losses/grad_norm", grad_norm.item(), global_step)
         writer.add_scalar("charts/rtrl_share_of_update", rtrl_time / update_time, global_step)
         writer.add_scalar("charts/SPS", sps, global_step)
-        if time.time() - last_print > 10 or iteration == args.num_iterations:
-            last_print = time.time()
+        if progress.due() or iteration == args.num_iterations:
             mean_return = f"{np.mean(recent_returns):.2f}" if recent_returns else "n/a"
             print(
-                f"global_step={global_step} SPS={sps} return(last {len(recent_returns)} episodes)={mean_return} "
+                f"global_step={global_step} SPS={sps} {progress(global_step)} "
+                f"return(last {len(recent_returns)} episodes)={mean_return} "
                 f"entropy={stats['entropy'] / (T * B):.3f} rtrl_share={rtrl_time / update_time:.3f}",
                 flush=True,
             )
