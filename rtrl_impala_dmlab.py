@@ -133,275 +133,6 @@ def fail(message):
 
 
 # ---------------------------------------------------------------------------------------------
-# Environments: DeepMind Lab, or an EnvPool pixel task as a pip-installable stand-in
-# ---------------------------------------------------------------------------------------------
-DMLAB30 = (
-    "rooms_collect_good_objects_train",
-    "rooms_exploit_deferred_effects_train",
-    "rooms_select_nonmatching_object",
-    "rooms_watermaze",
-    "rooms_keys_doors_puzzle",
-    "language_select_described_object",
-    "language_select_located_object",
-    "language_execute_random_task",
-    "language_answer_quantitative_question",
-    "lasertag_one_opponent_small",
-    "lasertag_three_opponents_small",
-    "lasertag_one_opponent_large",
-    "lasertag_three_opponents_large",
-    "natlab_fixed_large_map",
-    "natlab_varying_map_regrowth",
-    "natlab_varying_map_randomized",
-    "skymaze_irreversible_path_hard",
-    "skymaze_irreversible_path_varied",
-    "psychlab_arbitrary_visuomotor_mapping",
-    "psychlab_continuous_recognition",
-    "psychlab_sequential_comparison",
-    "psychlab_visual_search",
-    "explore_object_locations_small",
-    "explore_object_locations_large",
-    "explore_obstructed_goals_small",
-    "explore_obstructed_goals_large",
-    "explore_goal_locations_small",
-    "explore_goal_locations_large",
-    "explore_object_rewards_few",
-    "explore_object_rewards_many",
-)
-# Evaluation as DeepMind's scalable_agent does it: the held-out variant where DMLab-30 defines one, hold-out levels
-# allowed and a fixed mixerSeed (XOR'd into every reset seed: other layouts than training's), so that scores
-# compare with published ones
-DMLAB30_TEST_LEVELS = {
-    "rooms_collect_good_objects_train": "rooms_collect_good_objects_test",
-    "rooms_exploit_deferred_effects_train": "rooms_exploit_deferred_effects_test",
-}
-DMLAB_EVAL_CONFIG = {"allowHoldOutLevels": "true", "mixerSeed": str(0x600D5EED)}
-# the levels whose factories load the Brady, Konkle & Oliva (2008) images (datasets/brady_konkle_oliva2008.lua)
-DMLAB_NEEDS_DATASET = ("psychlab_arbitrary_visuomotor_mapping", "psychlab_continuous_recognition")
-# IMPALA's 9 actions for DMLab (Espeholt et al. 2018, appendix), by DMLab action name; unnamed ones are 0
-DMLAB_ACTIONS = (
-    {"MOVE_BACK_FORWARD": 1},  # forward
-    {"MOVE_BACK_FORWARD": -1},  # backward
-    {"STRAFE_LEFT_RIGHT": -1},  # strafe left
-    {"STRAFE_LEFT_RIGHT": 1},  # strafe right
-    {"LOOK_LEFT_RIGHT_PIXELS_PER_FRAME": -20},  # look left
-    {"LOOK_LEFT_RIGHT_PIXELS_PER_FRAME": 20},  # look right
-    {"LOOK_LEFT_RIGHT_PIXELS_PER_FRAME": -20, "MOVE_BACK_FORWARD": 1},  # look left + forward
-    {"LOOK_LEFT_RIGHT_PIXELS_PER_FRAME": 20, "MOVE_BACK_FORWARD": 1},  # look right + forward
-    {"FIRE": 1},  # fire
-)
-OBS_HEIGHT, OBS_WIDTH, ACTION_REPEAT = 72, 96, 4
-# The stand-ins, made to look like DMLab: one RGB frame at 72x96 (ProcGen keeps its 64x64), action repeat 4
-ENVPOOL_PIXEL_KWARGS = {
-    "envpool.vizdoom": dict(
-        use_combined_action=True, stack_num=1, img_height=OBS_HEIGHT, img_width=OBS_WIDTH, frame_skip=ACTION_REPEAT
-    ),
-    "envpool.atari": dict(
-        stack_num=1,
-        gray_scale=False,
-        img_height=OBS_HEIGHT,
-        img_width=OBS_WIDTH,
-        frame_skip=ACTION_REPEAT,
-        episodic_life=False,
-        reward_clip=False,
-        repeat_action_probability=0.0,
-    ),
-    "envpool.procgen": dict(),
-}
-# EnvPool's ViZDoom reward counts only game-variable changes (its reward_config), not a scenario's own
-# scripted reward. MyWayHome's is +1 for reaching the vest, the only way its episodes terminate.
-VIZDOOM_GOAL_REWARD = {"MyWayHome-v1": 1.0}
-DMLAB_MISSING = (
-    "DeepMind Lab's Python module `deepmind_lab` is not importable; it cannot be pip-installed: build "
-    "it from https://github.com/google-deepmind/lab (bazel, python/pip_package), or run the stand-in: "
-    "python rtrl_impala_dmlab.py --env-id MyWayHome-v1"
-)
-
-
-def envpool_family(env_id):
-    spec = envpool.registration.registry.specs.get(env_id)
-    return spec[0] if spec is not None and spec[0] in ENVPOOL_PIXEL_KWARGS else None
-
-
-def env_info(env_id):
-    """(observation shape, number of actions), checking the backend is usable; a user error if not."""
-    if env_id in DMLAB30:
-        try:
-            import deepmind_lab  # noqa: F401
-        except ImportError:
-            fail(DMLAB_MISSING)
-        return (3, OBS_HEIGHT, OBS_WIDTH), len(DMLAB_ACTIONS)
-    family = envpool_family(env_id)
-    if family is None:
-        pixel_ids = sorted(k for k, v in envpool.registration.registry.specs.items() if v[0] in ENVPOOL_PIXEL_KWARGS)
-        close = difflib.get_close_matches(env_id, list(DMLAB30) + pixel_ids, n=3, cutoff=0.5)
-        hint = (
-            f"did you mean {', '.join(close)}?"
-            if close
-            else "use a DMLab-30 level such as rooms_watermaze or an EnvPool pixel task such as MyWayHome-v1"
-        )
-        fail(f"unknown env id {env_id!r} (neither a DMLab-30 level nor an EnvPool Atari/ProcGen/ViZDoom task); {hint}")
-    try:
-        spec = envpool.make_spec(env_id, **ENVPOOL_PIXEL_KWARGS[family])
-    except ImportError as e:  # e.g. ProcGen without the system Qt runtime
-        fail(f"EnvPool cannot load {env_id}: {str(e).splitlines()[0]}")
-    return spec.observation_space.shape, spec.action_space.n
-
-
-class EnvPoolEnvs:
-    """An EnvPool pixel task, with the agent's view of episode ends (as in rtrl_a2c_atari.py).
-
-    EnvPool answers the step after an episode ends with the next episode's first observation and
-    ignores that step's action. So the observation that follows a `terminated`/`truncated` is the
-    terminal one: the step taking it is `dead` (its value bootstraps a truncation, it gets no loss),
-    and the step after it is `first` (state and sensitivities reset).
-    """
-
-    def __init__(self, env_id, seeds):
-        family = envpool_family(env_id)
-        self.envs = envpool.make(
-            env_id, env_type="gymnasium", num_envs=len(seeds), env_seed=[int(s) for s in seeds], **ENVPOOL_PIXEL_KWARGS[family]
-        )
-        self.goal_reward = VIZDOOM_GOAL_REWARD.get(env_id, 0.0)
-        n = len(seeds)
-        obs, _ = self.envs.reset()
-        self.obs = torch.as_tensor(obs)
-        self.last_reward = torch.zeros(n)
-        self.first = torch.ones(n, dtype=torch.bool)
-        self.dead = torch.zeros(n, dtype=torch.bool)
-        self.episode_return = np.zeros(n)
-
-    def step(self, action):
-        """Returns (reward, terminated) of the step and the (env, return, length) of episodes that ended."""
-        obs, reward, term, trunc, info = self.envs.step(action.numpy())
-        reward = reward + self.goal_reward * term
-        self.episode_return += reward
-        episodes = []
-        for i in np.flatnonzero(term | trunc):
-            episodes.append((int(i), self.episode_return[i], int(info["elapsed_step"][i])))
-            self.episode_return[i] = 0.0
-        self.first = self.dead  # the step after a dead one returns a new episode's first observation
-        self.dead = torch.as_tensor(term | trunc)
-        self.obs = torch.as_tensor(obs)
-        self.last_reward = torch.as_tensor(reward, dtype=torch.float32)
-        return self.last_reward, torch.as_tensor(term), episodes
-
-    def close(self):
-        self.envs.close()
-
-
-class DmLabEnvs:
-    """DeepMind Lab levels (Method §5): RGB_INTERLEAVED 72x96, IMPALA's 9 actions, action repeat 4 with rewards
-    summed (Lab.step(action, num_steps) sums them), episode end from is_running().
-
-    DMLab has no observation once an episode is over, so, as in IMPALA, the episode's last step is terminal
-    (no bootstrap) and the next observation is the new episode's first: there are no dead steps.
-    """
-
-    def __init__(self, level, seeds, dataset_path="", test=False):
-        import deepmind_lab
-
-        config = {"width": str(OBS_WIDTH), "height": str(OBS_HEIGHT), "logLevel": "WARN"}
-        if dataset_path:
-            config["datasetPath"] = dataset_path
-        if test:
-            level, config = DMLAB30_TEST_LEVELS.get(level, level), config | DMLAB_EVAL_CONFIG
-        self.labs = [deepmind_lab.Lab(f"contributed/dmlab30/{level}", ["RGB_INTERLEAVED"], config=config) for _ in seeds]
-        names = [spec["name"] for spec in self.labs[0].action_spec()]
-        self.action_vectors = np.zeros((len(DMLAB_ACTIONS), len(names)), dtype=np.intc)
-        for i, action in enumerate(DMLAB_ACTIONS):
-            for name, value in action.items():
-                self.action_vectors[i, names.index(name)] = value
-        self.rngs = [np.random.default_rng(int(s)) for s in seeds]  # each env's episode seeds
-        n = len(seeds)
-        self.obs = torch.zeros((n, 3, OBS_HEIGHT, OBS_WIDTH), dtype=torch.uint8)
-        for i in range(n):
-            self._reset(i)
-        self.last_reward = torch.zeros(n)
-        self.first = torch.ones(n, dtype=torch.bool)
-        self.dead = torch.zeros(n, dtype=torch.bool)
-        self.episode_return, self.episode_length = np.zeros(n), np.zeros(n, dtype=int)
-
-    def _reset(self, i):
-        self.labs[i].reset(seed=int(self.rngs[i].integers(2**31 - 1)))
-        self._observe(i)
-
-    def _observe(self, i):
-        self.obs[i] = torch.from_numpy(self.labs[i].observations()["RGB_INTERLEAVED"]).permute(2, 0, 1)
-
-    def step(self, action):
-        n = len(self.labs)
-        self.obs = self.obs.clone()  # a new tensor per step, as EnvPool's: actors keep the old ones
-        reward, term, episodes = np.zeros(n), np.zeros(n, dtype=bool), []
-        for i, a in enumerate(action.tolist()):
-            reward[i] = self.labs[i].step(self.action_vectors[a], num_steps=ACTION_REPEAT)  # sums the 4 frames' rewards
-            self.episode_return[i] += reward[i]
-            self.episode_length[i] += 1
-            term[i] = not self.labs[i].is_running()
-            if term[i]:
-                episodes.append((i, self.episode_return[i], int(self.episode_length[i])))
-                self.episode_return[i], self.episode_length[i] = 0.0, 0
-                self._reset(i)
-            else:
-                self._observe(i)
-        self.first = torch.as_tensor(term)
-        self.last_reward = torch.as_tensor(reward, dtype=torch.float32)
-        return self.last_reward, torch.as_tensor(term), episodes
-
-    def close(self):
-        for lab in self.labs:
-            lab.close()
-
-
-def make_envs(env_id, seeds, dataset_path="", test=False):
-    """The training envs, or with `test` the evaluation ones (DMLab's held-out variants; EnvPool's are the same)."""
-    return DmLabEnvs(env_id, seeds, dataset_path, test) if env_id in DMLAB30 else EnvPoolEnvs(env_id, seeds)
-
-
-def check_args(args):
-    """Bad input becomes a one-line error; returns the environment's (observation shape, number of actions)."""
-    for name in ("total_timesteps", "num_actors", "envs_per_actor", "unroll_length", "batch_size", "hidden_size"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("eval_episodes", "checkpoint_every"):
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}")
-    ranges = {  # inclusive bounds
-        "learning_rate": (0.0, float("inf")),
-        "rms_eps": (0.0, float("inf")),
-        "rms_alpha": (0.0, 1.0),
-        "gamma": (0.0, 1.0),
-        "ent_coef": (0.0, float("inf")),
-        "vf_coef": (0.0, float("inf")),
-    }
-    for name, (low, high) in ranges.items():
-        if not low <= getattr(args, name) <= high:
-            fail(f"--{name.replace('_', '-')} must be in [{low}, {high}], got {getattr(args, name)}")
-    if args.max_grad_norm <= 0:
-        fail(f"--max-grad-norm must be positive, got {args.max_grad_norm}")
-    if args.actor_timeout <= 0:
-        fail(f"--actor-timeout must be positive, got {args.actor_timeout}")
-    if args.batch_size % args.envs_per_actor:
-        fail(
-            f"--batch-size {args.batch_size} must be a multiple of --envs-per-actor {args.envs_per_actor} "
-            f"(an actor sends its environments' unrolls together)"
-        )
-    per_update = args.batch_size * args.unroll_length * args.world_size
-    if args.total_timesteps < per_update:
-        fail(
-            f"--total-timesteps {args.total_timesteps} is less than one update "
-            f"(--batch-size x --unroll-length x learners = {per_update})"
-        )
-    obs_shape, num_actions = env_info(args.env_id)
-    if args.env_id in DMLAB_NEEDS_DATASET and not args.dmlab_dataset_path:
-        fail(
-            f"{args.env_id} needs DMLab's Brady, Konkle & Oliva (2008) image dataset: download it as "
-            "https://github.com/google-deepmind/lab/tree/master/data/brady_konkle_oliva2008 says and pass its "
-            "directory as --dmlab-dataset-path"
-        )
-    return obs_shape, num_actions
-
-
-# ---------------------------------------------------------------------------------------------
 # The element-wise LSTM and its exact RTRL (Method §1-3)
 # ---------------------------------------------------------------------------------------------
 class ELSTM(nn.Module):
@@ -683,6 +414,395 @@ class Agent(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
+# The learner: V-trace and the RTRL update
+# ---------------------------------------------------------------------------------------------
+def vtrace(rewards, values, bootstrap_value, log_rhos, discounts, deads, rho_bar=1.0, c_bar=1.0):
+    """V-trace targets v_s and policy-gradient advantages (Espeholt et al. 2018, eq. 1 and Sec. 4.2), T x B.
+
+    v_s = V_s + delta_s + discounts_s c_s (v_{s+1} - V_{s+1}),  delta_s = rho_s (r_s + discounts_s V_{s+1} - V_s),
+    rho_s = min(rho_bar, pi/mu), c_s = min(c_bar, pi/mu); discounts_s = gamma, or 0 where step s ended its
+    episode. A dead step (a terminal observation, Method §6) keeps v_s = V_s, so a truncation bootstraps from it.
+    """
+    live = (~deads).to(values.dtype)
+    ratios = log_rhos.exp()
+    rhos, cs = ratios.clamp(max=rho_bar) * live, ratios.clamp(max=c_bar) * live
+    next_values = torch.cat([values[1:], bootstrap_value[None]])
+    deltas = rhos * (rewards + discounts * next_values - values)
+    vs_minus_v = torch.empty_like(values)
+    acc = torch.zeros_like(bootstrap_value)
+    for t in reversed(range(len(values))):
+        acc = deltas[t] + discounts[t] * cs[t] * acc
+        vs_minus_v[t] = acc
+    vs = values + vs_minus_v
+    next_vs = torch.cat([vs[1:], bootstrap_value[None]])
+    return vs, rhos * (rewards + discounts * next_vs - values)
+
+
+def to_device(batch, device):
+    """The learner's copy of a batch: its tensors and the sensitivities' dict."""
+    moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if batch["sens0"] is not None:
+        moved["sens0"] = {k: s.to(device) for k, s in batch["sens0"].items()}
+    return moved
+
+
+def timer(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # otherwise we would time kernel launches, not work
+    return time.perf_counter()
+
+
+def unroll_loss(agent, batch, x, c, args):
+    """The V-trace actor-critic loss of T + 1 steps' features and states, summed over time and batch (Method §5),
+    and its parts for logging. Step T only bootstraps (its loss is the next unroll's)."""
+    T = args.unroll_length
+    logits, values = agent.heads(x, c)
+    logits, values, bootstrap_value = logits[:T], values[:T], values[T].detach()
+    policy = torch.distributions.Categorical(logits=logits)
+    log_pi = policy.log_prob(batch["actions"])
+    log_mu = torch.distributions.Categorical(logits=batch["logits"].to(logits.dtype)).log_prob(batch["actions"])
+    with torch.no_grad():
+        discounts = args.gamma * (~batch["terms"]).to(values.dtype)
+        rewards = batch["rewards"].to(values.dtype).clamp(-1, 1)
+        vs, pg_advantages = vtrace(rewards, values, bootstrap_value, log_pi - log_mu, discounts, batch["deads"][:T])
+    live = (~batch["deads"][:T]).to(values.dtype)
+    pg_loss = -(live * log_pi * pg_advantages).sum()
+    v_loss = 0.5 * (live * (vs - values) ** 2).sum()
+    entropy = (live * policy.entropy()).sum()
+    loss = pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy
+    return loss, {"policy_loss": pg_loss.item(), "value_loss": v_loss.item(), "entropy": entropy.item()}
+
+
+def compute_gradients(agent, batch, args):
+    """Fill every trained parameter's .grad for one batch of unrolls (T + 1 steps x B); return (stats, seconds in RTRL).
+
+    rtrl: the eLSTM gets exact untruncated gradients from the actors' carried sensitivities, recomputed over
+    the unroll with the learner's parameters, and the stem its gradient through the cell within the unroll from
+    the same pass (rtrl_scan); stem, gate and heads get backprop (Method §5). With a frozen stem the only
+    backward pass is the heads', step by step, and the stem gets nothing; --rtrl-impl step then runs Method §2's
+    recursion alone (rtrl_forward: nothing in it goes backward in time), chunked the same gradients faster
+    (its R_t sums the unroll's steps from T back to 1, Method §3). tbptt / lstm / ff: autograd within the unroll.
+    """
+    T = args.unroll_length
+    resets = agent.resets(batch["firsts"])
+    stem_learns = any(p.requires_grad for p in agent.stem.parameters())
+    x = agent.features(batch["obs"], batch["last_rewards"])  # no graph when the stem is frozen
+    x_leaf = x.detach().requires_grad_(stem_learns)
+    rtrl_time = 0.0
+    if args.core == "rtrl":
+        forward_only = not stem_learns and args.rtrl_impl == "step"
+        if forward_only:
+            c_leaf, a, u = agent.cell.scan_with_increments(x_leaf, batch["c0"], resets)
+            c_leaf.requires_grad_()
+        else:
+            scan = agent.cell.scan(x_leaf.detach(), batch["c0"], resets)
+            c_leaf = scan[0].requires_grad_()  # its grad is the local delta_t = dL/dc_t (Method §2)
+        loss, stats = unroll_loss(agent, batch, x_leaf, c_leaf, args)
+        loss.backward()
+        start = timer(x.device)
+        if forward_only:
+            u = {k: v[:T] for k, v in u.items()}
+            grads, _ = agent.cell.rtrl_forward(x_leaf[:T], a[:T], u, batch["sens0"], c_leaf.grad[:T])
+        else:
+            unroll = tuple(v[:T] for v in scan)  # step T has no loss: nothing flows back through it
+            grads, _, dl_dx = agent.cell.rtrl_scan(
+                x_leaf[:T].detach(), unroll, batch["sens0"], c_leaf.grad[:T], args.rtrl_impl, overwrite=True
+            )
+            if stem_learns:
+                x_leaf.grad[:T] += dl_dx
+        rtrl_time = timer(x.device) - start
+        for name, p in agent.cell.named_parameters():
+            p.grad = grads[name]
+    else:
+        loss, stats = unroll_loss(agent, batch, x_leaf, agent.cell(x_leaf, batch["c0"], resets), args)
+        loss.backward()
+    if stem_learns:
+        x.backward(x_leaf.grad)
+    return stats, rtrl_time
+
+
+def all_reduce_gradients(params, stop):
+    """Sum every learner's gradients in one flat all-reduce (the update of one learner with the whole global
+    batch, as the losses are sums); a stop request from any rank rides along so that all ranks stop together."""
+    flat = torch.cat([p.grad.flatten() for p in params] + [torch.tensor([float(stop)], device=params[0].device)])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+    return flat[-1].item() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Environments: DeepMind Lab, or an EnvPool pixel task as a pip-installable stand-in
+# ---------------------------------------------------------------------------------------------
+DMLAB30 = (
+    "rooms_collect_good_objects_train",
+    "rooms_exploit_deferred_effects_train",
+    "rooms_select_nonmatching_object",
+    "rooms_watermaze",
+    "rooms_keys_doors_puzzle",
+    "language_select_described_object",
+    "language_select_located_object",
+    "language_execute_random_task",
+    "language_answer_quantitative_question",
+    "lasertag_one_opponent_small",
+    "lasertag_three_opponents_small",
+    "lasertag_one_opponent_large",
+    "lasertag_three_opponents_large",
+    "natlab_fixed_large_map",
+    "natlab_varying_map_regrowth",
+    "natlab_varying_map_randomized",
+    "skymaze_irreversible_path_hard",
+    "skymaze_irreversible_path_varied",
+    "psychlab_arbitrary_visuomotor_mapping",
+    "psychlab_continuous_recognition",
+    "psychlab_sequential_comparison",
+    "psychlab_visual_search",
+    "explore_object_locations_small",
+    "explore_object_locations_large",
+    "explore_obstructed_goals_small",
+    "explore_obstructed_goals_large",
+    "explore_goal_locations_small",
+    "explore_goal_locations_large",
+    "explore_object_rewards_few",
+    "explore_object_rewards_many",
+)
+# Evaluation as DeepMind's scalable_agent does it: the held-out variant where DMLab-30 defines one, hold-out levels
+# allowed and a fixed mixerSeed (XOR'd into every reset seed: other layouts than training's), so that scores
+# compare with published ones
+DMLAB30_TEST_LEVELS = {
+    "rooms_collect_good_objects_train": "rooms_collect_good_objects_test",
+    "rooms_exploit_deferred_effects_train": "rooms_exploit_deferred_effects_test",
+}
+DMLAB_EVAL_CONFIG = {"allowHoldOutLevels": "true", "mixerSeed": str(0x600D5EED)}
+# the levels whose factories load the Brady, Konkle & Oliva (2008) images (datasets/brady_konkle_oliva2008.lua)
+DMLAB_NEEDS_DATASET = ("psychlab_arbitrary_visuomotor_mapping", "psychlab_continuous_recognition")
+# IMPALA's 9 actions for DMLab (Espeholt et al. 2018, appendix), by DMLab action name; unnamed ones are 0
+DMLAB_ACTIONS = (
+    {"MOVE_BACK_FORWARD": 1},  # forward
+    {"MOVE_BACK_FORWARD": -1},  # backward
+    {"STRAFE_LEFT_RIGHT": -1},  # strafe left
+    {"STRAFE_LEFT_RIGHT": 1},  # strafe right
+    {"LOOK_LEFT_RIGHT_PIXELS_PER_FRAME": -20},  # look left
+    {"LOOK_LEFT_RIGHT_PIXELS_PER_FRAME": 20},  # look right
+    {"LOOK_LEFT_RIGHT_PIXELS_PER_FRAME": -20, "MOVE_BACK_FORWARD": 1},  # look left + forward
+    {"LOOK_LEFT_RIGHT_PIXELS_PER_FRAME": 20, "MOVE_BACK_FORWARD": 1},  # look right + forward
+    {"FIRE": 1},  # fire
+)
+OBS_HEIGHT, OBS_WIDTH, ACTION_REPEAT = 72, 96, 4
+# The stand-ins, made to look like DMLab: one RGB frame at 72x96 (ProcGen keeps its 64x64), action repeat 4
+ENVPOOL_PIXEL_KWARGS = {
+    "envpool.vizdoom": dict(
+        use_combined_action=True, stack_num=1, img_height=OBS_HEIGHT, img_width=OBS_WIDTH, frame_skip=ACTION_REPEAT
+    ),
+    "envpool.atari": dict(
+        stack_num=1,
+        gray_scale=False,
+        img_height=OBS_HEIGHT,
+        img_width=OBS_WIDTH,
+        frame_skip=ACTION_REPEAT,
+        episodic_life=False,
+        reward_clip=False,
+        repeat_action_probability=0.0,
+    ),
+    "envpool.procgen": dict(),
+}
+# EnvPool's ViZDoom reward counts only game-variable changes (its reward_config), not a scenario's own
+# scripted reward. MyWayHome's is +1 for reaching the vest, the only way its episodes terminate.
+VIZDOOM_GOAL_REWARD = {"MyWayHome-v1": 1.0}
+DMLAB_MISSING = (
+    "DeepMind Lab's Python module `deepmind_lab` is not importable; it cannot be pip-installed: build "
+    "it from https://github.com/google-deepmind/lab (bazel, python/pip_package), or run the stand-in: "
+    "python rtrl_impala_dmlab.py --env-id MyWayHome-v1"
+)
+
+
+def envpool_family(env_id):
+    spec = envpool.registration.registry.specs.get(env_id)
+    return spec[0] if spec is not None and spec[0] in ENVPOOL_PIXEL_KWARGS else None
+
+
+def env_info(env_id):
+    """(observation shape, number of actions), checking the backend is usable; a user error if not."""
+    if env_id in DMLAB30:
+        try:
+            import deepmind_lab  # noqa: F401
+        except ImportError:
+            fail(DMLAB_MISSING)
+        return (3, OBS_HEIGHT, OBS_WIDTH), len(DMLAB_ACTIONS)
+    family = envpool_family(env_id)
+    if family is None:
+        pixel_ids = sorted(k for k, v in envpool.registration.registry.specs.items() if v[0] in ENVPOOL_PIXEL_KWARGS)
+        close = difflib.get_close_matches(env_id, list(DMLAB30) + pixel_ids, n=3, cutoff=0.5)
+        hint = (
+            f"did you mean {', '.join(close)}?"
+            if close
+            else "use a DMLab-30 level such as rooms_watermaze or an EnvPool pixel task such as MyWayHome-v1"
+        )
+        fail(f"unknown env id {env_id!r} (neither a DMLab-30 level nor an EnvPool Atari/ProcGen/ViZDoom task); {hint}")
+    try:
+        spec = envpool.make_spec(env_id, **ENVPOOL_PIXEL_KWARGS[family])
+    except ImportError as e:  # e.g. ProcGen without the system Qt runtime
+        fail(f"EnvPool cannot load {env_id}: {str(e).splitlines()[0]}")
+    return spec.observation_space.shape, spec.action_space.n
+
+
+class EnvPoolEnvs:
+    """An EnvPool pixel task, with the agent's view of episode ends (as in rtrl_a2c_atari.py).
+
+    EnvPool answers the step after an episode ends with the next episode's first observation and
+    ignores that step's action. So the observation that follows a `terminated`/`truncated` is the
+    terminal one: the step taking it is `dead` (its value bootstraps a truncation, it gets no loss),
+    and the step after it is `first` (state and sensitivities reset).
+    """
+
+    def __init__(self, env_id, seeds):
+        family = envpool_family(env_id)
+        self.envs = envpool.make(
+            env_id, env_type="gymnasium", num_envs=len(seeds), env_seed=[int(s) for s in seeds], **ENVPOOL_PIXEL_KWARGS[family]
+        )
+        self.goal_reward = VIZDOOM_GOAL_REWARD.get(env_id, 0.0)
+        n = len(seeds)
+        obs, _ = self.envs.reset()
+        self.obs = torch.as_tensor(obs)
+        self.last_reward = torch.zeros(n)
+        self.first = torch.ones(n, dtype=torch.bool)
+        self.dead = torch.zeros(n, dtype=torch.bool)
+        self.episode_return = np.zeros(n)
+
+    def step(self, action):
+        """Returns (reward, terminated) of the step and the (env, return, length) of episodes that ended."""
+        obs, reward, term, trunc, info = self.envs.step(action.numpy())
+        reward = reward + self.goal_reward * term
+        self.episode_return += reward
+        episodes = []
+        for i in np.flatnonzero(term | trunc):
+            episodes.append((int(i), self.episode_return[i], int(info["elapsed_step"][i])))
+            self.episode_return[i] = 0.0
+        self.first = self.dead  # the step after a dead one returns a new episode's first observation
+        self.dead = torch.as_tensor(term | trunc)
+        self.obs = torch.as_tensor(obs)
+        self.last_reward = torch.as_tensor(reward, dtype=torch.float32)
+        return self.last_reward, torch.as_tensor(term), episodes
+
+    def close(self):
+        self.envs.close()
+
+
+class DmLabEnvs:
+    """DeepMind Lab levels (Method §5): RGB_INTERLEAVED 72x96, IMPALA's 9 actions, action repeat 4 with rewards
+    summed (Lab.step(action, num_steps) sums them), episode end from is_running().
+
+    DMLab has no observation once an episode is over, so, as in IMPALA, the episode's last step is terminal
+    (no bootstrap) and the next observation is the new episode's first: there are no dead steps.
+    """
+
+    def __init__(self, level, seeds, dataset_path="", test=False):
+        import deepmind_lab
+
+        config = {"width": str(OBS_WIDTH), "height": str(OBS_HEIGHT), "logLevel": "WARN"}
+        if dataset_path:
+            config["datasetPath"] = dataset_path
+        if test:
+            level, config = DMLAB30_TEST_LEVELS.get(level, level), config | DMLAB_EVAL_CONFIG
+        self.labs = [deepmind_lab.Lab(f"contributed/dmlab30/{level}", ["RGB_INTERLEAVED"], config=config) for _ in seeds]
+        names = [spec["name"] for spec in self.labs[0].action_spec()]
+        self.action_vectors = np.zeros((len(DMLAB_ACTIONS), len(names)), dtype=np.intc)
+        for i, action in enumerate(DMLAB_ACTIONS):
+            for name, value in action.items():
+                self.action_vectors[i, names.index(name)] = value
+        self.rngs = [np.random.default_rng(int(s)) for s in seeds]  # each env's episode seeds
+        n = len(seeds)
+        self.obs = torch.zeros((n, 3, OBS_HEIGHT, OBS_WIDTH), dtype=torch.uint8)
+        for i in range(n):
+            self._reset(i)
+        self.last_reward = torch.zeros(n)
+        self.first = torch.ones(n, dtype=torch.bool)
+        self.dead = torch.zeros(n, dtype=torch.bool)
+        self.episode_return, self.episode_length = np.zeros(n), np.zeros(n, dtype=int)
+
+    def _reset(self, i):
+        self.labs[i].reset(seed=int(self.rngs[i].integers(2**31 - 1)))
+        self._observe(i)
+
+    def _observe(self, i):
+        self.obs[i] = torch.from_numpy(self.labs[i].observations()["RGB_INTERLEAVED"]).permute(2, 0, 1)
+
+    def step(self, action):
+        n = len(self.labs)
+        self.obs = self.obs.clone()  # a new tensor per step, as EnvPool's: actors keep the old ones
+        reward, term, episodes = np.zeros(n), np.zeros(n, dtype=bool), []
+        for i, a in enumerate(action.tolist()):
+            reward[i] = self.labs[i].step(self.action_vectors[a], num_steps=ACTION_REPEAT)  # sums the 4 frames' rewards
+            self.episode_return[i] += reward[i]
+            self.episode_length[i] += 1
+            term[i] = not self.labs[i].is_running()
+            if term[i]:
+                episodes.append((i, self.episode_return[i], int(self.episode_length[i])))
+                self.episode_return[i], self.episode_length[i] = 0.0, 0
+                self._reset(i)
+            else:
+                self._observe(i)
+        self.first = torch.as_tensor(term)
+        self.last_reward = torch.as_tensor(reward, dtype=torch.float32)
+        return self.last_reward, torch.as_tensor(term), episodes
+
+    def close(self):
+        for lab in self.labs:
+            lab.close()
+
+
+def make_envs(env_id, seeds, dataset_path="", test=False):
+    """The training envs, or with `test` the evaluation ones (DMLab's held-out variants; EnvPool's are the same)."""
+    return DmLabEnvs(env_id, seeds, dataset_path, test) if env_id in DMLAB30 else EnvPoolEnvs(env_id, seeds)
+
+
+def check_args(args):
+    """Bad input becomes a one-line error; returns the environment's (observation shape, number of actions)."""
+    for name in ("total_timesteps", "num_actors", "envs_per_actor", "unroll_length", "batch_size", "hidden_size"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("eval_episodes", "checkpoint_every"):
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}")
+    ranges = {  # inclusive bounds
+        "learning_rate": (0.0, float("inf")),
+        "rms_eps": (0.0, float("inf")),
+        "rms_alpha": (0.0, 1.0),
+        "gamma": (0.0, 1.0),
+        "ent_coef": (0.0, float("inf")),
+        "vf_coef": (0.0, float("inf")),
+    }
+    for name, (low, high) in ranges.items():
+        if not low <= getattr(args, name) <= high:
+            fail(f"--{name.replace('_', '-')} must be in [{low}, {high}], got {getattr(args, name)}")
+    if args.max_grad_norm <= 0:
+        fail(f"--max-grad-norm must be positive, got {args.max_grad_norm}")
+    if args.actor_timeout <= 0:
+        fail(f"--actor-timeout must be positive, got {args.actor_timeout}")
+    if args.batch_size % args.envs_per_actor:
+        fail(
+            f"--batch-size {args.batch_size} must be a multiple of --envs-per-actor {args.envs_per_actor} "
+            f"(an actor sends its environments' unrolls together)"
+        )
+    per_update = args.batch_size * args.unroll_length * args.world_size
+    if args.total_timesteps < per_update:
+        fail(
+            f"--total-timesteps {args.total_timesteps} is less than one update "
+            f"(--batch-size x --unroll-length x learners = {per_update})"
+        )
+    obs_shape, num_actions = env_info(args.env_id)
+    if args.env_id in DMLAB_NEEDS_DATASET and not args.dmlab_dataset_path:
+        fail(
+            f"{args.env_id} needs DMLab's Brady, Konkle & Oliva (2008) image dataset: download it as "
+            "https://github.com/google-deepmind/lab/tree/master/data/brady_konkle_oliva2008 says and pass its "
+            "directory as --dmlab-dataset-path"
+        )
+    return obs_shape, num_actions
+
+
+# ---------------------------------------------------------------------------------------------
 # Actors: each a process with its own environments and a CPU copy of the latest weights
 # ---------------------------------------------------------------------------------------------
 UNROLL_KEYS = ("obs", "last_rewards", "firsts", "deads", "actions", "logits", "rewards", "terms")
@@ -940,125 +1060,8 @@ class ActorPool:
 
 
 # ---------------------------------------------------------------------------------------------
-# The learner: V-trace and the RTRL update
+# Greedy evaluation
 # ---------------------------------------------------------------------------------------------
-def vtrace(rewards, values, bootstrap_value, log_rhos, discounts, deads, rho_bar=1.0, c_bar=1.0):
-    """V-trace targets v_s and policy-gradient advantages (Espeholt et al. 2018, eq. 1 and Sec. 4.2), T x B.
-
-    v_s = V_s + delta_s + discounts_s c_s (v_{s+1} - V_{s+1}),  delta_s = rho_s (r_s + discounts_s V_{s+1} - V_s),
-    rho_s = min(rho_bar, pi/mu), c_s = min(c_bar, pi/mu); discounts_s = gamma, or 0 where step s ended its
-    episode. A dead step (a terminal observation, Method §6) keeps v_s = V_s, so a truncation bootstraps from it.
-    """
-    live = (~deads).to(values.dtype)
-    ratios = log_rhos.exp()
-    rhos, cs = ratios.clamp(max=rho_bar) * live, ratios.clamp(max=c_bar) * live
-    next_values = torch.cat([values[1:], bootstrap_value[None]])
-    deltas = rhos * (rewards + discounts * next_values - values)
-    vs_minus_v = torch.empty_like(values)
-    acc = torch.zeros_like(bootstrap_value)
-    for t in reversed(range(len(values))):
-        acc = deltas[t] + discounts[t] * cs[t] * acc
-        vs_minus_v[t] = acc
-    vs = values + vs_minus_v
-    next_vs = torch.cat([vs[1:], bootstrap_value[None]])
-    return vs, rhos * (rewards + discounts * next_vs - values)
-
-
-def to_device(batch, device):
-    """The learner's copy of a batch: its tensors and the sensitivities' dict."""
-    moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    if batch["sens0"] is not None:
-        moved["sens0"] = {k: s.to(device) for k, s in batch["sens0"].items()}
-    return moved
-
-
-def timer(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # otherwise we would time kernel launches, not work
-    return time.perf_counter()
-
-
-def unroll_loss(agent, batch, x, c, args):
-    """The V-trace actor-critic loss of T + 1 steps' features and states, summed over time and batch (Method §5),
-    and its parts for logging. Step T only bootstraps (its loss is the next unroll's)."""
-    T = args.unroll_length
-    logits, values = agent.heads(x, c)
-    logits, values, bootstrap_value = logits[:T], values[:T], values[T].detach()
-    policy = torch.distributions.Categorical(logits=logits)
-    log_pi = policy.log_prob(batch["actions"])
-    log_mu = torch.distributions.Categorical(logits=batch["logits"].to(logits.dtype)).log_prob(batch["actions"])
-    with torch.no_grad():
-        discounts = args.gamma * (~batch["terms"]).to(values.dtype)
-        rewards = batch["rewards"].to(values.dtype).clamp(-1, 1)
-        vs, pg_advantages = vtrace(rewards, values, bootstrap_value, log_pi - log_mu, discounts, batch["deads"][:T])
-    live = (~batch["deads"][:T]).to(values.dtype)
-    pg_loss = -(live * log_pi * pg_advantages).sum()
-    v_loss = 0.5 * (live * (vs - values) ** 2).sum()
-    entropy = (live * policy.entropy()).sum()
-    loss = pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy
-    return loss, {"policy_loss": pg_loss.item(), "value_loss": v_loss.item(), "entropy": entropy.item()}
-
-
-def compute_gradients(agent, batch, args):
-    """Fill every trained parameter's .grad for one batch of unrolls (T + 1 steps x B); return (stats, seconds in RTRL).
-
-    rtrl: the eLSTM gets exact untruncated gradients from the actors' carried sensitivities, recomputed over
-    the unroll with the learner's parameters, and the stem its gradient through the cell within the unroll from
-    the same pass (rtrl_scan); stem, gate and heads get backprop (Method §5). With a frozen stem the only
-    backward pass is the heads', step by step, and the stem gets nothing; --rtrl-impl step then runs Method §2's
-    recursion alone (rtrl_forward: nothing in it goes backward in time), chunked the same gradients faster
-    (its R_t sums the unroll's steps from T back to 1, Method §3). tbptt / lstm / ff: autograd within the unroll.
-    """
-    T = args.unroll_length
-    resets = agent.resets(batch["firsts"])
-    stem_learns = any(p.requires_grad for p in agent.stem.parameters())
-    x = agent.features(batch["obs"], batch["last_rewards"])  # no graph when the stem is frozen
-    x_leaf = x.detach().requires_grad_(stem_learns)
-    rtrl_time = 0.0
-    if args.core == "rtrl":
-        forward_only = not stem_learns and args.rtrl_impl == "step"
-        if forward_only:
-            c_leaf, a, u = agent.cell.scan_with_increments(x_leaf, batch["c0"], resets)
-            c_leaf.requires_grad_()
-        else:
-            scan = agent.cell.scan(x_leaf.detach(), batch["c0"], resets)
-            c_leaf = scan[0].requires_grad_()  # its grad is the local delta_t = dL/dc_t (Method §2)
-        loss, stats = unroll_loss(agent, batch, x_leaf, c_leaf, args)
-        loss.backward()
-        start = timer(x.device)
-        if forward_only:
-            u = {k: v[:T] for k, v in u.items()}
-            grads, _ = agent.cell.rtrl_forward(x_leaf[:T], a[:T], u, batch["sens0"], c_leaf.grad[:T])
-        else:
-            unroll = tuple(v[:T] for v in scan)  # step T has no loss: nothing flows back through it
-            grads, _, dl_dx = agent.cell.rtrl_scan(
-                x_leaf[:T].detach(), unroll, batch["sens0"], c_leaf.grad[:T], args.rtrl_impl, overwrite=True
-            )
-            if stem_learns:
-                x_leaf.grad[:T] += dl_dx
-        rtrl_time = timer(x.device) - start
-        for name, p in agent.cell.named_parameters():
-            p.grad = grads[name]
-    else:
-        loss, stats = unroll_loss(agent, batch, x_leaf, agent.cell(x_leaf, batch["c0"], resets), args)
-        loss.backward()
-    if stem_learns:
-        x.backward(x_leaf.grad)
-    return stats, rtrl_time
-
-
-def all_reduce_gradients(params, stop):
-    """Sum every learner's gradients in one flat all-reduce (the update of one learner with the whole global
-    batch, as the losses are sums); a stop request from any rank rides along so that all ranks stop together."""
-    flat = torch.cat([p.grad.flatten() for p in params] + [torch.tensor([float(stop)], device=params[0].device)])
-    dist.all_reduce(flat)
-    offset = 0
-    for p in params:
-        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
-        offset += p.numel()
-    return flat[-1].item() > 0
-
-
 @torch.no_grad()
 def greedy_episodes(agent, envs, num_episodes):
     """Greedy play until each of the n envs has ended its quota of episodes, num_episodes // n, plus one for
@@ -1088,6 +1091,9 @@ def evaluate(agent, args, seeds, workdir):
     return [episode[0] for episode in episodes], DMLAB30_TEST_LEVELS.get(args.env_id, args.env_id)  # (return, length)
 
 
+# ---------------------------------------------------------------------------------------------
+# The run: devices, checkpoints, resuming, the progress line, stop signals
+# ---------------------------------------------------------------------------------------------
 def choose_device(cuda, local_rank, local_world_size):
     """(device, note for the device line). --cuda: GPU `local_rank`, one per rank (NCCL refuses two ranks on one GPU);
     the CPU, saying why, when no GPU is usable (a CPU build of torch, or one whose CUDA does not fit the driver)."""
