@@ -23,25 +23,6 @@ SCRIPT = minigrid.__file__
 ENV_ID = "MiniGrid-MemoryS7-v0"
 
 
-def test_forward_matches_spec_equations():
-    checks.check_forward_matches_spec(minigrid)
-
-
-@pytest.mark.parametrize("impl", ["chunked", "step"])
-@pytest.mark.parametrize("chunk_len", [7, 1])
-def test_rtrl_equals_bptt_across_chunks_with_resets(impl, chunk_len):
-    checks.check_rtrl_equals_bptt_across_chunks(minigrid, impl, chunk_len)
-
-
-def test_carried_sensitivities_are_dc_dtheta_for_both_impls():
-    checks.check_carried_sensitivities_are_dc_dtheta(minigrid)
-
-
-@pytest.mark.parametrize("impl", ["chunked", "step"])
-def test_rtrl_scan_input_gradient_equals_autograd(impl):
-    checks.check_rtrl_scan_input_gradient_equals_autograd(minigrid, impl)
-
-
 def test_returns_bootstrap_truncations_and_cut_terminations():
     checks.check_returns_bootstrap_truncations_and_cut_terminations(minigrid)
 
@@ -382,12 +363,6 @@ def test_the_device_line_says_when_cuda_found_no_gpu(monkeypatch):
 
 def test_a_checkpoint_holds_cpu_copies_of_every_tensor_and_loads_with_map_location_cpu(tmp_path, monkeypatch):
     checks.check_checkpoint_holds_cpu_copies(minigrid, lambda: minigrid.Agent((2,), 2, 8, "rtrl"), tmp_path, monkeypatch)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("impl", ["chunked", "step"])
-def test_on_cuda_rtrl_equals_bptt_across_chunks_with_resets(impl):
-    checks.check_rtrl_equals_bptt_on_cuda(minigrid, impl)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
