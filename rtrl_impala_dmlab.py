@@ -343,6 +343,11 @@ class LSTM(nn.Module):
             states.append(state)
         return torch.stack(states)
 
+    @torch.no_grad()
+    def step(self, x, state, done, sens):
+        """One environment step, as OnlineELSTM.step; BPTT within the unroll needs no sensitivities: `sens` is {}."""
+        return self(x[None], state, done[None])[0], sens
+
 
 # ---------------------------------------------------------------------------------------------
 # The agent (Method §5): IMPALA ResNet stem -> [features ; clipped last reward] -> eLSTM -> heads
@@ -388,6 +393,13 @@ class Agent(nn.Module):
         y = self.stem(obs.reshape(-1, *obs.shape[-3:]).to(self.critic.weight.dtype) / 255.0)
         return torch.cat([y.reshape(*lead, -1), last_reward.clamp(-1, 1).unsqueeze(-1).to(y.dtype)], -1)
 
+    def initial_state(self, batch_size):
+        """(c, sens) at an episode's start: zero state and, for rtrl, zero sensitivities (Method §2). The other cores
+        use none and carry an empty dict: act() then advances the state alone, and no unused B x N x D zeros cost an
+        actor two passes per step and the pipe ~2ND floats per env and unroll (1 MB at N = 512, D = 257)."""
+        c, sens = self.cell.initial_state(batch_size)
+        return c, sens if self.core == "rtrl" else {}
+
     def resets(self, first):
         """The cell's done mask: episode starts, or every step for the memoryless `ff` core."""
         return torch.ones_like(first) if self.core == "ff" else first
@@ -400,14 +412,11 @@ class Agent(nn.Module):
         return self.actor(h), self.critic(h).squeeze(-1)
 
     @torch.no_grad()
-    def act(self, obs, last_reward, c, first, sens=None, greedy=False):
-        """One environment step of the policy: (action, logits, next c, next sens). With `sens`, the RTRL
-        sensitivities advance with the state (Method §2), as in the actors."""
+    def act(self, obs, last_reward, c, first, sens, greedy=False):
+        """One environment step of the policy: (action, logits, next c, next sens). The RTRL sensitivities in
+        `sens` advance with the state (Method §2), as the actors carry them; an empty dict carries none."""
         x = self.features(obs, last_reward)
-        if sens is None:
-            c = self.cell(x[None], c, self.resets(first)[None])[0]
-        else:
-            c, sens = self.cell.step(x, c, self.resets(first), sens)
+        c, sens = self.cell.step(x, c, self.resets(first), sens)
         logits, _ = self.heads(x, c)
         action = logits.argmax(-1) if greedy else torch.distributions.Categorical(logits=logits).sample()
         return action, logits, c, sens
@@ -441,8 +450,7 @@ def vtrace(rewards, values, bootstrap_value, log_rhos, discounts, deads, rho_bar
 def to_device(batch, device):
     """The learner's copy of a batch: its tensors and the sensitivities' dict."""
     moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    if batch["sens0"] is not None:
-        moved["sens0"] = {k: s.to(device) for k, s in batch["sens0"].items()}
+    moved["sens0"] = {k: s.to(device) for k, s in batch["sens0"].items()}
     return moved
 
 
@@ -805,7 +813,13 @@ def check_args(args):
 # ---------------------------------------------------------------------------------------------
 # Actors: each a process with its own environments and a CPU copy of the latest weights
 # ---------------------------------------------------------------------------------------------
-UNROLL_KEYS = ("obs", "last_rewards", "firsts", "deads", "actions", "logits", "rewards", "terms")
+STEP_KEYS = ("obs", "last_rewards", "firsts", "deads")  # what a step is taken from: T + 1 of each per unroll
+UNROLL_KEYS = (*STEP_KEYS, "actions", "logits", "rewards", "terms")  # and what it did: T of each
+
+
+def step_inputs(envs):
+    """What the next step is taken from, in STEP_KEYS' order: the observation, the last reward, the episode flags."""
+    return envs.obs, envs.last_reward, envs.first, envs.dead
 
 
 def actor_seed(args, rank, actor_id, incarnation, start_step=0):
@@ -864,29 +878,23 @@ def actor_loop(args, obs_shape, num_actions, rank, actor_id, incarnation, start_
     seeds = rng.choice(2**31 - 1, size=args.envs_per_actor, replace=False)
     envs = make_envs(args.env_id, seeds, args.dmlab_dataset_path)
     agent = Agent(obs_shape, num_actions, args.hidden_size, args.core)
-    c, sens = agent.cell.initial_state(args.envs_per_actor)
-    sens = sens if args.core == "rtrl" else None
+    c, sens = agent.initial_state(args.envs_per_actor)
     episodes, my_version = [], -1
+    unroll = {k: [] for k in UNROLL_KEYS} | {k: [v] for k, v in zip(STEP_KEYS, step_inputs(envs))}  # starts at the reset
     try:
         while True:
-            start = time.monotonic()
+            start, c0, sens0 = time.monotonic(), c, sens  # the (c, sens) before the unroll's first step
             my_version = load_weights(agent, weights, version, my_version)
-            unroll = {k: [] for k in UNROLL_KEYS}
-            c0, sens0 = c, sens
             for _ in range(args.unroll_length):
-                unroll["obs"].append(envs.obs), unroll["last_rewards"].append(envs.last_reward)
-                unroll["firsts"].append(envs.first), unroll["deads"].append(envs.dead)
                 action, logits, c, sens = agent.act(envs.obs, envs.last_reward, c, envs.first, sens)
-                unroll["actions"].append(action), unroll["logits"].append(logits)
                 reward, term, ended = envs.step(action)
-                unroll["rewards"].append(reward), unroll["terms"].append(term)
+                for k, v in zip(UNROLL_KEYS, (*step_inputs(envs), action, logits, reward, term)):
+                    unroll[k].append(v)  # what the step did, and what the next step is taken from
                 episodes += ended
-            unroll["obs"].append(envs.obs), unroll["last_rewards"].append(envs.last_reward)  # the bootstrap step
-            unroll["firsts"].append(envs.first), unroll["deads"].append(envs.dead)
             item = {k: torch.stack(v).numpy() for k, v in unroll.items()}
             item.update(
                 c0=c0.numpy(),
-                sens0=None if sens0 is None else {k: s.numpy() for k, s in sens0.items()},
+                sens0={k: s.numpy() for k, s in sens0.items()},
                 version=my_version,
                 actor=actor_id,
                 episodes=episodes,
@@ -894,7 +902,8 @@ def actor_loop(args, obs_shape, num_actions, rank, actor_id, incarnation, start_
                 seconds=time.monotonic() - start,
             )
             sender.send(item)
-            episodes = []
+            # its last step only bootstraps it: that step is the next unroll's first
+            unroll, episodes = {k: v[-1:] if k in STEP_KEYS else [] for k, v in unroll.items()}, []
     except (BrokenPipeError, ConnectionResetError):
         pass  # the learner closed our pipe: it is stopping (or gone)
     finally:
@@ -1031,11 +1040,7 @@ class ActorPool:
                 self.waiting[oldest], self.waiting_since[oldest] = None, time.monotonic()
         batch = {k: torch.from_numpy(np.concatenate([it[k] for it in items], axis=1)) for k in UNROLL_KEYS}
         batch["c0"] = torch.from_numpy(np.concatenate([it["c0"] for it in items]))
-        batch["sens0"] = (
-            None
-            if items[0]["sens0"] is None
-            else {k: torch.from_numpy(np.concatenate([it["sens0"][k] for it in items])) for k in items[0]["sens0"]}
-        )
+        batch["sens0"] = {k: torch.from_numpy(np.concatenate([it["sens0"][k] for it in items])) for k in items[0]["sens0"]}
         batch["versions"] = [it["version"] for it in items]
         batch["actors"] = [it["actor"] for it in items]
         batch["episodes"] = [e for it in items for e in it["episodes"]]
@@ -1072,7 +1077,8 @@ def greedy_episodes(agent, envs, num_episodes):
     c, _ = agent.cell.initial_state(n)
     finished = [[] for _ in range(n)]
     while any(len(episodes) < quota for episodes, quota in zip(finished, quotas)):
-        action, _, c, _ = agent.act(envs.obs.to(device), envs.last_reward.to(device), c, envs.first.to(device), greedy=True)
+        obs, last_reward, first = envs.obs.to(device), envs.last_reward.to(device), envs.first.to(device)
+        action, _, c, _ = agent.act(obs, last_reward, c, first, {}, greedy=True)  # {}: evaluation carries no sensitivities
         for i, *episode in envs.step(action.cpu())[2]:
             if len(finished[i]) < quotas[i]:
                 finished[i].append(tuple(episode))
@@ -1224,6 +1230,34 @@ def restore(checkpoint, agent, optimizer):
     return checkpoint["iteration"], checkpoint["global_step"]
 
 
+class Progress:
+    """The progress line's clock, every 10 s: the elapsed time and an ETA from the steps/s of the last minute."""
+
+    def __init__(self, step, total_steps):
+        self.start, self.total_steps, self.last_line = time.time(), total_steps, 0.0
+        self.marks = [(self.start, step)]  # (time, step) at each line; the last 7 span about a minute
+
+    def due(self):
+        return time.time() - self.last_line > 10
+
+    def __call__(self, step):
+        self.last_line = now = time.time()
+        self.marks = (self.marks + [(now, step)])[-7:]
+        (then, step_then), rate = self.marks[0], 0.0
+        if now > then:
+            rate = (step - step_then) / (now - then)
+        left = (self.total_steps - step) / rate if rate > 0 else float("inf")
+        return f"elapsed={duration(now - self.start)} eta={duration(left)}"
+
+
+def duration(seconds):
+    """12s, 4m09s, 10h31m; ? while no step has been timed."""
+    if seconds == float("inf"):
+        return "?"
+    s = round(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
 class StopSignals:
     """Ctrl-C / SIGTERM: recorded, so that the learner can finish its update, stop every process, checkpoint and
     exit 128 + signum."""
@@ -1344,7 +1378,8 @@ if __name__ == "__main__":
     actors = None
     if start_iteration < args.num_updates:  # resumed with no update left to make: none starts
         actors = ActorPool(args, obs_shape, num_actions, rank, agent, workdir, global_step, start_iteration)
-    start_step, start_time, last_print, recent_returns, interrupted = global_step, time.time(), 0.0, [], False
+    start_step, start_time, recent_returns, interrupted = global_step, time.time(), [], False
+    progress = Progress(global_step, args.num_updates * args.batch_size * args.unroll_length * args.world_size)
     checkpoint_path, next_checkpoint = f"runs/{run_name}/checkpoint.pt", global_step + args.checkpoint_every
     iteration = start_iteration  # updates made: the published weights' version
 
@@ -1391,11 +1426,11 @@ if __name__ == "__main__":
                 writer.add_scalar("charts/actor_restarts", actors.restarts, global_step)
                 writer.add_scalar("charts/actor_hangs", actors.hangs, global_step)
                 writer.add_scalar("charts/SPS", sps, global_step)
-                if time.time() - last_print > 10 or update in (start_iteration + 1, args.num_updates):
-                    last_print = time.time()
+                if progress.due() or update in (start_iteration + 1, args.num_updates):
                     mean_return = f"{np.mean(recent_returns):.2f}" if recent_returns else "n/a"
                     print(
-                        f"global_step={global_step} SPS={sps} return(last {len(recent_returns)} episodes)={mean_return} "
+                        f"global_step={global_step} SPS={sps} {progress(global_step)} "
+                        f"return(last {len(recent_returns)} episodes)={mean_return} "
                         f"policy_lag={policy_lag:.2f} unroll_age={batch['unroll_age']:.2f}s "
                         f"entropy={stats['entropy'] / (args.unroll_length * args.batch_size):.3f} "
                         f"rtrl_share={rtrl_time / update_time:.3f}",

@@ -228,8 +228,7 @@ def actor_history_and_unroll(core, impl="chunked", frozen_stem=False):
     agent = impala.Agent(OBS_SHAPE, NUM_ACTIONS, HIDDEN, core, freeze_stem=frozen_stem).double()
     args = impala.Args(core=core, rtrl_impl=impl, unroll_length=5, gamma=0.9, freeze_stem=frozen_stem)
     history, unroll = random_unroll_after_history(11, 5, 3)
-    c, sens = agent.cell.initial_state(3)
-    c0, sens0 = act_online(agent, *history, c, sens if core == "rtrl" else None)
+    c0, sens0 = act_online(agent, *history, *agent.initial_state(3))  # sens0 is {} but for rtrl
     return agent, history, unroll, args, {**unroll, "c0": c0, "sens0": sens0}
 
 
@@ -459,6 +458,10 @@ def test_torchrun_two_ranks_end_with_identical_weights_and_rank_0_checkpoints_th
     assert proc.returncode == 0, proc.stderr[-3000:]
     digests = dict(re.findall(r"rank (\d)/2: weights sha256 (\w+)", proc.stdout))
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], proc.stdout
+    # the progress line (rank 0's): the first update's, every 10 s, and the last one's, whose ETA is 0
+    lines = re.findall(r"^global_step=(\d+) SPS=\d+ elapsed=(\S+) eta=(\S+) return\(", proc.stdout, re.MULTILINE)
+    assert lines and lines[0][0] == "20" and lines[-1][0] == "200" and lines[-1][2] == "0s", proc.stdout
+    assert all(re.fullmatch(r"\d+s|\d+m\d\ds|\d+h\d\dm", elapsed) for _, elapsed, _ in lines), lines
     (path,) = glob.glob(str(tmp_path / "runs" / "*" / "checkpoint.pt"))  # rank 0's alone, at the end of training
     checkpoint = torch.load(path, weights_only=True)
     assert (checkpoint["iteration"], checkpoint["global_step"], checkpoint["args"]["world_size"]) == (updates, 200, 2)
@@ -827,6 +830,22 @@ def test_a_learner_slower_than_its_actors_takes_the_oldest_unroll_so_every_actor
         time.sleep(0.3)  # the learner's update: 3 actors' unrolls of 2 steps wait meanwhile
     assert min(counts) >= 3, counts  # in actor-index order: [11, 1, 0]
     assert min(ages) > 0
+
+
+def test_an_actors_unrolls_overlap_by_their_bootstrap_step_and_carry_no_sensitivities_but_for_rtrl(pool):
+    """T + 1 steps' inputs and T steps' outputs per unroll; an unroll's last step (it only bootstraps) is its
+    actor's next unroll's first, the fake's frame counts telling the steps apart; the ff core's sens0 is {}."""
+    unrolls = {}
+    while not any(len(u) >= 3 for u in unrolls.values()):
+        batch = next_batch(pool)
+        unrolls.setdefault(batch["actors"][0], []).append(batch)
+    (actor,) = [i for i, u in unrolls.items() if len(u) >= 3]
+    for a, b in zip(unrolls[actor], unrolls[actor][1:]):
+        assert len(a["obs"]) == len(a["firsts"]) == 3 and len(a["actions"]) == len(a["terms"]) == 2
+        assert a["sens0"] == {} and a["c0"].shape == (1, 8)
+        for k in impala.STEP_KEYS:
+            assert torch.equal(a[k][-1], b[k][0]), k
+        assert not torch.equal(a["obs"][-1], a["obs"][-2])  # the fake's frame count moved on
 
 
 def test_an_actor_that_sends_nothing_is_killed_and_restarted(pool, capsys):
