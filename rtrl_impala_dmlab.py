@@ -395,8 +395,8 @@ class Agent(nn.Module):
 
     def initial_state(self, batch_size):
         """(c, sens) at an episode's start: zero state and, for rtrl, zero sensitivities (Method §2). The other cores
-        use none and carry an empty dict: act() then advances the state alone, and no unused B x N x D zeros cost an
-        actor two passes per step and the pipe ~2ND floats per env and unroll (1 MB at N = 512, D = 257)."""
+        use none and carry an empty dict through the same code: zeros would cost an actor two passes over B x N x D
+        per step, and the pipe 2ND floats per env and unroll (1 MB at N = 512, D = 257), for nothing."""
         c, sens = self.cell.initial_state(batch_size)
         return c, sens if self.core == "rtrl" else {}
 
