@@ -104,27 +104,8 @@ def test_vtrace_on_policy_is_the_n_step_return():
 
 
 # ---------------------------------------------------------------------------------------------
-# The eLSTM, its RTRL, and the actors' online sensitivities
+# The actors' online sensitivities (the eLSTM's own claims: tests/test_every_script.py)
 # ---------------------------------------------------------------------------------------------
-def test_forward_matches_spec_equations():
-    checks.check_forward_matches_spec(impala)
-
-
-@pytest.mark.parametrize("impl", ["chunked", "step"])
-@pytest.mark.parametrize("chunk_len", [7, 1])
-def test_rtrl_equals_bptt_across_chunks_with_resets(impl, chunk_len):
-    checks.check_rtrl_equals_bptt_across_chunks(impala, impl, chunk_len)
-
-
-def test_carried_sensitivities_are_dc_dtheta_for_both_impls():
-    checks.check_carried_sensitivities_are_dc_dtheta(impala)
-
-
-@pytest.mark.parametrize("impl", ["chunked", "step"])
-def test_rtrl_scan_input_gradient_equals_autograd(impl):
-    checks.check_rtrl_scan_input_gradient_equals_autograd(impala, impl)
-
-
 def random_steps(steps, batch, seed):
     """Observations, last rewards and episode flags (terms, deads, firsts) of `steps` consecutive steps."""
     g = torch.Generator().manual_seed(seed)
@@ -906,7 +887,7 @@ def test_a_checkpoint_of_another_observation_shape_is_refused_before_anything_st
 
 
 # ---------------------------------------------------------------------------------------------
-# Devices (issue 14): ranks and GPUs, CPU checkpoints, the device line, a CUDA run of the float64 claim
+# Devices (issue 14): ranks and GPUs, CPU checkpoints, the device line, a CUDA run
 # ---------------------------------------------------------------------------------------------
 def fake_gpus(monkeypatch, count):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
@@ -936,12 +917,6 @@ def test_more_ranks_than_gpus_under_cuda_is_a_one_line_error_naming_both_counts(
 def test_a_checkpoint_holds_cpu_copies_of_every_tensor_and_loads_with_map_location_cpu(tmp_path, monkeypatch):
     make_agent = lambda: impala.Agent(OBS_SHAPE, NUM_ACTIONS, HIDDEN)
     checks.check_checkpoint_holds_cpu_copies(impala, make_agent, tmp_path, monkeypatch)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("impl", ["chunked", "step"])
-def test_on_cuda_rtrl_equals_bptt_across_chunks_with_resets(impl):
-    checks.check_rtrl_equals_bptt_on_cuda(impala, impl)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
