@@ -5,11 +5,14 @@ only it has (its environments, its bad input, its runs as a user starts them).""
 
 import ast
 import importlib
+import os
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import claims as checks
 import long_runs
 import pytest
+import torch
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,7 @@ SCRIPTS = {
     "minigrid": Script("rtrl_a2c_minigrid", checks.SymbolicView.shape, 3, obs_kind=checks.SymbolicView),
     "impala": Script("rtrl_impala_dmlab", (3, 12, 12), 4, other_obs_shape=(3, 24, 24)),
 }
-BY_MODULE = {s.module: s for s in SCRIPTS.values()}
+NAMES = {s.module: name for name, s in SCRIPTS.items()}
 A2C = ("atari", "procgen", "minigrid")
 PIXEL_A2C = ("atari", "procgen")  # a convolutional stem: --init-stem-from, --freeze-stem, --stem-in-update
 TRAINING = tuple(SCRIPTS)  # the progress line
@@ -47,7 +50,7 @@ def script(request):
 @pytest.fixture
 def known(script):
     """What the claims need to know of the script (its row in SCRIPTS)."""
-    return BY_MODULE[script.__name__]
+    return SCRIPTS[NAMES[script.__name__]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,3 +93,207 @@ def test_rtrl_scan_input_gradient_equals_autograd(script, impl):
 @pytest.mark.parametrize("impl", ["chunked", "step"])
 def test_rtrl_equals_bptt_on_cuda(script, impl):
     checks.check_rtrl_equals_bptt_on_cuda(script, impl)
+
+
+# ---------------------------------------------------------------------------------------------
+# The A2C update (Method §5, §6)
+# ---------------------------------------------------------------------------------------------
+@only(*A2C)
+def test_returns_bootstrap_truncations_and_cut_terminations(script):
+    checks.check_returns_bootstrap_truncations_and_cut_terminations(script)
+
+
+@only(*A2C)
+@pytest.mark.parametrize(
+    "core,impl", [("rtrl", "chunked"), ("rtrl", "step"), ("tbptt", "chunked"), ("lstm", "chunked"), ("ff", "chunked")]
+)
+def test_update_gradients_equal_autograd_on_equivalent_computation(script, known, core, impl):
+    checks.check_update_gradients_equal_autograd(script, core, impl, obs_kind=known.obs_kind)
+
+
+@only(*PIXEL_A2C)
+@pytest.mark.parametrize("core,impl", [("rtrl", "chunked"), ("rtrl", "step"), ("tbptt", "chunked"), ("lstm", "chunked")])
+def test_frozen_stem_gets_no_gradient_nor_backward_pass_and_the_rest_equals_autograd(script, core, impl):
+    checks.check_frozen_stem_gets_nothing_and_the_rest_is_exact(script, core, impl)
+
+
+@only(*PIXEL_A2C)
+@pytest.mark.parametrize("core", ["rtrl", "lstm"])
+def test_stem_in_update_on_and_off_give_the_same_gradients(script, core):
+    long_runs.check_stem_in_update_gives_the_same_gradients(script, core)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation, a stem from a checkpoint, devices, checkpoints
+# ---------------------------------------------------------------------------------------------
+@only("atari", "procgen", "impala")
+def test_greedy_evaluation_plays_a_fixed_quota_per_env(script):
+    checks.check_greedy_evaluation_plays_a_fixed_quota_per_env(script)
+
+
+@only("atari", "procgen", "impala")
+def test_init_stem_from_copies_the_stem_and_refuses_what_does_not_fit(script, known, tmp_path, capsys):
+    checks.check_init_stem_from(script, tmp_path, capsys, known.obs_shape, known.other_obs_shape)
+
+
+@only(*PIXEL_A2C)
+def test_the_device_line_names_the_device(script, monkeypatch):
+    long_runs.check_the_device_line_names_the_device(script, monkeypatch)
+
+
+def test_a_checkpoint_saved_on_a_gpu_loads_on_the_cpu(script, known, tmp_path, monkeypatch):
+    long_runs.check_a_checkpoint_from_a_gpu_loads_on_the_cpu(script, known.obs_shape, known.num_actions, tmp_path, monkeypatch)
+
+
+def test_a_checkpoint_holds_cpu_copies_of_every_tensor_and_loads_with_map_location_cpu(script, known, tmp_path, monkeypatch):
+    make_agent = lambda: script.Agent(known.obs_shape, known.num_actions, checks.HIDDEN)
+    checks.check_checkpoint_holds_cpu_copies(script, make_agent, tmp_path, monkeypatch)
+
+
+# ---------------------------------------------------------------------------------------------
+# The progress line: elapsed time and an ETA from the recent steps/s
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "seconds,text",
+    [(0, "0s"), (12, "12s"), (59.6, "1m00s"), (249, "4m09s"), (3599.6, "1h00m"), (37_860, "10h31m"), (float("inf"), "?")],
+)
+def test_duration_reads_as_seconds_minutes_or_hours(script, seconds, text):
+    assert script.duration(seconds) == text
+
+
+def test_progress_gives_the_elapsed_time_and_an_eta_from_the_last_minutes_steps_per_second(script, monkeypatch):
+    """A run resumed at step 500 of 100,000, a line every 11 s: 12 lines at 100 steps/s, then 6 at 10 steps/s. The
+    ETA is the steps left at the last minute's 10 steps/s: (100,000 - 14,360) / 10 = 8,564 s (the whole run's 70
+    steps/s would say 20m23s). No line is due until 10 s after the last."""
+    now = [1000.0]
+    monkeypatch.setattr(script, "time", SimpleNamespace(time=lambda: now[0]))
+    progress, step = script.Progress(500, 100_000), 500
+    assert progress.due() and progress(step) == "elapsed=0s eta=?"  # no step timed yet
+    for lines, rate in [(12, 100), (6, 10)]:
+        for _ in range(lines):
+            now[0] += 9.5
+            assert not progress.due()
+            now[0] += 1.5
+            assert progress.due()
+            step += 11 * rate
+            line = progress(step)
+    assert step == 14_360 and line == "elapsed=3m18s eta=2h22m"
+
+
+# ---------------------------------------------------------------------------------------------
+# Long runs of the pixel A2C scripts: --checkpoint-every, --resume, Ctrl-C / SIGTERM (tests/long_runs.py)
+# ---------------------------------------------------------------------------------------------
+RESUMABLE = ("--num-envs", "2", "--num-steps", "8", "--hidden-size", "16", "--eval-episodes", "0", "--checkpoint-every", "16")
+SAVED_STEP = 48  # 3 updates of 2 envs x 8 steps; checkpoints at 16, 32, 48 (the end)
+
+
+@dataclass(frozen=True)
+class LongRun:
+    flags: tuple  # besides RESUMABLE
+    env_id: str  # the default, and another to resume with
+    other_env_id: str
+    resume_to: int  # a resumed run's --total-timesteps: long enough for episodes to end after the resume
+    evals: dict  # eval tag -> the steps the resumed run logs it at
+    final_table: tuple = ()  # what the resumed run's final evaluation table shows
+    other_flags: tuple = ()  # (flags, message): other flags that differ from the checkpoint's run, and the error
+    cuda_flags: tuple = ()  # besides the two updates' flags, for a run on a GPU
+
+
+LONG_RUNS = {
+    "atari": LongRun((), "Breakout-v5", "Pong-v5", 640, {"eval/episodic_return": [0]}),  # logged by episode, as CleanRL
+    # 136 steps per env after the resume: Chaser's episodes end; evaluations 160 steps after the resume, and at the end
+    "procgen": LongRun(
+        ("--eval-every", "160"),
+        "ChaserHard-v0",
+        "MazeMemory-v0",
+        320,
+        {"eval/train_levels_return": [208, 320], "eval/test_levels_return": [208, 320]},
+        final_table=("test (all)", "[1400, 1600)"),  # the default test level sets
+        other_flags=((("--test-level-starts", "2000"), "--test-level-starts (2000,) (checkpoint: (1000, 1200, 1400))"),),
+        cuda_flags=("--test-level-starts", "3000"),
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpointed(script, tmp_path_factory):
+    """One short run with checkpoints per script, shared by the claims below (see long_runs.first_run)."""
+    flags = (*RESUMABLE, *LONG_RUNS[NAMES[script.__name__]].flags)
+    return long_runs.first_run(script, tmp_path_factory.mktemp("checkpointed"), flags, SAVED_STEP)
+
+
+@pytest.fixture
+def long_run(script):
+    return LONG_RUNS[NAMES[script.__name__]]
+
+
+@only(*LONG_RUNS)
+def test_resume_restores_every_tensor_bit_for_bit_and_the_run_goes_on_from_its_step(
+    script, known, long_run, checkpointed, monkeypatch, capsys
+):
+    long_runs.check_resume_restores_every_tensor_bit_for_bit(script, checkpointed, monkeypatch, capsys)
+    more = ["--eval-episodes", "1", "--save-model"]  # the smoke runs' evaluations, and model.pt
+    scalars = long_runs.check_resumed_run_goes_on_from_its_step(script, checkpointed, long_run.resume_to, more, monkeypatch)
+    for tag, steps in long_run.evals.items():
+        assert [step for step, _ in scalars[tag]] == steps, tag
+    out = capsys.readouterr().out
+    assert all(text in out for text in long_run.final_table), out
+    model = torch.load(checkpointed.dir / "runs" / checkpointed.name / "model.pt", weights_only=True)
+    agent = script.Agent(known.obs_shape, known.num_actions, 16, "rtrl")
+    agent.load_state_dict(model["model"])
+    assert model["script"] == os.path.basename(script.__file__) and model.keys() == {"script", "model", "args"}
+
+
+@only(*LONG_RUNS)
+def test_the_same_seed_logs_identical_losses(script, checkpointed, tmp_path, monkeypatch):
+    long_runs.check_same_seed_logs_identical_losses(script, checkpointed, tmp_path, monkeypatch)
+
+
+@only(*LONG_RUNS)
+def test_ctrl_c_finishes_the_update_writes_a_checkpoint_and_exits_130(script, checkpointed, tmp_path):
+    long_runs.check_ctrl_c_writes_a_checkpoint_and_exits_130(script, checkpointed, tmp_path)
+
+
+@only(*LONG_RUNS)
+def test_sigterm_finishes_the_update_writes_a_checkpoint_and_exits_143(script, checkpointed, tmp_path, monkeypatch, capsys):
+    long_runs.check_sigterm_finishes_the_update_and_exits_143(script, checkpointed, tmp_path, monkeypatch, capsys)
+
+
+@only(*LONG_RUNS)
+def test_a_bad_checkpoint_to_resume_is_a_one_line_error(script, known, long_run, checkpointed, tmp_path, capsys):
+    name = os.path.basename(script.__file__)
+    cases = [
+        (None, ["--resume", "missing.pt"], "--resume: no such file 'missing.pt'"),
+        ("truncate", [], "is not a readable checkpoint"),
+        ("weights only", [], "is not a checkpoint to resume from (no global_step, iteration, optimizer"),
+        ("other script", [], f"was written by rtrl_a2c_minigrid.py, not {name}"),
+        (
+            None,
+            ["--hidden-size", "64", "--core", "tbptt"],
+            "differs from the checkpoint's run: --hidden-size 64 (checkpoint: 16), --core tbptt (checkpoint: rtrl)",
+        ),
+        (None, ["--env-id", long_run.other_env_id], f"--env-id {long_run.other_env_id} (checkpoint: {long_run.env_id})"),
+        *((None, list(flags), message) for flags, message in long_run.other_flags),
+        (None, ["--total-timesteps", "40"], "--total-timesteps 40 is below the checkpoint's step 48"),
+        ("other shapes", [], "--resume: the checkpoint does not fit this agent (Error(s) in loading state_dict"),
+    ]
+    long_runs.check_bad_checkpoints_are_one_line_errors(
+        script, checkpointed, tmp_path, capsys, known.obs_shape, known.num_actions, cases
+    )
+
+
+@only(*LONG_RUNS)
+def test_a_checkpoint_serves_as_init_stem_from(script, known, checkpointed):
+    long_runs.check_a_checkpoint_gives_its_stem(script, checkpointed, known.obs_shape, known.num_actions)
+
+
+@only(*LONG_RUNS)
+def test_the_script_checks_the_checkpoint_before_it_writes(script, checkpointed):
+    long_runs.check_main_checks_the_checkpoint_before_it_writes(script, checkpointed)
+
+
+@long_runs.CUDA
+@only(*LONG_RUNS)
+def test_two_updates_on_cuda(script, long_run, tmp_path):
+    flags = ("--num-envs", "2", "--num-steps", "8", "--total-timesteps", "32", "--hidden-size", "16", "--eval-episodes", "1")
+    long_runs.check_two_updates_on_cuda(script, tmp_path, (*flags, *long_run.cuda_flags))

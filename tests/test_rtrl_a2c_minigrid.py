@@ -1,5 +1,6 @@
-"""Claims about rtrl_a2c_minigrid.py, each checked against an independent float64 computation (tests/claims.py),
-EnvPool MiniGrid's episode semantics, and the script as a user runs it."""
+"""rtrl_a2c_minigrid.py's own claims: EnvPool MiniGrid's episode semantics, the staleness diagnostic, and the script as
+a user runs it. The claims it shares with the other scripts (the eLSTM, the update, checkpoints) are in
+tests/test_every_script.py."""
 
 import glob
 import os
@@ -21,17 +22,6 @@ import rtrl_a2c_minigrid as minigrid
 
 SCRIPT = minigrid.__file__
 ENV_ID = "MiniGrid-MemoryS7-v0"
-
-
-def test_returns_bootstrap_truncations_and_cut_terminations():
-    checks.check_returns_bootstrap_truncations_and_cut_terminations(minigrid)
-
-
-@pytest.mark.parametrize(
-    "core,impl", [("rtrl", "chunked"), ("rtrl", "step"), ("tbptt", "chunked"), ("lstm", "chunked"), ("ff", "chunked")]
-)
-def test_update_gradients_equal_autograd_on_equivalent_computation(core, impl):
-    checks.check_update_gradients_equal_autograd(minigrid, core, impl, obs_kind=checks.SymbolicView)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,10 +349,6 @@ def test_the_device_line_says_when_cuda_found_no_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: f"Fake GPU {device}")
     monkeypatch.setattr(torch.version, "cuda", "12.4")
     assert minigrid.device_line(*minigrid.choose_device(True)) == "device: cuda:0 (Fake GPU cuda:0, torch CUDA 12.4)"
-
-
-def test_a_checkpoint_holds_cpu_copies_of_every_tensor_and_loads_with_map_location_cpu(tmp_path, monkeypatch):
-    checks.check_checkpoint_holds_cpu_copies(minigrid, lambda: minigrid.Agent((2,), 2, 8, "rtrl"), tmp_path, monkeypatch)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

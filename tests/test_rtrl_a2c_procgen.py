@@ -1,4 +1,5 @@
-"""Claims about rtrl_a2c_procgen.py: the shared A2C claims (tests/claims.py) and held-out evaluation."""
+"""rtrl_a2c_procgen.py's own claims: its levels, held-out evaluation, the script as a user runs it. The claims it
+shares with the other scripts (the eLSTM, the update, checkpoints, long runs) are in tests/test_every_script.py."""
 
 import ctypes.util
 import glob
@@ -6,7 +7,6 @@ import os
 
 import claims as checks
 import helpers
-import long_runs
 import pytest
 import torch
 import tyro
@@ -14,43 +14,6 @@ import tyro
 import rtrl_a2c_procgen as procgen
 
 SCRIPT = procgen.__file__
-
-
-def test_returns_bootstrap_truncations_and_cut_terminations():
-    checks.check_returns_bootstrap_truncations_and_cut_terminations(procgen)
-
-
-@pytest.mark.parametrize(
-    "core,impl", [("rtrl", "chunked"), ("rtrl", "step"), ("tbptt", "chunked"), ("lstm", "chunked"), ("ff", "chunked")]
-)
-def test_update_gradients_equal_autograd_on_equivalent_computation(core, impl):
-    checks.check_update_gradients_equal_autograd(procgen, core, impl)
-
-
-@pytest.mark.parametrize("core,impl", [("rtrl", "chunked"), ("tbptt", "chunked"), ("lstm", "chunked")])
-def test_frozen_stem_gets_no_gradient_nor_backward_pass_and_the_rest_equals_autograd(core, impl):
-    checks.check_frozen_stem_gets_nothing_and_the_rest_is_exact(procgen, core, impl)
-
-
-def test_init_stem_from_copies_the_stem_and_refuses_what_does_not_fit(tmp_path, capsys):
-    checks.check_init_stem_from(procgen, tmp_path, capsys, (3, 64, 64), (4, 84, 84))
-
-
-@pytest.mark.parametrize("core", ["rtrl", "lstm"])
-def test_stem_in_update_on_and_off_give_the_same_gradients(core):
-    long_runs.check_stem_in_update_gives_the_same_gradients(procgen, core)
-
-
-def test_the_device_line_names_the_device(monkeypatch):
-    long_runs.check_the_device_line_names_the_device(procgen, monkeypatch)
-
-
-def test_a_checkpoint_saved_on_a_gpu_loads_on_the_cpu(tmp_path, monkeypatch):
-    long_runs.check_a_checkpoint_from_a_gpu_loads_on_the_cpu(procgen, (3, 64, 64), 15, tmp_path, monkeypatch)
-
-
-def test_greedy_evaluation_plays_a_fixed_quota_per_env():
-    checks.check_greedy_evaluation_plays_a_fixed_quota_per_env(procgen)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,86 +140,6 @@ def test_the_script_checks_its_input_before_it_starts(tmp_path):
     checks.check_bad_input_is_a_one_line_error(proc, "--init-stem-from missing.pt: no such file", tmp_path)
 
 
-# ---------------------------------------------------------------------------------------------
-# Long runs: --checkpoint-every, --resume, Ctrl-C / SIGTERM (tests/long_runs.py)
-# ---------------------------------------------------------------------------------------------
-RESUMABLE = (
-    "--num-envs",
-    "2",
-    "--num-steps",
-    "8",
-    "--hidden-size",
-    "16",
-    "--eval-episodes",
-    "0",
-    "--checkpoint-every",
-    "16",
-    "--eval-every",
-    "160",
-)
-SAVED_STEP = 48  # 3 updates of 2 envs x 8 steps; checkpoints at 16, 32, 48 (the end)
-
-
-@pytest.fixture(scope="module")
-def checkpointed(tmp_path_factory):
-    return long_runs.first_run(procgen, tmp_path_factory.mktemp("checkpointed"), RESUMABLE, SAVED_STEP)
-
-
-def test_resume_restores_every_tensor_bit_for_bit_and_the_run_goes_on_from_its_step(checkpointed, monkeypatch, capsys):
-    long_runs.check_resume_restores_every_tensor_bit_for_bit(procgen, checkpointed, monkeypatch, capsys)
-    # to 320 steps (136 per env after the resume: Chaser's episodes end), with the smoke run's evaluations (160 steps
-    # after the resume, and at the end) on the default test sets, and model.pt
-    more = ["--eval-episodes", "1", "--save-model"]
-    scalars = long_runs.check_resumed_run_goes_on_from_its_step(procgen, checkpointed, 320, more, monkeypatch)
-    for tag in ("eval/train_levels_return", "eval/test_levels_return"):
-        assert [step for step, _ in scalars[tag]] == [208, 320], tag
-    out = capsys.readouterr().out
-    assert "test (all)" in out and "[1400, 1600)" in out, out  # the final table
-    model = torch.load(checkpointed.dir / "runs" / checkpointed.name / "model.pt", weights_only=True)
-    agent = procgen.Agent((3, 64, 64), 15, 16, "rtrl")
-    agent.load_state_dict(model["model"])
-    assert model["script"] == "rtrl_a2c_procgen.py" and model.keys() == {"script", "model", "args"}
-
-
-def test_the_same_seed_logs_identical_losses(checkpointed, tmp_path, monkeypatch):
-    long_runs.check_same_seed_logs_identical_losses(procgen, checkpointed, tmp_path, monkeypatch)
-
-
-def test_ctrl_c_finishes_the_update_writes_a_checkpoint_and_exits_130(checkpointed, tmp_path):
-    long_runs.check_ctrl_c_writes_a_checkpoint_and_exits_130(procgen, checkpointed, tmp_path)
-
-
-def test_sigterm_finishes_the_update_writes_a_checkpoint_and_exits_143(checkpointed, tmp_path, monkeypatch, capsys):
-    long_runs.check_sigterm_finishes_the_update_and_exits_143(procgen, checkpointed, tmp_path, monkeypatch, capsys)
-
-
-def test_a_bad_checkpoint_to_resume_is_a_one_line_error(checkpointed, tmp_path, capsys):
-    cases = [
-        (None, ["--resume", "missing.pt"], "--resume: no such file 'missing.pt'"),
-        ("truncate", [], "is not a readable checkpoint"),
-        ("weights only", [], "is not a checkpoint to resume from (no global_step, iteration, optimizer"),
-        ("other script", [], "was written by rtrl_a2c_minigrid.py, not rtrl_a2c_procgen.py"),
-        (
-            None,
-            ["--hidden-size", "64", "--core", "tbptt"],
-            "differs from the checkpoint's run: --hidden-size 64 (checkpoint: 16), --core tbptt (checkpoint: rtrl)",
-        ),
-        (None, ["--env-id", "MazeMemory-v0"], "--env-id MazeMemory-v0 (checkpoint: ChaserHard-v0)"),
-        (None, ["--test-level-starts", "2000"], "--test-level-starts (2000,) (checkpoint: (1000, 1200, 1400))"),
-        (None, ["--total-timesteps", "40"], "--total-timesteps 40 is below the checkpoint's step 48"),
-        ("other shapes", [], "--resume: the checkpoint does not fit this agent (Error(s) in loading state_dict"),
-    ]
-    long_runs.check_bad_checkpoints_are_one_line_errors(procgen, checkpointed, tmp_path, capsys, (3, 64, 64), 15, cases)
-
-
-def test_a_checkpoint_serves_as_init_stem_from(checkpointed):
-    long_runs.check_a_checkpoint_gives_its_stem(procgen, checkpointed, (3, 64, 64), 15)
-
-
-def test_the_script_checks_the_checkpoint_before_it_writes(checkpointed):
-    long_runs.check_main_checks_the_checkpoint_before_it_writes(procgen, checkpointed)
-
-
 @pytest.mark.skipif(ctypes.util.find_library("Qt5Core") is not None, reason="a system Qt5 would serve")
 def test_missing_qt_runtime_says_what_to_install(tmp_path):
     """A PyQt5 without its Qt libraries shadows the wheel: no Qt5 anywhere, as on a bare machine."""
@@ -264,25 +147,3 @@ def test_missing_qt_runtime_says_what_to_install(tmp_path):
     (tmp_path / "PyQt5" / "__init__.py").write_text("")
     proc = run_script(tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)})
     checks.check_bad_input_is_a_one_line_error(proc, "pip install PyQt5-Qt5", tmp_path)
-
-
-# ---------------------------------------------------------------------------------------------
-# On a GPU (skipped without one): the float64 RTRL = BPTT claim and two updates on cuda
-# ---------------------------------------------------------------------------------------------
-@long_runs.CUDA
-def test_two_updates_on_cuda(tmp_path):
-    flags = (
-        "--num-envs",
-        "2",
-        "--num-steps",
-        "8",
-        "--total-timesteps",
-        "32",
-        "--hidden-size",
-        "16",
-        "--eval-episodes",
-        "1",
-        "--test-level-starts",
-        "3000",
-    )
-    long_runs.check_two_updates_on_cuda(procgen, tmp_path, flags)
