@@ -1,17 +1,22 @@
 """Claims about rtrl_multilayer_study.py, each checked against an independent float64 computation."""
 
-import csv
+import importlib.util
 import json
+import os
+import re
+import sys
 
 import helpers
 import numpy as np
 import pytest
 import torch
+import tyro
 from helpers import episode_flags, rel_err
 
 import rtrl_multilayer_study as study
 
 SCRIPT = study.__file__
+BENCH = os.path.join(os.path.dirname(SCRIPT), "bench", "multilayer_cost.py")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,6 +130,7 @@ def test_stack_forward_matches_spec_equations():
         (2, "rtrl", "chunked", 1),
         (3, "rtrl", "chunked", 5),
         (3, "rtrl", "chunked", 1),
+        (4, "rtrl", "chunked", 5),  # the first depth where H^{m-1,l} passes through a gate (G_x @ H)
         (2, "rtrl-local", "chunked", 5),
         (3, "rtrl-local", "step", 5),
     ],
@@ -196,32 +202,6 @@ def test_frozen_lower_trains_only_the_top_layer_and_the_head():
 
 
 # ---------------------------------------------------------------------------------------------
-# Cost measurement
-# ---------------------------------------------------------------------------------------------
-def test_peak_memory_counts_live_storages_created_in_the_block():
-    outside = torch.zeros(100)
-    with study.PeakTensorMemory() as memory:
-        a = torch.zeros(1000)  # 4000 bytes
-        b = torch.zeros(2000)  # 8000 bytes: peak 12000
-        del a
-        c = torch.zeros(500)  # 2000 bytes
-        _ = b.view(10, 200), outside.t(), b.mul_(2)  # views and in-place results allocate nothing
-    assert (memory.peak, memory.live) == (12000, 10000)
-    del b, c
-
-
-def test_exact_sensitivity_estimate_matches_the_carried_tensors():
-    stack = study.ELSTMStack(5, 5, 3)
-    _, sens = stack.initial_state(2)
-    assert study.exact_sensitivity_bytes(3, 5, 2) == 4 * sum(s.numel() for s in sens["cross"].values())
-
-
-def test_fit_exponent_recovers_a_power_law():
-    xs = np.array([8, 16, 32, 64])
-    assert study.fit_exponent(xs, 3.0 * xs**2.5) == pytest.approx(2.5)
-
-
-# ---------------------------------------------------------------------------------------------
 # Copy task and RL
 # ---------------------------------------------------------------------------------------------
 def test_copy_stream_targets_every_pattern_bit_and_nothing_else():
@@ -285,7 +265,7 @@ def test_rl_update_gradients_equal_autograd_through_the_history(method):
     returns = torch.randn(steps, batch, dtype=torch.float64)
     c, sens = study.method_state(net.stack, batch, method)
     for r in rollouts:
-        _, sens = study.rl_gradients(net, r, returns, c, sens, method, args)
+        sens = study.rl_gradients(net, r, returns, c, sens, method, args)
         with torch.no_grad():
             c = [c_l[-1] for c_l in net.stack(r.obs, c, r.firsts)[1]]
     got = {n: p.grad for n, p in net.named_parameters()}
@@ -326,17 +306,6 @@ def run_script(tmp_path, *flags):
 
 TINY = [
     "--quick",
-    "--cost-hidden-sizes",
-    "4",
-    "8",
-    "16",
-    "--cost-layers",
-    "1",
-    "2",
-    "--cost-layers-hidden-size",
-    "4",
-    "--cost-steps",
-    "1",
     "--copy-sequences",
     "3",
     "--copy-seeds",
@@ -357,8 +326,6 @@ def test_quick_run_writes_the_whole_report(tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "report"
     results = json.loads((out / "results.json").read_text())
-    assert {f["method"] for f in results["cost"]["fits"]} == {"rtrl", "rtrl-local", "tbptt"}
-    assert all(np.isfinite(f["time_exponent"]) and np.isfinite(f["memory_exponent"]) for f in results["cost"]["fits"])
     assert {r["method"] for r in results["copy"]["runs"]} == {*study.METHODS, "rtrl (L=1)"}
     assert all(len(r["accuracy"]) == 3 for r in results["copy"]["runs"])
     assert max(r["rel_error"] for r in results["gradients"]["init"] if r["method"] == "rtrl") < 1e-10
@@ -374,33 +341,39 @@ def test_quick_run_writes_the_whole_report(tmp_path):
     assert covering and max(r["rel_error"] for r in covering) < 1e-10
     short = [r for r in sweeps if r["sweep"] == "k" and r["value"] < 4 and r["method"] == "tbptt" and r["group"] == "layer 1"]
     assert short and min(r["rel_error"] for r in short) > 1e-3
-    with open(out / "results.csv") as f:
-        studies = {row["study"] for row in csv.DictReader(f)}
-    expected = {
-        "cost_vs_hidden",
-        "cost_vs_layers",
-        "cost_fit",
-        "gradients_init",
-        "gradients_trained",
-        "copy",
-        "rl",
-        "gradients_vs_k_1",
-        "gradients_vs_sequences_1",
-    }
-    assert expected <= studies
     report = (out / "report.md").read_text()
-    for png in ("cost_vs_hidden.png", "cost_vs_layers.png", "copy_accuracy.png", "gradient_quality.png", "rl_returns.png"):
+    for png in ("copy_accuracy.png", "gradient_quality.png", "rl_returns.png"):
         assert png in report and (out / png).stat().st_size > 1000
+    # the tables hold the run's numbers: the copy table's rtrl row is its final accuracy
+    (rtrl_copy,) = [r for r in results["copy"]["runs"] if r["method"] == "rtrl"]
+    assert f"| rtrl | {rtrl_copy['final_accuracy']:.3f} | {rtrl_copy['final_accuracy']:.3f} |" in report
     assert not list(out.glob("*.tmp"))
+
+
+def test_report_renders_from_results_json_alone(tmp_path):
+    """The committed report is regenerated from its results.json (no experiment re-run): same text."""
+    docs = os.path.join(os.path.dirname(SCRIPT), "docs", "multilayer_study")
+    with open(os.path.join(docs, "results.json")) as f:
+        results = json.load(f)
+    with open(os.path.join(docs, "report.md")) as f:
+        assert study.report_markdown(results) == f.read()
+
+
+def test_quick_presets_only_the_flags_you_leave_out():
+    assert study.parse_args(["--quick"]).tbptt_k == study.QUICK["tbptt_k"] != study.Args.tbptt_k
+    assert study.parse_args(["--quick", "--tbptt-k", str(study.Args.tbptt_k)]).tbptt_k == study.Args.tbptt_k
+    assert study.parse_args(["--tbptt-k", "2", "--quick"]).tbptt_k == 2
+    assert study.parse_args(["--quick", "--no-quick"]).tbptt_k == study.Args.tbptt_k
 
 
 @pytest.mark.parametrize(
     "flags,message",
     [
         (["--num-layers", "0"], "--num-layers must be positive"),
-        (["--cost-hidden-sizes", "8", "0"], "--cost-hidden-sizes must be positive"),
+        (["--gradient-sweep-k", "8", "0"], "--gradient-sweep-k must be positive"),
         (["--methods", "rtrl", "bptt"], "unknown method 'bptt'"),
-        (["--studies", "cost", "copi"], "did you mean copy?"),
+        (["--studies", "rl", "copi"], "did you mean copy?"),
+        (["--studies", "cost"], "bench/multilayer_cost.py"),
         (["--rl-env-id", "CartPole-v2"], "did you mean CartPole-v1?"),
         (["--rl-total-timesteps", "10"], "less than one rollout"),
     ],
@@ -414,3 +387,78 @@ def test_the_script_checks_its_input_before_it_starts(tmp_path):
     proc = run_script(tmp_path, "--num-layers", "0", "--out-dir", "report")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "--num-layers must be positive" in proc.stderr and not (tmp_path / "report").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# bench/multilayer_cost.py: the cost sweep over the study's learner
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, os.path.dirname(BENCH))  # the benchmark imports bench/common.py as `common`
+    spec = importlib.util.spec_from_file_location("multilayer_cost", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield module
+    sys.path.remove(os.path.dirname(BENCH))
+
+
+def test_peak_memory_counts_live_storages_created_in_the_block(bench):
+    outside = torch.zeros(100)
+    with bench.PeakTensorMemory() as memory:
+        a = torch.zeros(1000)  # 4000 bytes
+        b = torch.zeros(2000)  # 8000 bytes: peak 12000
+        del a
+        c = torch.zeros(500)  # 2000 bytes
+        _ = b.view(10, 200), outside.t(), b.mul_(2)  # views and in-place results allocate nothing
+    assert (memory.peak, memory.live) == (12000, 10000)
+    del b, c
+
+
+def test_exact_sensitivity_estimate_matches_the_carried_tensors(bench):
+    stack = study.ELSTMStack(5, 5, 3)
+    _, sens = stack.initial_state(2)
+    assert bench.exact_sensitivity_bytes(3, 5, 2) == 4 * sum(s.numel() for s in sens["cross"].values())
+
+
+def test_fit_exponent_recovers_a_power_law(bench):
+    xs = np.array([8, 16, 32, 64])
+    assert bench.fit_exponent(xs, 3.0 * xs**2.5) == pytest.approx(2.5)
+
+
+def bench_table(stdout, title):
+    """{(L, N): cells} of the table printed under `title`."""
+    lines = stdout.splitlines()
+    start = lines.index(title) + 3  # title, header, dashes
+    rows = {}
+    for line in lines[start:]:
+        if not line.strip():
+            break
+        cells = re.split(r"\s{2,}", line.strip())
+        rows[int(cells[0]), int(cells[1])] = cells[2:]
+    return rows
+
+
+def test_cost_bench_measures_every_method_side_by_side(tmp_path):
+    figure = tmp_path / "cost.png"
+    proc = helpers.run_script(BENCH, tmp_path, "--tiny", "--plot", str(figure))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("machine: ") and " cores, torch " in proc.stdout.splitlines()[0]
+    by_n, by_l = bench_table(proc.stdout, "cost against N"), bench_table(proc.stdout, "cost against L")
+    assert set(by_n) == {(L, n) for L in (1, 2, 3) for n in (4, 6, 8)} and set(by_l) == {(1, 4), (2, 4), (4, 4)}
+    for (L, n), cells in {**by_n, **by_l}.items():
+        ms, mb = [float(c) for c in cells[:3]], [float(c) for c in cells[3:6]]
+        assert all(t > 0 for t in ms) and all(m > 0 for m in mb)
+        assert cells[6].endswith("x") and float(cells[6][:-1]) == pytest.approx(ms[0] / ms[1], rel=0.1, abs=0.06)
+        # the cross sensitivities: exact RTRL holds B x N x P_l per upper layer, the others nothing like it
+        assert (mb[0] > 3 * mb[1]) == (L > 1), (L, n, mb)
+    fits = proc.stdout.split("growth in N")[1]
+    assert len(re.findall(r"^\s*(rtrl|rtrl-local|tbptt)\s+\d", fits, re.M)) == 9
+    assert f"figure saved to {figure}" in proc.stdout and figure.stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [(["--hidden-sizes", "8", "0"], "must be positive"), (["--layers"], "need at least one value")],
+)
+def test_cost_bench_bad_input_is_a_one_line_error(bench, flags, message, capsys):
+    helpers.bad_input_in_process(lambda argv: bench.check(tyro.cli(bench.Args, args=argv)), flags, message, capsys)
