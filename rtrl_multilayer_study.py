@@ -82,9 +82,7 @@ class Args:
     gradient_sweep_k: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12)
     """truncation windows k of the gradient-quality-vs-k sweep, at the table's stream length"""
 
-    # RL: A2C (the loss and returns of rtrl_a2c_atari.py, with Adam) with an L-layer core, on a partially observed task
-    rl_env_id: str = "CartPole-v1"
-    """CartPole-v1 (velocities hidden) or MiniGrid-MemoryS7-v0"""
+    # RL: A2C (the loss and returns of rtrl_a2c_atari.py, with Adam) with an L-layer core, CartPole without velocities
     rl_methods: tuple[str, ...] = ("rtrl", "rtrl-local", "tbptt")
     """gradient methods of the RL runs (with L > 1 and rtrl among them, also 1-layer rtrl)"""
     rl_seeds: int = 3
@@ -150,7 +148,6 @@ def parse_args(argv=None):
         fail("the cost study is now a benchmark: python bench/multilayer_cost.py")
     check_choices("study", args.studies, STUDIES)
     check_choices("method", args.methods + args.rl_methods, METHODS)
-    check_choices("--rl-env-id", (args.rl_env_id,), tuple(OBSERVATIONS))
     if args.gamma > 1 or args.ent_coef < 0 or args.vf_coef < 0:
         fail(f"need --gamma <= 1 and --ent-coef, --vf-coef >= 0; got {args.gamma}, {args.ent_coef}, {args.vf_coef}")
     if args.rl_total_timesteps < args.rl_num_envs * args.rl_num_steps:
@@ -733,30 +730,25 @@ def gradient_study(args, device, trained):
 # ---------------------------------------------------------------------------------------------
 # RL: A2C on a partially observed EnvPool task, the loss of rtrl_a2c_atari.py with an L-layer core
 # ---------------------------------------------------------------------------------------------
-OBSERVATIONS = {
-    # positions only: the velocities must come from memory
-    "CartPole-v1": lambda obs: obs[:, [0, 2]] / np.array([2.4, 0.2095], dtype=np.float32),
-    # the 7x7 egocentric view (object, colour, state ids) and the facing direction
-    "MiniGrid-MemoryS7-v0": lambda obs: np.concatenate(
-        [obs["image"].reshape(len(obs["image"]), -1) / 10.0, np.eye(4)[obs["direction"]]], 1
-    ),
-}
+ENV_ID = "CartPole-v1"
 
 
 class Envs:
-    """EnvPool with the study's partial observations and the agent's view of episode ends.
+    """EnvPool's CartPole with the positions only (the velocities must come from memory), and the agent's view of
+    episode ends.
 
     As AtariEnvs in rtrl_a2c_atari.py: EnvPool answers the step after an episode ends with the next episode's
     first observation and ignores its action, so the step taking the terminal observation is `dead` (no loss,
     its value bootstraps a truncation) and the step after it is `first` (state and sensitivities reset).
     """
 
-    def __init__(self, env_id, seeds, device):
+    def __init__(self, seeds, device):
         import envpool
 
         warnings.filterwarnings("ignore", message=".*precision lowered.*")  # gymnasium's note on CartPole's Box
-        self.envs = envpool.make(env_id, env_type="gymnasium", num_envs=len(seeds), env_seed=[int(s) for s in seeds])
-        self.observe = lambda obs: torch.as_tensor(OBSERVATIONS[env_id](obs), dtype=torch.float32, device=device)
+        self.envs = envpool.make(ENV_ID, env_type="gymnasium", num_envs=len(seeds), env_seed=[int(s) for s in seeds])
+        scale = torch.tensor([2.4, 0.2095], device=device)  # the termination thresholds of x and theta
+        self.observe = lambda obs: torch.as_tensor(obs[:, [0, 2]], dtype=torch.float32, device=device) / scale
         self.num_actions = self.envs.action_space.n
         self.device = device
         self.obs = self.observe(self.envs.reset()[0])
@@ -765,13 +757,12 @@ class Envs:
         self.episode_return = np.zeros(len(seeds))
 
     def step(self, action):
-        """Returns (reward, terminated) of the step and the (return, length) of episodes that ended."""
-        obs, reward, term, trunc, info = self.envs.step(action.cpu().numpy())
+        """Returns (reward, terminated) of the step and the returns of the episodes that ended."""
+        obs, reward, term, trunc, _ = self.envs.step(action.cpu().numpy())
         self.episode_return += reward
-        episodes = []
-        for i in np.flatnonzero(term | trunc):
-            episodes.append((self.episode_return[i], int(info["elapsed_step"][i])))
-            self.episode_return[i] = 0.0
+        ended = term | trunc
+        episodes = list(self.episode_return[ended])
+        self.episode_return[ended] = 0.0
         self.first = self.dead  # the step after a dead one returns a new episode's first observation
         self.dead = torch.as_tensor(term | trunc, device=self.device)
         self.obs = self.observe(obs)
@@ -809,12 +800,6 @@ def a2c_loss(net, h, rollout, returns, args):
     return pg_loss + args.vf_coef * v_loss - args.ent_coef * (live * dist.entropy()).sum()
 
 
-def rl_gradients(net, rollout, returns, c0s, sens, method, args):
-    """Fill every parameter's .grad for one rollout's loss; return the carried sensitivities."""
-    loss_fn = lambda h: a2c_loss(net, h, rollout, returns, args)
-    return chunk_gradients(net, rollout.obs, c0s, rollout.firsts, sens, loss_fn, method)[2]
-
-
 def env_seeds(seed, n):
     """Distinct per-env seeds derived from the run's seed (Method §6)."""
     return np.random.default_rng(seed).choice(2**31 - 1, size=n, replace=False)
@@ -823,7 +808,7 @@ def env_seeds(seed, n):
 def train_rl(method, seed, args, device):
     """One A2C run; returns the (global step, return) of every finished episode."""
     torch.manual_seed(seed)
-    envs = Envs(args.rl_env_id, env_seeds(seed, args.rl_num_envs), device)
+    envs = Envs(env_seeds(seed, args.rl_num_envs), device)
     net = Net(envs.obs.shape[-1], args.rl_hidden_size, args.num_layers, envs.num_actions + 1).to(device)
     params = net.trained_params(method)
     optimizer = torch.optim.Adam(params, lr=args.learning_rate)
@@ -848,9 +833,11 @@ def train_rl(method, seed, args, device):
             action = torch.distributions.Categorical(logits=out[:, :-1]).sample()
             rollout.actions[step], rollout.values[step] = action, out[:, -1]
             rollout.rewards[step], rollout.terms[step], ended = envs.step(action)
-            episodes += [(global_step, float(r)) for r, _ in ended]
+            episodes += [(global_step, float(r)) for r in ended]
         next_value = net.step(envs.obs, c, envs.first)[0][:, -1]  # c itself moves on next rollout
-        sens = rl_gradients(net, rollout, n_step_returns(rollout, next_value, args.gamma), c0, sens, method, args)
+        returns = n_step_returns(rollout, next_value, args.gamma)
+        loss_fn = lambda h: a2c_loss(net, h, rollout, returns, args)
+        sens = chunk_gradients(net, rollout.obs, c0, rollout.firsts, sens, loss_fn, method)[2]
         nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         optimizer.step()
     envs.close()
@@ -869,7 +856,7 @@ def rl_study(args, device, num_bins=20):
         )
 
     runs = run_variants("rl", args.rl_methods, args.rl_seeds, args, run_one, "final_return")
-    return {"env_id": args.rl_env_id, "runs": runs}
+    return {"env_id": ENV_ID, "runs": runs}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -187,7 +187,13 @@ def check(args):
 
 def main(args):
     if args.tiny:
-        args.hidden_sizes, args.layers, args.layers_hidden_size, args.repeats = (4, 6, 8), (1, 2, 4), 4, 1
+        args.hidden_sizes, args.hidden_layers, args.layers, args.layers_hidden_size, args.repeats = (
+            (4, 6, 8),
+            (1, 2),
+            (1, 3),
+            4,
+            1,
+        )
     check(args)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -265,7 +265,8 @@ def test_rl_update_gradients_equal_autograd_through_the_history(method):
     returns = torch.randn(steps, batch, dtype=torch.float64)
     c, sens = study.method_state(net.stack, batch, method)
     for r in rollouts:
-        sens = study.rl_gradients(net, r, returns, c, sens, method, args)
+        loss_fn = lambda h: study.a2c_loss(net, h, r, returns, args)
+        sens = study.chunk_gradients(net, r.obs, c, r.firsts, sens, loss_fn, method)[2]
         with torch.no_grad():
             c = [c_l[-1] for c_l in net.stack(r.obs, c, r.firsts)[1]]
     got = {n: p.grad for n, p in net.named_parameters()}
@@ -283,7 +284,7 @@ def test_rl_update_gradients_equal_autograd_through_the_history(method):
 
 
 def test_envs_mark_the_step_after_an_episode_end_dead_and_the_next_first():
-    envs = study.Envs("CartPole-v1", study.env_seeds(0, 3), torch.device("cpu"))
+    envs = study.Envs(study.env_seeds(0, 3), torch.device("cpu"))
     assert envs.obs.shape == (3, 2) and envs.first.all()  # positions only
     ends, g = 0, torch.Generator().manual_seed(0)
     for _ in range(200):
@@ -294,7 +295,7 @@ def test_envs_mark_the_step_after_an_episode_end_dead_and_the_next_first():
         assert torch.equal(envs.first, was_dead)
         assert not (envs.dead & was_dead).any()
     envs.close()
-    assert ends > 3 and all(length > 0 for _, length in episodes)
+    assert ends > 3 and all(r >= 1 for r in episodes)  # CartPole: reward 1 per step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,7 +375,7 @@ def test_quick_presets_only_the_flags_you_leave_out():
         (["--methods", "rtrl", "bptt"], "unknown method 'bptt'"),
         (["--studies", "rl", "copi"], "did you mean copy?"),
         (["--studies", "cost"], "bench/multilayer_cost.py"),
-        (["--rl-env-id", "CartPole-v2"], "did you mean CartPole-v1?"),
+        (["--rl-methods", "rtrl", "tbtt"], "did you mean tbptt?"),
         (["--rl-total-timesteps", "10"], "less than one rollout"),
     ],
 )
@@ -444,7 +445,7 @@ def test_cost_bench_measures_every_method_side_by_side(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("machine: ") and " cores, torch " in proc.stdout.splitlines()[0]
     by_n, by_l = bench_table(proc.stdout, "cost against N"), bench_table(proc.stdout, "cost against L")
-    assert set(by_n) == {(L, n) for L in (1, 2, 3) for n in (4, 6, 8)} and set(by_l) == {(1, 4), (2, 4), (4, 4)}
+    assert set(by_n) == {(L, n) for L in (1, 2) for n in (4, 6, 8)} and set(by_l) == {(1, 4), (3, 4)}
     for (L, n), cells in {**by_n, **by_l}.items():
         ms, mb = [float(c) for c in cells[:3]], [float(c) for c in cells[3:6]]
         assert all(t > 0 for t in ms) and all(m > 0 for m in mb)
@@ -452,7 +453,7 @@ def test_cost_bench_measures_every_method_side_by_side(tmp_path):
         # the cross sensitivities: exact RTRL holds B x N x P_l per upper layer, the others nothing like it
         assert (mb[0] > 3 * mb[1]) == (L > 1), (L, n, mb)
     fits = proc.stdout.split("growth in N")[1]
-    assert len(re.findall(r"^\s*(rtrl|rtrl-local|tbptt)\s+\d", fits, re.M)) == 9
+    assert len(re.findall(r"^\s*(rtrl|rtrl-local|tbptt)\s+\d", fits, re.M)) == 6
     assert f"figure saved to {figure}" in proc.stdout and figure.stat().st_size > 1000
 
 
