@@ -14,12 +14,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_script(filename):
-    """The module of a top-level script (its main work sits under `if __name__ == "__main__"`), or None
-    with a printed note when the script does not exist (yet)."""
+    """The module of a top-level script, by its file name (its main work sits under `if __name__ == "__main__"`):
+    each script stands alone, so the benchmarks load it as the tests import it, not through a shared package."""
     path = os.path.join(ROOT, filename)
-    if not os.path.exists(path):
-        print(f"note: {filename} does not exist yet; skipped")
-        return None
     spec = importlib.util.spec_from_file_location(filename[: -len(".py")], path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -12,7 +12,6 @@ rtrl_a2c_minigrid.py's, for every script, side by side.
     python bench/rtrl_cost.py                 # --tiny for a seconds-long smoke run
 """
 
-import inspect
 from dataclasses import dataclass
 from typing import Literal
 
@@ -107,10 +106,9 @@ def fused_passes(cell, T, B, seed):
     """scan + rtrl_scan as the updates run it, the same out of place, and BPTT with input gradients;
     and the largest relative difference of their weight and input gradients (no carried sensitivities)."""
     x, c0, done, sens, dl_dc = problem(cell, T, B, seed)
-    overwrite = {"overwrite": True} if "overwrite" in inspect.signature(cell.rtrl_scan).parameters else {}
     work = {k: s.clone() for k, s in sens.items()}  # overwritten call after call: its values stay bounded
     fns = {
-        "fused": lambda: cell.rtrl_scan(x, cell.scan(x, c0, done), work, dl_dc, **overwrite),
+        "fused": lambda: cell.rtrl_scan(x, cell.scan(x, c0, done), work, dl_dc, overwrite=True),
         "fused, copy": lambda: cell.rtrl_scan(x, cell.scan(x, c0, done), sens, dl_dc),
         "bptt": lambda: bptt_with_input(cell, x, c0, done, dl_dc),
     }
@@ -133,12 +131,11 @@ def main(args):
         f"memory: {MEMORY[device.type]} the call adds"
     )
     scripts = {f: load_script(f) for f, *_ in SHAPES if not args.only or f in args.only}
-    scripts = {f: s for f, s in scripts.items() if s is not None}
     measured = []
     for filename, T, B, N, D in SHAPES:
-        script = scripts.get(filename)
-        if script is None:
+        if filename not in scripts:
             continue
+        script = scripts[filename]
         T, B, N, D = TINY if args.tiny else (T, B, N, D)
         fns, error = passes(script.ELSTM(D, N).to(device), T, B, args.seed)
         seconds = min_times({k: fns[k] for k in ("chunked", "bptt")}, args.repeats, device=device)
@@ -146,9 +143,6 @@ def main(args):
         measured.append((filename, (T, B, N, D), fns, seconds, error))
     fused = []  # timed here, before any memory is measured: see peak_memory
     for filename, script in scripts.items():
-        if not hasattr(script.ELSTM, "rtrl_scan"):
-            print(f"note: {filename}'s ELSTM has no rtrl_scan; skipped")
-            continue
         for label, T, B, N, D in FUSED_SHAPES:
             T, B, N, D = TINY if args.tiny else (T, B, N, D)
             fns, error = fused_passes(script.ELSTM(D, N).to(device), T, B, args.seed)

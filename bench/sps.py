@@ -6,14 +6,20 @@ with the same flags; steps/s is the steady state (from the end of the first iter
 event file's wall times). The split replays one iteration piece by piece with the script's own modules, in
 the order `compute_gradients` runs them, and puts the script's `compute_gradients` itself beside it as a check.
 
+With `--cleanrl` pointing at a CleanRL checkout, CleanRL's ppo_atari_lstm.py (an LSTM agent on Atari, at its
+own defaults) runs in the same rounds, for as many steps, measured the same way, and each core's steps/s is
+also given as a ratio to it. Without it, no ratio to CleanRL is printed: a figure from another machine says
+nothing about this one.
+
     python bench/sps.py                        # --tiny for a seconds-long smoke run
     python bench/sps.py --script rtrl_a2c_minigrid.py
+    python bench/sps.py --cleanrl ~/cleanrl    # a CleanRL checkout, with its requirements installed
 """
 
 import glob
-import inspect
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -29,16 +35,14 @@ from common import ROOT, load_script, machine, pick_device, print_table, sync
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 # what the bench needs to know of each script: its observations and actions, whether its rollout keeps the
-# stem's graphs for the update (Atari) or the update runs the stem again (MiniGrid's small MLP), how many
-# iterations a run needs for a steady figure, and a reference steps/s to print beside it
-SCRIPTS = {  # Atari's reference: CleanRL ppo_atari_lstm.py on Breakout on these 2-core machines (issue 6)
-    "rtrl_a2c_atari.py": dict(
-        obs_shape=(4, 84, 84), num_actions=4, keeps_stem_graphs=True, iterations=6, rounds=2, reference=("CleanRL LSTM", 224)
-    ),
-    "rtrl_a2c_minigrid.py": dict(
-        obs_shape=(7 * 7 * 3 + 1,), num_actions=3, keeps_stem_graphs=False, iterations=200, rounds=3, reference=None
-    ),
+# stem's graphs for the update (Atari) or the update runs the stem again (MiniGrid's small MLP), and how many
+# iterations a run needs for a steady figure
+SCRIPTS = {
+    "rtrl_a2c_atari.py": dict(obs_shape=(4, 84, 84), num_actions=4, keeps_stem_graphs=True, iterations=6, rounds=2),
+    "rtrl_a2c_minigrid.py": dict(obs_shape=(7 * 7 * 3 + 1,), num_actions=3, keeps_stem_graphs=False, iterations=200, rounds=3),
 }
+CLEANRL = os.path.join("cleanrl", "ppo_atari_lstm.py")  # in a CleanRL checkout
+CLEANRL_BATCH = 8 * 128  # its defaults, --num-envs 8 --num-steps 128 (4 x 4 under --tiny)
 PARTS = (
     "rollout: stem forward",
     "rollout: cell, heads, sampling",
@@ -73,8 +77,30 @@ class Args:
     """replays of one iteration for the split (the minimum of each part is reported)"""
     device: Literal["cpu", "cuda"] = "cpu"
     """where the runs (--cuda / --no-cuda) and the split run; cuda: the split's timers synchronize"""
+    cleanrl: str = ""
+    """a CleanRL checkout (or its cleanrl/ppo_atari_lstm.py): run it beside rtrl_a2c_atari.py and print the ratios"""
+    cleanrl_python: str = sys.executable
+    """the Python that has CleanRL's requirements (gymnasium[atari], its cleanrl_utils), e.g. its venv's"""
     tiny: bool = False
     """2 envs x 4 steps, hidden size 8, one round: a smoke run (the numbers mean nothing)"""
+
+
+def fail(message):
+    print(f"sps.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def cleanrl_script(args):
+    """The path of CleanRL's ppo_atari_lstm.py from --cleanrl (the checkout or the file); a one-line error otherwise."""
+    path = os.path.expanduser(args.cleanrl)
+    path = os.path.join(path, CLEANRL) if os.path.isdir(path) else path
+    if not path.endswith(CLEANRL) or not os.path.isfile(path):
+        fail(f"--cleanrl {args.cleanrl}: no {CLEANRL} there (give a CleanRL checkout, or that file)")
+    if args.script != "rtrl_a2c_atari.py":
+        fail(f"--cleanrl compares with CleanRL's Atari LSTM agent: it needs --script rtrl_a2c_atari.py, not {args.script}")
+    if shutil.which(args.cleanrl_python) is None:
+        fail(f"--cleanrl-python {args.cleanrl_python}: no such program")
+    return os.path.abspath(path)
 
 
 def steady_sps(run_dir):
@@ -87,8 +113,20 @@ def steady_sps(run_dir):
     return (last.step - first.step) / (last.wall_time - first.wall_time), last.value
 
 
+def run_and_measure(cmd, env=None, hint=""):
+    """(steady steps/s, the script's own charts/SPS at the end) of one run of `cmd` in a scratch dir, which writes its
+    TensorBoard scalars under runs/, as CleanRL's scripts do; if it fails, its last line of stderr (and `hint`)."""
+    with tempfile.TemporaryDirectory() as cwd:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no error output"])[-1]
+            fail(f"{' '.join(cmd)} exited with {proc.returncode}: {last}{hint}")
+        (run_dir,) = glob.glob(os.path.join(cwd, "runs", "*"))
+        return steady_sps(run_dir)
+
+
 def training_run(core, args):
-    """(steady steps/s, the script's own charts/SPS at the end) of one run of the script, in a scratch dir."""
+    """One run of the script with --core `core` (see run_and_measure)."""
     flags = [
         "--core",
         core,
@@ -104,13 +142,21 @@ def training_run(core, args):
         0,
         "--cuda" if args.device == "cuda" else "--no-cuda",
     ]
-    with tempfile.TemporaryDirectory() as cwd:
-        cmd = [sys.executable, os.path.join(ROOT, args.script), *map(str, flags)]
-        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr}")
-        (run_dir,) = glob.glob(os.path.join(cwd, "runs", "*"))
-        return steady_sps(run_dir)
+    return run_and_measure([sys.executable, os.path.join(ROOT, args.script), *map(str, flags)])
+
+
+def cleanrl_run(path, args):
+    """One run of CleanRL's ppo_atari_lstm.py at its defaults (its Breakout, 8 envs x 128 steps, PPO's epochs), for
+    as many steps as one of the script's runs but at least 2 of its iterations (steady steps/s needs 2 SPS events);
+    the checkout's root on PYTHONPATH for its cleanrl_utils."""
+    num_envs, num_steps = (4, 4) if args.tiny else (8, 128)
+    steps = max(args.iterations * args.num_envs * args.num_steps, 2 * num_envs * num_steps)
+    flags = ["--total-timesteps", steps, "--num-envs", num_envs, "--num-steps", num_steps]
+    flags.append("--cuda" if args.device == "cuda" else "--no-cuda")
+    root = os.path.dirname(os.path.dirname(path))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    hint = " (--cleanrl-python: a Python with CleanRL's requirements)"
+    return run_and_measure([args.cleanrl_python, path, *map(str, flags)], env, hint)
 
 
 def fake_rollout(script, obs_shape, num_actions, T, B, g, device):
@@ -140,9 +186,6 @@ def iteration_split(script, core, args, device):
     rollout = fake_rollout(script, known["obs_shape"], known["num_actions"], T, B, g, device)
     returns = torch.randn(T, B, generator=g).to(device)
     c0, sens0 = agent.cell.initial_state(B)
-    # as compute_gradients calls it (if this script's rtrl_scan takes the flag)
-    rtrl_scan = getattr(agent.cell, "rtrl_scan", None)  # the LSTM core has none
-    overwrite = {"overwrite": True} if rtrl_scan and "overwrite" in inspect.signature(rtrl_scan).parameters else {}
     best = dict.fromkeys((*PARTS, CHECK), math.inf)
 
     def timed(part, fn):
@@ -179,7 +222,7 @@ def iteration_split(script, core, args, device):
             c_leaf = scan[0].requires_grad_()
             timed("update: heads forward+backward", heads)
             sens, dl_dc = copy(sens0), c_leaf.grad
-            rtrl = lambda: agent.cell.rtrl_scan(x_leaf.detach(), scan, sens, dl_dc, **overwrite)
+            rtrl = lambda: agent.cell.rtrl_scan(x_leaf.detach(), scan, sens, dl_dc, overwrite=True)  # as compute_gradients
             dl_dx = timed("update: RTRL (chunked)", rtrl)[2]
             timed("update: stem backward", lambda: x.backward(x_leaf.grad + dl_dx))
         else:
@@ -208,6 +251,7 @@ def iteration_split(script, core, args, device):
 
 
 def main(args):
+    cleanrl = cleanrl_script(args) if args.cleanrl else None
     script, known = load_script(args.script), SCRIPTS[args.script]
     defaults = script.Args()
     args.iterations, args.rounds = args.iterations or known["iterations"], args.rounds or known["rounds"]
@@ -225,7 +269,9 @@ def main(args):
     for _ in range(args.rounds):
         for core in args.cores:
             sps[core].append(training_run(core, args))
-    best = {core: max(runs) for core, runs in sps.items()}
+        if cleanrl:
+            sps["cleanrl"].append(cleanrl_run(cleanrl, args))
+    best = {core: max(sps[core]) for core in args.cores}
     reference = best["tbptt"][0] if "tbptt" in best else None
     print(
         f"\nsteps/s, best of {args.rounds} interleaved runs of {args.iterations} iterations each "
@@ -236,12 +282,18 @@ def main(args):
         for core, (s, script_sps) in best.items()
     ]
     headers = ["core", "steps/s", "charts/SPS at end", "vs tbptt"]
-    if known["reference"]:
-        name, other_sps = known["reference"]
-        headers.append(f"vs {name} ({other_sps})")
+    if cleanrl:
+        other_sps, other_script_sps = max(sps["cleanrl"])
+        headers.append(f"vs CleanRL ({other_sps:.0f})")
         for row, (s, _) in zip(rows, best.values()):
             row.append(f"{s / other_sps:.2f}x")
     print_table(headers, rows)
+    if cleanrl:
+        runs = [round(s) for s, _ in sps["cleanrl"]]
+        print(
+            f"\nCleanRL: {cleanrl} at its defaults (PPO, LSTM 128, Breakout), best of {args.rounds} runs in the same "
+            f"rounds: steady steps/s {other_sps:.0f}, its charts/SPS at end {other_script_sps:.0f}; runs: {runs}"
+        )
     if reference and "rtrl" in best:
         median = {core: statistics.median(s for s, _ in sps[core]) for core in ("rtrl", "tbptt")}
         runs = ", ".join(f"{core} {[round(s) for s, _ in sps[core]]}" for core in args.cores)

@@ -6,6 +6,7 @@ import re
 import helpers
 import pytest
 import torch
+import tyro
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 SCRIPTS = ("rtrl_a2c_atari.py", "rtrl_a2c_procgen.py", "rtrl_impala_dmlab.py", "rtrl_a2c_minigrid.py")
@@ -31,21 +32,18 @@ def table(stdout, first_header, skip=0):
     return lines[start], rows
 
 
-def test_rtrl_cost_times_every_existing_script_and_its_three_passes_agree(tmp_path):
+def test_rtrl_cost_times_every_script_and_its_three_passes_agree(tmp_path):
     out = run_bench(tmp_path, "rtrl_cost.py", "--repeats", "1", "--step-repeats", "1")
     header, rows = table(out, "script")
-    present = [s for s in SCRIPTS if os.path.exists(os.path.join(os.path.dirname(BENCH), s))]
-    assert [row[0] for row in rows] == present
-    for s in set(SCRIPTS) - set(present):
-        assert f"note: {s} does not exist yet; skipped" in out
+    assert [row[0] for row in rows] == list(SCRIPTS)
     for row in rows:
         assert len(row) == len(re.split(r"\s{2,}", header.strip())) == 11
         assert all(float(cell) >= 0 for cell in row[2:8])  # times in ms, memory in MiB
         assert row[8].endswith("x") and row[9].endswith("x")
         assert float(row[10]) < 1e-4  # chunked and step RTRL give BPTT's gradient
     header, rows = table(out, "script", skip=1)  # the update's pass, with dL/dx, vs BPTT with input gradients
-    assert [row[0] for row in rows] == [s for s in present for _ in ("Atari", "MiniGrid")]
-    assert [row[1] for row in rows] == ["Atari", "MiniGrid"] * len(present)
+    assert [row[0] for row in rows] == [s for s in SCRIPTS for _ in ("Atari", "MiniGrid")]
+    assert [row[1] for row in rows] == ["Atari", "MiniGrid"] * len(SCRIPTS)
     for row in rows:
         assert len(row) == len(re.split(r"\s{2,}", header.strip())) == 9
         assert all(float(cell) > 0 for cell in row[3:6]) and row[6].endswith("x") and row[7].endswith("x")
@@ -88,6 +86,68 @@ def test_sps_runs_every_core_and_splits_the_iteration(tmp_path, script):
         assert part in names
     rtrl = dict((row[0], float(row[1])) for row in parts)
     assert rtrl["update: RTRL (chunked)"] > 0 and rtrl["iteration (from steps/s)"] > 0
+    assert "CleanRL" not in out  # no figure from another machine: a ratio only beside a run of CleanRL here
+
+
+# CleanRL's cleanrl/ppo_atari_lstm.py as far as the benchmark sees it: tyro flags, its cleanrl_utils import (from the
+# checkout's root), and after each iteration `SPS: n` printed and charts/SPS written under runs/, at a known pace
+FAKE_CLEANRL = """
+import argparse, os, sys, time
+from torch.utils.tensorboard import SummaryWriter
+import cleanrl_utils
+
+parser = argparse.ArgumentParser()
+for flag, default in (("--total-timesteps", 10_000_000), ("--num-envs", 8), ("--num-steps", 128)):
+    parser.add_argument(flag, type=int, default=default)
+parser.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True)
+args = parser.parse_args()
+with open(os.path.join(os.path.dirname(__file__), "argv.txt"), "w") as f:
+    f.write(" ".join(sys.argv[1:]))
+writer = SummaryWriter(f"runs/BreakoutNoFrameskip-v4__ppo_atari_lstm__1__{int(time.time())}")
+start, global_step = time.time(), 0
+for iteration in range(args.total_timesteps // (args.num_envs * args.num_steps)):
+    time.sleep(args.num_envs * args.num_steps / 80)  # 80 steps/s
+    global_step += args.num_envs * args.num_steps
+    print("SPS:", int(global_step / (time.time() - start)))
+    writer.add_scalar("charts/SPS", int(global_step / (time.time() - start)), global_step)
+writer.close()
+"""
+
+
+def test_sps_runs_cleanrl_side_by_side_when_given_a_checkout(tmp_path):
+    checkout = tmp_path / "cleanrl-checkout"
+    (checkout / "cleanrl").mkdir(parents=True)
+    (checkout / "cleanrl_utils").mkdir()
+    (checkout / "cleanrl_utils" / "__init__.py").write_text("")
+    (checkout / "cleanrl" / "ppo_atari_lstm.py").write_text(FAKE_CLEANRL)
+    out = run_bench(tmp_path, "sps.py", "--cores", "tbptt", "--cleanrl", str(checkout))
+    # as many steps as one run of the script (2 iterations of 2 x 4 under --tiny) but at least 2 of its own (4 x 4)
+    assert (checkout / "cleanrl" / "argv.txt").read_text() == "--total-timesteps 32 --num-envs 4 --num-steps 4 --no-cuda"
+    header, rows = table(out, "core")
+    cleanrl_sps = float(re.fullmatch(r".*vs CleanRL \((\d+)\)", header)[1])
+    assert 60 < cleanrl_sps <= 84, header  # the fake's pace, measured from its event file's wall times
+    ((core, sps, _, _, ratio),) = rows
+    assert core == "tbptt" and float(ratio[:-1]) == pytest.approx(float(sps) / cleanrl_sps, abs=0.025)  # both rounded
+    assert f"CleanRL: {checkout / 'cleanrl' / 'ppo_atari_lstm.py'} at its defaults" in out
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--cleanrl", "nowhere"], "--cleanrl nowhere: no cleanrl/ppo_atari_lstm.py there"),
+        (["--cleanrl", "CHECKOUT", "--script", "rtrl_a2c_minigrid.py"], "it needs --script rtrl_a2c_atari.py"),
+        (["--cleanrl", "CHECKOUT", "--cleanrl-python", "no-such-python"], "--cleanrl-python no-such-python: no such"),
+    ],
+)
+def test_sps_refuses_what_is_not_a_cleanrl_checkout(tmp_path, monkeypatch, capsys, flags, message):
+    (tmp_path / "cleanrl").mkdir()
+    (tmp_path / "cleanrl" / "ppo_atari_lstm.py").write_text("")
+    monkeypatch.syspath_prepend(BENCH)
+    monkeypatch.chdir(tmp_path)
+    import sps
+
+    flags = [str(tmp_path) if flag == "CHECKOUT" else flag for flag in flags]
+    helpers.bad_input_in_process(lambda argv: sps.cleanrl_script(tyro.cli(sps.Args, args=argv)), flags, message, capsys)
 
 
 def test_a_benchmark_asked_for_a_gpu_without_one_is_a_one_line_error(monkeypatch, capsys):
