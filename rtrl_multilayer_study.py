@@ -82,7 +82,7 @@ class Args:
     gradient_sweep_k: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12)
     """truncation windows k of the gradient-quality-vs-k sweep, at the table's stream length"""
 
-    # RL: A2C (the loss and returns of rtrl_a2c_atari.py, with Adam) with an L-layer core, CartPole without velocities
+    # RL: A2C (the loss of rtrl_a2c_atari.py, with Adam) with an L-layer core, on CartPole without the velocities
     rl_methods: tuple[str, ...] = ("rtrl", "rtrl-local", "tbptt")
     """gradient methods of the RL runs (with L > 1 and rtrl among them, also 1-layer rtrl)"""
     rl_seeds: int = 3
