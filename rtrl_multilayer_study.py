@@ -764,7 +764,7 @@ class Envs:
         episodes = list(self.episode_return[ended])
         self.episode_return[ended] = 0.0
         self.first = self.dead  # the step after a dead one returns a new episode's first observation
-        self.dead = torch.as_tensor(term | trunc, device=self.device)
+        self.dead = torch.as_tensor(ended, device=self.device)
         self.obs = self.observe(obs)
         reward = torch.as_tensor(reward, dtype=torch.float32, device=self.device)
         return reward, torch.as_tensor(term, device=self.device), episodes

@@ -178,6 +178,8 @@ def check(args):
         if min(sizes + (args.tbptt_k, args.repeats)) <= 0 or args.memory_limit_gb <= 0
         else "--hidden-sizes, --hidden-layers and --layers need at least one value"
         if not (args.hidden_sizes and args.hidden_layers and args.layers)
+        else f"--plot {args.plot}: no such directory"
+        if args.plot and not os.path.isdir(os.path.dirname(os.path.join(ROOT, args.plot)))
         else None
     )
     if problem:

@@ -459,7 +459,11 @@ def test_cost_bench_measures_every_method_side_by_side(tmp_path):
 
 @pytest.mark.parametrize(
     "flags,message",
-    [(["--hidden-sizes", "8", "0"], "must be positive"), (["--layers"], "need at least one value")],
+    [
+        (["--hidden-sizes", "8", "0"], "must be positive"),
+        (["--layers"], "need at least one value"),
+        (["--plot", "/nonexistent/cost.png"], "no such directory"),
+    ],
 )
 def test_cost_bench_bad_input_is_a_one_line_error(bench, flags, message, capsys):
     helpers.bad_input_in_process(lambda argv: bench.check(tyro.cli(bench.Args, args=argv)), flags, message, capsys)
