@@ -359,8 +359,8 @@ class EvalEnvs(checks.FakeEvalEnvs):
         pass
 
 
-def test_greedy_evaluation_plays_a_fixed_quota_per_env_on_the_evaluation_envs(monkeypatch, tmp_path):
-    checks.check_greedy_evaluation_plays_a_fixed_quota_per_env(impala)
+def test_evaluation_plays_its_quotas_on_the_evaluation_envs_of_the_held_out_level(monkeypatch, tmp_path):
+    """The quotas themselves: tests/test_every_script.py."""
     made = []
     monkeypatch.setattr(impala, "make_envs", lambda *a, test: made.append(test) or EvalEnvs([1, 3], [0.0, 1.0]))
     agent = impala.Agent(checks.Pixels.shape, checks.NUM_ACTIONS, checks.HIDDEN)
@@ -873,10 +873,6 @@ def test_bad_input_is_a_one_line_error(monkeypatch, capsys, flags, message):
     helpers.bad_input_in_process(parse, flags, message, capsys)
 
 
-def test_init_stem_from_copies_a_stem_and_refuses_what_does_not_fit(tmp_path, capsys):
-    checks.check_init_stem_from(impala, tmp_path, capsys, OBS_SHAPE, (3, 24, 24))
-
-
 def test_a_checkpoint_of_another_observation_shape_is_refused_before_anything_starts(tmp_path):
     """main loads --init-stem-from before it writes a run directory or starts an actor."""
     impala.save_checkpoint(impala.Agent((3, 64, 64), 9, 8), impala.Args(), str(tmp_path / "other_shape.pt"))
@@ -887,7 +883,7 @@ def test_a_checkpoint_of_another_observation_shape_is_refused_before_anything_st
 
 
 # ---------------------------------------------------------------------------------------------
-# Devices (issue 14): ranks and GPUs, CPU checkpoints, the device line, a CUDA run
+# Devices (issue 14): ranks and GPUs, the device line, a CUDA run
 # ---------------------------------------------------------------------------------------------
 def fake_gpus(monkeypatch, count):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
@@ -912,11 +908,6 @@ def test_more_ranks_than_gpus_under_cuda_is_a_one_line_error_naming_both_counts(
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: f"Fake GPU {device}")
     monkeypatch.setattr(torch.version, "cuda", "12.4")
     assert impala.device_line(*impala.choose_device(True, 1, 2)) == "device: cuda:1 (Fake GPU cuda:1, torch CUDA 12.4)"
-
-
-def test_a_checkpoint_holds_cpu_copies_of_every_tensor_and_loads_with_map_location_cpu(tmp_path, monkeypatch):
-    make_agent = lambda: impala.Agent(OBS_SHAPE, NUM_ACTIONS, HIDDEN)
-    checks.check_checkpoint_holds_cpu_copies(impala, make_agent, tmp_path, monkeypatch)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
