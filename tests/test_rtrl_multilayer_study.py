@@ -319,6 +319,13 @@ TINY = [
     "320",
     "--rl-seeds",
     "1",
+    "--gradient-sweep-sequences",
+    "1",
+    "2",
+    "--gradient-sweep-k",
+    "1",
+    "3",
+    "8",
 ]
 
 
@@ -334,9 +341,7 @@ def test_quick_run_writes_the_whole_report(tmp_path):
     assert {r["layers"] for r in results["rl"]["runs"] if r["method"] == "rtrl (L=1)"} == {1}
     assert all(r["num_episodes"] > 0 and len(r["curve"]) == 20 for r in results["rl"]["runs"])
     sweeps = results["gradient_sweeps"]["rows"]
-    assert {(r["sweep"], r["value"]) for r in sweeps} == {("sequences", n) for n in study.Args.gradient_sweep_sequences} | {
-        ("k", k) for k in study.Args.gradient_sweep_k
-    }
+    assert {(r["sweep"], r["value"]) for r in sweeps} == {("sequences", 1), ("sequences", 2), ("k", 1), ("k", 3), ("k", 8)}
     # the state resets at every copy sequence (2K + 1 = 7 tokens here): a window that covers one is exact
     covering = [r for r in sweeps if r["sweep"] == "k" and r["value"] >= 7 and r["method"] == "tbptt"]
     assert covering and max(r["rel_error"] for r in covering) < 1e-10
