@@ -182,7 +182,7 @@ def test_progress_gives_the_elapsed_time_and_an_eta_from_the_last_minutes_steps_
 
 
 # ---------------------------------------------------------------------------------------------
-# Long runs of the pixel A2C scripts: --checkpoint-every, --resume, Ctrl-C / SIGTERM (tests/long_runs.py)
+# Long runs of the A2C scripts: --checkpoint-every, --resume, Ctrl-C / SIGTERM (tests/long_runs.py)
 # ---------------------------------------------------------------------------------------------
 RESUMABLE = ("--num-envs", "2", "--num-steps", "8", "--hidden-size", "16", "--eval-episodes", "0", "--checkpoint-every", "16")
 SAVED_STEP = 48  # 3 updates of 2 envs x 8 steps; checkpoints at 16, 32, 48 (the end)
@@ -198,6 +198,7 @@ class LongRun:
     final_table: tuple = ()  # what the resumed run's final evaluation table shows
     other_flags: tuple = ()  # (flags, message): other flags that differ from the checkpoint's run, and the error
     cuda_flags: tuple = ()  # besides the two updates' flags, for a run on a GPU
+    agent: tuple = ()  # (observation shape, actions) of env_id, if not the script's row in SCRIPTS
 
 
 LONG_RUNS = {
@@ -212,6 +213,16 @@ LONG_RUNS = {
         final_table=("test (all)", "[1400, 1600)"),  # the default test level sets
         other_flags=((("--test-level-starts", "2000"), "--test-level-starts (2000,) (checkpoint: (1000, 1200, 1400))"),),
         cuda_flags=("--test-level-starts", "3000"),
+    ),
+    # masked CartPole (positions only): short episodes, so some end after the resume; a run name of one's own
+    "minigrid": LongRun(
+        ("--env-id", "CartPole-v1", "--run-name", "a"),
+        "CartPole-v1",
+        "Acrobot-v1",
+        160,
+        {"eval/episodic_return": [0]},
+        other_flags=((("--run-name", "b"), "--run-name b (checkpoint: a)"),),
+        agent=((2,), 2),
     ),
 }
 
@@ -228,9 +239,15 @@ def long_run(script):
     return LONG_RUNS[NAMES[script.__name__]]
 
 
+@pytest.fixture
+def agent_shape(known, long_run):
+    """(observation shape, actions) of the long runs' env."""
+    return long_run.agent or (known.obs_shape, known.num_actions)
+
+
 @only(*LONG_RUNS)
 def test_resume_restores_every_tensor_bit_for_bit_and_the_run_goes_on_from_its_step(
-    script, known, long_run, checkpointed, monkeypatch, capsys
+    script, agent_shape, long_run, checkpointed, monkeypatch, capsys
 ):
     long_runs.check_resume_restores_every_tensor_bit_for_bit(script, checkpointed, monkeypatch, capsys)
     more = ["--eval-episodes", "1", "--save-model"]  # the smoke runs' evaluations, and model.pt
@@ -240,7 +257,7 @@ def test_resume_restores_every_tensor_bit_for_bit_and_the_run_goes_on_from_its_s
     out = capsys.readouterr().out
     assert all(text in out for text in long_run.final_table), out
     model = torch.load(checkpointed.dir / "runs" / checkpointed.name / "model.pt", weights_only=True)
-    agent = script.Agent(known.obs_shape, known.num_actions, 16, "rtrl")
+    agent = script.Agent(*agent_shape, 16, "rtrl")
     agent.load_state_dict(model["model"])
     assert model["script"] == os.path.basename(script.__file__) and model.keys() == {"script", "model", "args"}
 
@@ -261,13 +278,13 @@ def test_sigterm_finishes_the_update_writes_a_checkpoint_and_exits_143(script, c
 
 
 @only(*LONG_RUNS)
-def test_a_bad_checkpoint_to_resume_is_a_one_line_error(script, known, long_run, checkpointed, tmp_path, capsys):
+def test_a_bad_checkpoint_to_resume_is_a_one_line_error(script, agent_shape, long_run, checkpointed, tmp_path, capsys):
     name = os.path.basename(script.__file__)
     cases = [
         (None, ["--resume", "missing.pt"], "--resume: no such file 'missing.pt'"),
         ("truncate", [], "is not a readable checkpoint"),
         ("weights only", [], "is not a checkpoint to resume from (no global_step, iteration, optimizer"),
-        ("other script", [], f"was written by rtrl_a2c_minigrid.py, not {name}"),
+        ("other script", [], f"was written by {long_runs.another_script(script)}, not {name}"),
         (
             None,
             ["--hidden-size", "64", "--core", "tbptt"],
@@ -278,12 +295,10 @@ def test_a_bad_checkpoint_to_resume_is_a_one_line_error(script, known, long_run,
         (None, ["--total-timesteps", "40"], "--total-timesteps 40 is below the checkpoint's step 48"),
         ("other shapes", [], "--resume: the checkpoint does not fit this agent (Error(s) in loading state_dict"),
     ]
-    long_runs.check_bad_checkpoints_are_one_line_errors(
-        script, checkpointed, tmp_path, capsys, known.obs_shape, known.num_actions, cases
-    )
+    long_runs.check_bad_checkpoints_are_one_line_errors(script, checkpointed, tmp_path, capsys, *agent_shape, cases)
 
 
-@only(*LONG_RUNS)
+@only(*PIXEL_A2C)
 def test_a_checkpoint_serves_as_init_stem_from(script, known, checkpointed):
     long_runs.check_a_checkpoint_gives_its_stem(script, checkpointed, known.obs_shape, known.num_actions)
 
@@ -294,7 +309,7 @@ def test_the_script_checks_the_checkpoint_before_it_writes(script, checkpointed)
 
 
 @long_runs.CUDA
-@only(*LONG_RUNS)
+@only(*PIXEL_A2C)  # MiniGrid's: its own file
 def test_two_updates_on_cuda(script, long_run, tmp_path):
     flags = ("--num-envs", "2", "--num-steps", "8", "--total-timesteps", "32", "--hidden-size", "16", "--eval-episodes", "1")
     long_runs.check_two_updates_on_cuda(script, tmp_path, (*flags, *long_run.cuda_flags))

@@ -4,11 +4,6 @@ tests/test_every_script.py."""
 
 import glob
 import os
-import shutil
-import signal
-import subprocess
-import sys
-from types import SimpleNamespace
 
 import claims as checks
 import envpool
@@ -205,141 +200,43 @@ def test_the_script_checks_its_input_before_it_starts(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Long runs: --checkpoint-every, --resume, Ctrl-C (masked CartPole: short episodes, so some end after a resume)
+# Masked CartPole through the same agent, and a run directory to itself (--resume, Ctrl-C, SIGTERM and the other
+# long-run claims: tests/test_every_script.py)
 # ---------------------------------------------------------------------------------------------
-RESUMABLE = (
-    "--env-id",
-    "CartPole-v1",
-    "--num-envs",
-    "2",
-    "--num-steps",
-    "4",
-    "--hidden-size",
-    "8",
-    "--eval-episodes",
-    "0",
-    "--checkpoint-every",
-    "16",
-)
+CARTPOLE = ("--env-id", "CartPole-v1", "--num-envs", "2", "--num-steps", "4", "--hidden-size", "8", "--checkpoint-every", "16")
 SAVED_STEP = 48  # 6 updates of 2 envs x 4 steps; checkpoints at 16, 32, 48 (the end)
-FIRST_RUN = (*RESUMABLE, "--total-timesteps", str(SAVED_STEP), "--eval-episodes", "2", "--save-model")
 
 
 @pytest.fixture(scope="module")
-def checkpointed(tmp_path_factory):
-    """A masked-CartPole run that wrote checkpoints: a copy of its last one (resuming overwrites the run's own),
-    and its scalars and model.pt as it left them."""
-    tmp_path = tmp_path_factory.mktemp("checkpointed")
-    proc = run_script(tmp_path, *FIRST_RUN, "--run-name", "a")
-    assert proc.returncode == 0, proc.stderr
-    shutil.copy(tmp_path / "runs" / "a" / "checkpoint.pt", tmp_path / "saved.pt")
-    run = SimpleNamespace(
-        scalars=checks.read_scalars(tmp_path / "runs" / "a"),
-        model=torch.load(tmp_path / "runs" / "a" / "model.pt", weights_only=True),
+def cartpole_run(tmp_path_factory):
+    """The directory of a masked-CartPole run, runs/a, with its checkpoints, evaluation and model.pt."""
+    tmp_path = tmp_path_factory.mktemp("cartpole")
+    proc = run_script(
+        tmp_path, *CARTPOLE, "--total-timesteps", str(SAVED_STEP), "--eval-episodes", "2", "--save-model", "--run-name", "a"
     )
-    return tmp_path, torch.load(tmp_path / "saved.pt", weights_only=True), run
+    assert proc.returncode == 0, proc.stderr
+    return tmp_path
 
 
-def test_masked_cartpole_trains_through_the_same_agent(checkpointed):
-    _, _, run = checkpointed
-    checks.check_update_scalars(run.scalars, iterations=SAVED_STEP // 8)
-    assert len(run.scalars["charts/episodic_return"]) >= 1 and len(run.scalars["eval/episodic_return"]) == 2
+def test_masked_cartpole_trains_through_the_same_agent(cartpole_run):
+    scalars = checks.read_scalars(cartpole_run / "runs" / "a")
+    checks.check_update_scalars(scalars, iterations=SAVED_STEP // 8)
+    assert len(scalars["charts/episodic_return"]) >= 1 and len(scalars["eval/episodic_return"]) == 2
     agent = minigrid.Agent((2,), 2, 8, "rtrl")
-    agent.load_state_dict(run.model["model"])
+    agent.load_state_dict(torch.load(cartpole_run / "runs" / "a" / "model.pt", weights_only=True)["model"])
 
 
-def test_a_run_directory_is_never_shared(checkpointed):
-    tmp_path, _, _ = checkpointed
-    before = {f: (tmp_path / "runs" / "a" / f).read_bytes() for f in os.listdir(tmp_path / "runs" / "a")}
-    proc = run_script(tmp_path, *RESUMABLE, "--total-timesteps", str(SAVED_STEP), "--run-name", "a")
+def test_a_run_directory_is_never_shared(cartpole_run):
+    run_dir = cartpole_run / "runs" / "a"
+    before = {f: (run_dir / f).read_bytes() for f in os.listdir(run_dir)}
+    assert "checkpoint.pt" in before
+    proc = run_script(cartpole_run, *CARTPOLE, "--total-timesteps", str(SAVED_STEP), "--run-name", "a")
     assert proc.returncode == 2 and "runs/a exists" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    assert {f: (tmp_path / "runs" / "a" / f).read_bytes() for f in os.listdir(tmp_path / "runs" / "a")} == before
-
-
-def test_resume_restores_every_tensor_bit_for_bit_and_the_run_goes_on_from_its_step(checkpointed):
-    tmp_path, saved, _ = checkpointed
-    assert saved["global_step"] == SAVED_STEP and saved["iteration"] == 6 and saved["script"] == "rtrl_a2c_minigrid.py"
-    resume = ("--resume", "runs/a/checkpoint.pt")
-    proc = run_script(tmp_path, *RESUMABLE, *resume, "--total-timesteps", str(SAVED_STEP))  # loads, trains 0, saves
-    assert proc.returncode == 0, proc.stderr
-    assert f"resumed runs/a at global_step={SAVED_STEP}: every environment starts a new episode" in proc.stdout
-    assert "device: cpu (--cuda: no CUDA device found)\n" in proc.stdout  # --cuda is the default; no GPU here
-    again = torch.load(tmp_path / "runs" / "a" / "checkpoint.pt", weights_only=True)
-    for key in ("model", "optimizer", "rng", "iteration", "global_step", "run_name"):
-        assert helpers.same_tensors(saved[key], again[key]), key
-    assert saved["optimizer"]["state"] and len(saved["rng"]["python"][1]) == 625  # RMSprop's averages, MT's state
-
-    proc = run_script(tmp_path, *RESUMABLE, *resume, "--total-timesteps", str(3 * SAVED_STEP))
-    assert proc.returncode == 0, proc.stderr
-    scalars = helpers.scalar_steps(tmp_path / "runs" / "a")
-    assert [step for step, _ in scalars["charts/SPS"]] == list(range(8, 3 * SAVED_STEP + 1, 8))  # one run, no gaps
-    lr = dict(scalars["charts/learning_rate"])  # the schedule goes on from update 7 of now 18 (the new total)
-    assert lr[SAVED_STEP] == pytest.approx(1e-3 * 1 / 6) and lr[SAVED_STEP + 8] == pytest.approx(1e-3 * (1 - 6 / 18))
-    after = [(step, length) for step, length in scalars["charts/episodic_length"] if step > SAVED_STEP]
-    assert after and all(length <= (step - SAVED_STEP) / 2 for step, length in after)  # all started after the resume
-
-
-def test_the_same_seed_logs_identical_losses(checkpointed):
-    tmp_path, _, _ = checkpointed
-    assert run_script(tmp_path, *FIRST_RUN, "--run-name", "b").returncode == 0
-    a, b = (helpers.scalar_steps(tmp_path / "runs" / name) for name in ("a", "b"))
-    losses = [tag for tag in a if tag.startswith("losses/")]
-    assert len(losses) >= 6 and all(a[tag][:6] == b[tag][:6] for tag in losses)  # first updates, float for float
-
-
-def test_ctrl_c_finishes_the_update_writes_a_checkpoint_and_exits_130(tmp_path):
-    proc = subprocess.Popen(
-        [sys.executable, SCRIPT, *RESUMABLE, "--checkpoint-every", "0", "--total-timesteps", "10000000", "--run-name", "c"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    for line in proc.stdout:
-        if line.startswith("global_step="):
-            break
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    checkpoint = torch.load(tmp_path / "runs" / "c" / "checkpoint.pt", weights_only=True)
-    assert f"stopped by SIGINT at global_step={checkpoint['global_step']}; checkpoint: runs/c/checkpoint.pt" in out
-    assert checkpoint["global_step"] == 8 * checkpoint["iteration"] and not glob.glob(str(tmp_path / "runs/c/*.tmp"))
-
-
-@pytest.mark.parametrize(
-    "change,flags,message",
-    [
-        (None, ["--resume", "missing.pt"], "--resume: no such file 'missing.pt'"),
-        ("truncate", [], "is not a readable checkpoint"),
-        ("weights only", [], "is not a checkpoint to resume from (no global_step, iteration, optimizer"),
-        ("other script", [], "was written by rtrl_a2c_atari.py, not rtrl_a2c_minigrid.py"),
-        (
-            None,
-            ["--hidden-size", "16", "--core", "tbptt"],
-            "differs from the checkpoint's run: --hidden-size 16 (checkpoint: 8), --core tbptt (checkpoint: rtrl)",
-        ),
-        (None, ["--env-id", "Acrobot-v1"], "--env-id Acrobot-v1 (checkpoint: CartPole-v1)"),
-        (None, ["--run-name", "b"], "--run-name b (checkpoint: a)"),
-        (None, ["--total-timesteps", "40"], "--total-timesteps 40 is below the checkpoint's step 48"),
-    ],
-)
-def test_a_bad_checkpoint_to_resume_is_a_one_line_error(checkpointed, tmp_path, capsys, change, flags, message):
-    saved_dir, saved, _ = checkpointed
-    path = tmp_path / "ck.pt"
-    if change == "truncate":
-        path.write_bytes((saved_dir / "saved.pt").read_bytes()[:2000])
-    else:
-        edited = {
-            "weights only": {"model": saved["model"], "args": saved["args"]},
-            "other script": {**saved, "script": "rtrl_a2c_atari.py"},
-        }
-        torch.save(edited.get(change, saved), path)
-    argv = [*RESUMABLE, "--total-timesteps", "96", "--resume", str(path), *flags]
-    helpers.bad_input_in_process(lambda a: minigrid.load_resume(tyro.cli(minigrid.Args, args=a)), argv, message, capsys)
+    assert {f: (run_dir / f).read_bytes() for f in os.listdir(run_dir)} == before
 
 
 # ---------------------------------------------------------------------------------------------
-# Devices (issue 14): the device line, CPU checkpoints, a CUDA run of the float64 claim
+# Devices: the device line, CPU checkpoints, a CUDA run of the float64 claim
 # ---------------------------------------------------------------------------------------------
 def test_the_device_line_says_when_cuda_found_no_gpu(monkeypatch):
     assert minigrid.device_line(*minigrid.choose_device(False)) == "device: cpu"
