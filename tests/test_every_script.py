@@ -33,7 +33,6 @@ SCRIPTS = {
 NAMES = {s.module: name for name, s in SCRIPTS.items()}
 A2C = ("atari", "procgen", "minigrid")
 PIXEL_A2C = ("atari", "procgen")  # a convolutional stem: --init-stem-from, --freeze-stem, --stem-in-update
-TRAINING = tuple(SCRIPTS)  # the progress line
 
 
 def only(*names):
