@@ -1,8 +1,9 @@
 """Claims every script must meet, each checked against an independent float64 computation.
 
 Each check takes the script's module, so the scripts are held to the same references (written from
-Method §1, §2 and §5 alone) while importing nothing from each other. The update checks are the A2C
-scripts'; rtrl_impala_dmlab.py's tests reuse the eLSTM checks and the references.
+Method §1, §2 and §5 alone) while importing nothing from each other. tests/test_every_script.py states each
+check once for every script it applies to (the update checks: the A2C scripts'); rtrl_impala_dmlab.py's own
+tests reuse the references.
 """
 
 import glob
