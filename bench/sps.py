@@ -42,7 +42,6 @@ SCRIPTS = {
     "rtrl_a2c_minigrid.py": dict(obs_shape=(7 * 7 * 3 + 1,), num_actions=3, keeps_stem_graphs=False, iterations=200, rounds=3),
 }
 CLEANRL = os.path.join("cleanrl", "ppo_atari_lstm.py")  # in a CleanRL checkout
-CLEANRL_BATCH = 8 * 128  # its defaults, --num-envs 8 --num-steps 128 (4 x 4 under --tiny)
 PARTS = (
     "rollout: stem forward",
     "rollout: cell, heads, sampling",
