@@ -35,6 +35,14 @@ def pick_device(name):
     return torch.device(name)
 
 
+def save_figure(fig, path, dpi):
+    """The figure written whole to a temp file, then renamed over `path`: never a half-written figure."""
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=dpi)
+    os.replace(tmp, path)
+    print(f"figure saved to {path}")
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # otherwise we would time kernel launches, not work

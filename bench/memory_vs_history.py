@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 import tyro
-from common import ROOT, load_script, machine, peak_memory, pick_device, print_table, rel_err, sync
+from common import ROOT, load_script, machine, peak_memory, pick_device, print_table, rel_err, save_figure, sync
 
 
 @dataclass
@@ -105,11 +105,7 @@ def save_plot(results, args):
         f"exact eLSTM gradients over a history: B={args.batch_size}, N={args.hidden_size}, D={args.input_size}, float32"
     )
     fig.tight_layout()
-    path = os.path.join(ROOT, args.plot)
-    tmp = f"{path}.tmp.png"  # written whole, then renamed: never a half-written figure
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
-    print(f"figure saved to {path}")
+    save_figure(fig, os.path.join(ROOT, args.plot), dpi=120)
 
 
 def main(args):

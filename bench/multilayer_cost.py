@@ -24,7 +24,7 @@ import matplotlib
 import numpy as np
 import torch
 import tyro
-from common import ROOT, load_script, machine, min_times, pick_device, print_table
+from common import ROOT, load_script, machine, min_times, pick_device, print_table, save_figure
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -163,11 +163,7 @@ def save_plot(measured, args):
             ax.grid(alpha=0.3), ax.legend(fontsize=7)
     fig.suptitle(f"one per-token online gradient step, B = {args.batch_size}; bottom row: N = {args.layers_hidden_size}")
     fig.tight_layout()
-    path = os.path.join(ROOT, args.plot)
-    tmp = f"{path}.tmp.png"  # written whole, then renamed: never a half-written figure
-    fig.savefig(tmp, dpi=90)
-    os.replace(tmp, path)
-    print(f"figure saved to {path}")
+    save_figure(fig, os.path.join(ROOT, args.plot), dpi=90)
 
 
 def check(args):
