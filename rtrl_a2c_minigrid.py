@@ -583,21 +583,13 @@ def evaluate(agent, env_id, seeds, device, actions):
     return [finished[i] for i in range(len(seeds))]
 
 
-def choose_device(cuda):
-    """(device, note for the device line): the CPU, saying why, when --cuda finds no usable GPU (a CPU build of
-    torch, or one whose CUDA does not fit the driver)."""
-    if not cuda:
-        return torch.device("cpu"), ""
-    if not torch.cuda.is_available():
-        return torch.device("cpu"), " (--cuda: no CUDA device found)"
-    return torch.device("cuda", 0), ""
-
-
-def device_line(device, note):
-    """`device: cpu` or `device: cuda:0 (NAME, torch CUDA X.Y)`: printed and logged, so no CPU fallback is silent."""
-    if device.type == "cuda":
-        return f"device: {device} ({torch.cuda.get_device_name(device)}, torch CUDA {torch.version.cuda})"
-    return f"device: cpu{note}"
+def pick_device(args):
+    """The device and the line that names it, printed and logged at start: a fallback to the CPU is never silent
+    (a torch CUDA build that does not match the driver finds no device)."""
+    if args.cuda and torch.cuda.is_available():
+        device = torch.device("cuda:0")
+        return device, f"device: cuda:0 ({torch.cuda.get_device_name(device)}, torch CUDA {torch.version.cuda})"
+    return torch.device("cpu"), ("device: cpu (--cuda: no CUDA device found)" if args.cuda else "device: cpu")
 
 
 def save_checkpoint(agent, args, path, **extra):
@@ -769,9 +761,9 @@ if __name__ == "__main__":
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    device, device_note = choose_device(args.cuda)
-    print(device_line(device, device_note), flush=True)
-    writer.add_text("device", device_line(device, device_note))
+    device, device_line = pick_device(args)
+    print(device_line, flush=True)
+    writer.add_text("device", device_line)
     # the float32 agreement of RTRL and BPTT (README) needs full-precision GEMMs: TF32 keeps 10 mantissa bits and
     # the cell's reductions over T*B lose about three digits. Only matmuls: cuDNN's convolutions may use TF32.
     torch.backends.cuda.matmul.allow_tf32 = False

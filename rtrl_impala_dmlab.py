@@ -1100,26 +1100,19 @@ def evaluate(agent, args, seeds, workdir):
 # ---------------------------------------------------------------------------------------------
 # The run: devices, checkpoints, resuming, the progress line, stop signals
 # ---------------------------------------------------------------------------------------------
-def choose_device(cuda, local_rank, local_world_size):
-    """(device, note for the device line). --cuda: GPU `local_rank`, one per rank (NCCL refuses two ranks on one GPU);
-    the CPU, saying why, when no GPU is usable (a CPU build of torch, or one whose CUDA does not fit the driver)."""
-    if not cuda:
-        return torch.device("cpu"), ""
-    if not torch.cuda.is_available():
-        return torch.device("cpu"), " (--cuda: no CUDA device found)"
-    if local_world_size > torch.cuda.device_count():
-        fail(
-            f"--cuda: {local_world_size} ranks on this node but {torch.cuda.device_count()} GPU(s); start at most "
-            f"{torch.cuda.device_count()} (torchrun --nproc_per_node), or add --no-cuda for gloo on the CPU"
-        )
-    return torch.device("cuda", local_rank), ""
-
-
-def device_line(device, note):
-    """`device: cpu` or `device: cuda:0 (NAME, torch CUDA X.Y)`: printed and logged, so no CPU fallback is silent."""
-    if device.type == "cuda":
-        return f"device: {device} ({torch.cuda.get_device_name(device)}, torch CUDA {torch.version.cuda})"
-    return f"device: cpu{note}"
+def pick_device(args, local_rank=0, local_world_size=1):
+    """The device and the line that names it, printed and logged at start: a fallback to the CPU is never silent
+    (a torch CUDA build that does not match the driver finds no device). --cuda: GPU `local_rank`, one per rank
+    (NCCL refuses two ranks on one GPU)."""
+    if args.cuda and torch.cuda.is_available():
+        if local_world_size > torch.cuda.device_count():
+            fail(
+                f"--cuda: {local_world_size} ranks on this node but {torch.cuda.device_count()} GPU(s); start at most "
+                f"{torch.cuda.device_count()} (torchrun --nproc_per_node), or add --no-cuda for gloo on the CPU"
+            )
+        device = torch.device("cuda", local_rank)
+        return device, f"device: {device} ({torch.cuda.get_device_name(device)}, torch CUDA {torch.version.cuda})"
+    return torch.device("cpu"), ("device: cpu (--cuda: no CUDA device found)" if args.cuda else "device: cpu")
 
 
 def save_checkpoint(agent, args, path, **extra):
@@ -1317,7 +1310,7 @@ if __name__ == "__main__":
     obs_shape, num_actions = check_args(args)
     args.num_updates = args.total_timesteps // (args.batch_size * args.unroll_length * args.world_size)
     resumed = load_resume(args)  # every rank reads the same file, before anything is made or written
-    device, device_note = choose_device(args.cuda, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    device, device_line = pick_device(args, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     use_cuda = device.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(device)  # NCCL and every bare .cuda() use this rank's GPU, not GPU 0
@@ -1359,8 +1352,8 @@ if __name__ == "__main__":
     if rank == 0:
         # resumed: TensorBoard drops what an interrupted run logged after its checkpoint, and the event files go on
         writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step + 1 if resumed else None)
-        print(device_line(device, device_note), flush=True)
-        writer.add_text("device", device_line(device, device_note))
+        print(device_line, flush=True)
+        writer.add_text("device", device_line)
         writer.add_text(
             "hyperparameters",
             "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),

@@ -250,6 +250,7 @@ def check_the_device_line_names_the_device(script, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert script.pick_device(script.Args()) == (torch.device("cpu"), "device: cpu (--cuda: no CUDA device found)")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: f"Fake GPU on {device}")
     monkeypatch.setattr(torch.version, "cuda", "12.4")
     assert script.pick_device(script.Args()) == (

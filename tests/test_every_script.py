@@ -139,7 +139,6 @@ def test_init_stem_from_copies_the_stem_and_refuses_what_does_not_fit(script, kn
     checks.check_init_stem_from(script, tmp_path, capsys, known.obs_shape, known.other_obs_shape)
 
 
-@only(*PIXEL_A2C)
 def test_the_device_line_names_the_device(script, monkeypatch):
     long_runs.check_the_device_line_names_the_device(script, monkeypatch)
 

@@ -238,16 +238,6 @@ def test_a_run_directory_is_never_shared(cartpole_run):
 # ---------------------------------------------------------------------------------------------
 # Devices: the device line, CPU checkpoints, a CUDA run of the float64 claim
 # ---------------------------------------------------------------------------------------------
-def test_the_device_line_says_when_cuda_found_no_gpu(monkeypatch):
-    assert minigrid.device_line(*minigrid.choose_device(False)) == "device: cpu"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert minigrid.device_line(*minigrid.choose_device(True)) == "device: cpu (--cuda: no CUDA device found)"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: f"Fake GPU {device}")
-    monkeypatch.setattr(torch.version, "cuda", "12.4")
-    assert minigrid.device_line(*minigrid.choose_device(True)) == "device: cuda:0 (Fake GPU cuda:0, torch CUDA 12.4)"
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_cuda_two_updates_train_and_save_a_model_that_loads_on_the_cpu(tmp_path):
     proc = run_script(

@@ -892,22 +892,21 @@ def fake_gpus(monkeypatch, count):
 
 def test_more_ranks_than_gpus_under_cuda_is_a_one_line_error_naming_both_counts(monkeypatch, capsys):
     fake_gpus(monkeypatch, 1)
+    cuda, no_cuda = impala.Args(cuda=True), impala.Args(cuda=False)
     with pytest.raises(SystemExit) as e:
-        impala.choose_device(True, 1, 2)
+        impala.pick_device(cuda, 1, 2)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1
     assert "--cuda: 2 ranks on this node but 1 GPU(s); start at most 1 (torchrun --nproc_per_node)" in err
     assert "--no-cuda for gloo on the CPU" in err
-    fake_gpus(monkeypatch, 2)
-    assert impala.choose_device(True, 1, 2) == (torch.device("cuda:1"), "")  # each rank its own GPU
-    assert impala.choose_device(False, 1, 2) == (torch.device("cpu"), "")  # --no-cuda: gloo on the CPU
+    assert impala.pick_device(no_cuda, 1, 2) == (torch.device("cpu"), "device: cpu")  # --no-cuda: gloo on the CPU
     fake_gpus(monkeypatch, 0)
-    assert impala.choose_device(True, 0, 2) == (torch.device("cpu"), " (--cuda: no CUDA device found)")
-    assert impala.device_line(*impala.choose_device(True, 0, 1)) == "device: cpu (--cuda: no CUDA device found)"
+    assert impala.pick_device(cuda, 0, 2) == (torch.device("cpu"), "device: cpu (--cuda: no CUDA device found)")
     fake_gpus(monkeypatch, 2)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: f"Fake GPU {device}")
     monkeypatch.setattr(torch.version, "cuda", "12.4")
-    assert impala.device_line(*impala.choose_device(True, 1, 2)) == "device: cuda:1 (Fake GPU cuda:1, torch CUDA 12.4)"
+    # each rank its own GPU
+    assert impala.pick_device(cuda, 1, 2) == (torch.device("cuda:1"), "device: cuda:1 (Fake GPU cuda:1, torch CUDA 12.4)")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
