@@ -307,7 +307,7 @@ def test_the_script_checks_the_checkpoint_before_it_writes(script, checkpointed)
 
 
 @long_runs.CUDA
-@only(*PIXEL_A2C)  # MiniGrid's: its own file
+@only(*A2C)
 def test_two_updates_on_cuda(script, long_run, tmp_path):
     flags = ("--num-envs", "2", "--num-steps", "8", "--total-timesteps", "32", "--hidden-size", "16", "--eval-episodes", "1")
     long_runs.check_two_updates_on_cuda(script, tmp_path, (*flags, *long_run.cuda_flags))

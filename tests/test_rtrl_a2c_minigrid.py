@@ -233,33 +233,3 @@ def test_a_run_directory_is_never_shared(cartpole_run):
     proc = run_script(cartpole_run, *CARTPOLE, "--total-timesteps", str(SAVED_STEP), "--run-name", "a")
     assert proc.returncode == 2 and "runs/a exists" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert {f: (run_dir / f).read_bytes() for f in os.listdir(run_dir)} == before
-
-
-# ---------------------------------------------------------------------------------------------
-# Devices: the device line, CPU checkpoints, a CUDA run of the float64 claim
-# ---------------------------------------------------------------------------------------------
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_on_cuda_two_updates_train_and_save_a_model_that_loads_on_the_cpu(tmp_path):
-    proc = run_script(
-        tmp_path,
-        "--num-envs",
-        "4",
-        "--num-steps",
-        "8",
-        "--total-timesteps",
-        "64",
-        "--hidden-size",
-        "16",
-        "--eval-episodes",
-        "1",
-        "--save-model",
-        "--run-name",
-        "gpu",
-        "--cuda",
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert f"device: cuda:0 ({torch.cuda.get_device_name(0)}, torch CUDA {torch.version.cuda})" in proc.stdout
-    checks.check_update_scalars(checks.read_scalars(tmp_path / "runs" / "gpu"), iterations=2)
-    saved = torch.load(tmp_path / "runs" / "gpu" / "model.pt", weights_only=True)  # no map_location: as written
-    assert all(t.device.type == "cpu" for t in checks.all_tensors(saved))
-    minigrid.Agent((minigrid.Envs.OBS_SIZE,), 3, 16, "rtrl").load_state_dict(saved["model"])
