@@ -23,16 +23,25 @@ def load_script(filename):
     return module
 
 
+def fail(message):
+    """Bad input: one line on stderr, exit 2 (as for a bad flag), no traceback."""
+    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def pick_device(name):
     """The device of --device; cuda without a usable GPU is a one-line error (exit 2), never a silent CPU run."""
     if name == "cuda" and not torch.cuda.is_available():
-        print(
-            f"{os.path.basename(sys.argv[0])}: error: --device cuda: no CUDA device found (torch {torch.__version__}, "
-            f"CUDA build {torch.version.cuda})",
-            file=sys.stderr,
-        )
-        sys.exit(2)
+        fail(f"--device cuda: no CUDA device found (torch {torch.__version__}, CUDA build {torch.version.cuda})")
     return torch.device(name)
+
+
+def set_threads(threads):
+    """--threads: torch's default for 0, else that many; a negative count is a one-line error."""
+    if threads < 0:
+        fail(f"--threads must be at least 0, got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def save_figure(fig, path, dpi):

@@ -19,7 +19,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 import tyro
-from common import ROOT, load_script, machine, peak_memory, pick_device, print_table, rel_err, save_figure, sync
+from common import (
+    ROOT,
+    fail,
+    load_script,
+    machine,
+    peak_memory,
+    pick_device,
+    print_table,
+    rel_err,
+    save_figure,
+    set_threads,
+    sync,
+)
 
 
 @dataclass
@@ -111,13 +123,12 @@ def save_plot(results, args):
 def main(args):
     if args.tiny:
         args.lengths, args.batch_size, args.hidden_size, args.input_size, args.unroll = (8, 16, 32), 2, 6, 5, 4
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if args.budget_gib < 0:
-        raise SystemExit(f"error: --budget-gib must be at least 0, got {args.budget_gib}")
+        fail(f"--budget-gib must be at least 0, got {args.budget_gib}")
     bad = [L for L in args.lengths if L < args.unroll or L % args.unroll]
     if bad:
-        raise SystemExit(f"error: history lengths must be multiples of --unroll {args.unroll}, got {bad}")
+        fail(f"history lengths must be multiples of --unroll {args.unroll}, got {bad}")
     script = load_script("rtrl_a2c_atari.py")
     device = pick_device(args.device)
     torch.manual_seed(args.seed)

@@ -15,7 +15,6 @@ log-log slopes over the three largest N, beside the theory.
 """
 
 import os
-import sys
 import weakref
 from dataclasses import dataclass
 from typing import Literal
@@ -24,7 +23,7 @@ import matplotlib
 import numpy as np
 import torch
 import tyro
-from common import ROOT, load_script, machine, min_times, pick_device, print_table, save_figure
+from common import ROOT, fail, load_script, machine, min_times, pick_device, print_table, save_figure, set_threads
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -179,8 +178,7 @@ def check(args):
         else None
     )
     if problem:
-        print(f"{os.path.basename(sys.argv[0])}: error: {problem}", file=sys.stderr)
-        sys.exit(2)
+        fail(problem)
 
 
 def main(args):
@@ -193,8 +191,7 @@ def main(args):
             1,
         )
     check(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = pick_device(args.device)
     study = load_script("rtrl_multilayer_study.py")
     print(f"machine: {machine(device)}")

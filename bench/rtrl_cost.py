@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 import tyro
-from common import load_script, machine, min_times, peak_memory, pick_device, print_table, rel_err
+from common import load_script, machine, min_times, peak_memory, pick_device, print_table, rel_err, set_threads
 from torch.profiler import profile
 
 # script, T (unroll), B (batch), N (hidden), D (input = 256 features + last reward): Method §5
@@ -121,8 +121,7 @@ def fused_passes(cell, T, B, seed):
 
 
 def main(args):
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
     print(f"machine: {machine(device)}")

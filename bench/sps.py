@@ -31,7 +31,7 @@ from typing import Literal
 
 import torch
 import tyro
-from common import ROOT, load_script, machine, pick_device, print_table, sync
+from common import ROOT, fail, load_script, machine, pick_device, print_table, sync
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 # what the bench needs to know of each script: its observations and actions, whether its rollout keeps the
@@ -82,11 +82,6 @@ class Args:
     """the Python that has CleanRL's requirements (gymnasium[atari], its cleanrl_utils), e.g. its venv's"""
     tiny: bool = False
     """2 envs x 4 steps, hidden size 8, one round: a smoke run (the numbers mean nothing)"""
-
-
-def fail(message):
-    print(f"sps.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def cleanrl_script(args):

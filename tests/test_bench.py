@@ -161,6 +161,21 @@ def test_a_benchmark_asked_for_a_gpu_without_one_is_a_one_line_error(monkeypatch
     assert common.pick_device("cpu") == torch.device("cpu")
 
 
+@pytest.mark.parametrize(
+    "name,flags,message",
+    [
+        ("rtrl_cost.py", ["--threads", "-1"], "--threads must be at least 0, got -1"),
+        ("memory_vs_history.py", ["--threads", "-2"], "--threads must be at least 0, got -2"),
+        ("memory_vs_history.py", ["--budget-gib", "-1"], "--budget-gib must be at least 0, got -1.0"),
+        ("multilayer_cost.py", ["--threads", "-1"], "--threads must be at least 0, got -1"),
+    ],
+)
+def test_a_benchmark_given_bad_input_says_so_in_one_line_and_exits_2(tmp_path, name, flags, message):
+    proc = helpers.run_script(os.path.join(BENCH, name), tmp_path, *flags)
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "machine:" not in proc.stdout  # refused before any measurement
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", ["rtrl_cost.py", "memory_vs_history.py"])
 def test_benchmarks_run_on_a_gpu(tmp_path, name):
