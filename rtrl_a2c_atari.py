@@ -117,7 +117,7 @@ def fail(message):
 def require_file(flag, path):
     """A file the run reads: a missing one is a one-line error before anything is written or any env starts."""
     if not os.path.isfile(path):
-        fail(f"{flag} {path}: no such file")
+        fail(f"{flag} {path}: " + ("a directory, not a file" if os.path.isdir(path) else "no such file"))
 
 
 def check_args(args):

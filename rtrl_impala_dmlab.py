@@ -1272,7 +1272,7 @@ def load_stem(agent, path):
     """--init-stem-from: copy every `stem.*` parameter from a model.pt of this script (any core). A file that is
     not one, or whose stem does not fit (another script's, another observation shape), is a one-line error."""
     if not os.path.isfile(path):
-        fail(f"--init-stem-from {path}: no such file")
+        fail(f"--init-stem-from {path}: " + ("a directory, not a file" if os.path.isdir(path) else "no such file"))
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, truncated, or pickled objects other than tensors

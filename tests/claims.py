@@ -442,6 +442,7 @@ def check_init_stem_from(script, tmp_path, capsys, obs_shape, other_obs_shape):
     (tmp_path / "text.pt").write_text("not a checkpoint\n")
     cases = {
         "missing.pt": "no such file",
+        ".": "a directory, not a file",  # a run directory given for its model.pt
         "text.pt": "not a checkpoint",
         "list.pt": "not a checkpoint",
         "other.pt": "written by other_script.py",
