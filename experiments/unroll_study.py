@@ -287,8 +287,12 @@ def log_tail(path, lines=15):
 class Launcher:
     """Starts runs as subprocesses and stops them all on a stop; one instance per study invocation."""
 
-    def __init__(self, args, fixed, study_command):
+    def __init__(self, args, fixed, study_command, key=run_key, flags=script_flags, summarize=None):
+        """key(config) names a run, flags(config, fixed) gives its flags, summarize(run_dir) its (metrics, curve):
+        by default this study's; experiments/memory_study.py passes its own."""
         self.args, self.fixed, self.study_command = args, fixed, study_command
+        self.key, self.flags = key, flags
+        self.summarize = summarize or (lambda run_dir: summarize_events(run_dir, fixed["total_timesteps"]))
         self.runs_root = os.path.join(os.path.abspath(args.work_dir), "runs")
         self.script = os.path.abspath(args.script)
         self.live, self.lock, self.stopping = set(), threading.Lock(), False
@@ -306,7 +310,7 @@ class Launcher:
                 continue
 
     def run(self, config):
-        key, flags = run_key(config), script_flags(config, self.fixed)
+        key, flags = self.key(config), self.flags(config, self.fixed)
         name, log = self.new_run_name(key)
         command = [sys.executable, self.script, *flags, "--run-name", name]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -343,7 +347,7 @@ class Launcher:
         )
         if returncode == 0:
             try:
-                record["metrics"], record["curve"] = summarize_events(run_dir, self.fixed["total_timesteps"])
+                record["metrics"], record["curve"] = self.summarize(run_dir)
             except Exception as e:  # an exit 0 without readable events is a failed run, not a crashed study
                 record.update(status="failed", error=f"{type(e).__name__}: {e}")
         else:
@@ -407,11 +411,19 @@ def number(value, digits):
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def run_study(args, sets, fixed, study_command, runs_path, records):
-    """Launch the grid's unfinished runs, `--jobs` at a time, recording each as it finishes; 1 if any failed."""
-    configs = grid(args, sets)
+def describe(record):
+    """The progress line's account of a finished run."""
+    m = record["metrics"]
+    return (
+        f"final return {number(m['final_return'], 3)}, success {number(m['final_success'], 2)} "
+        f"({m['final_episodes']} episodes), {number(m['sps'], 0)} SPS"
+    )
+
+
+def run_study(args, configs, runs_path, records, launcher, describe=describe):
+    """Launch the configs' unfinished runs, `--jobs` at a time, recording each as it finishes; 1 if any failed."""
     done = finished(records)
-    todo = [c for c in configs if run_key(c) not in done]
+    todo = [c for c in configs if launcher.key(c) not in done]
     print(
         f"{len(configs)} runs in the grid: {len(configs) - len(todo)} finished earlier (skipped), "
         f"{len(todo)} to run, {args.jobs} at a time; runs in {os.path.abspath(args.work_dir)}/runs",
@@ -420,7 +432,7 @@ def run_study(args, sets, fixed, study_command, runs_path, records):
     if not todo:
         return 0
     os.makedirs(os.path.join(args.work_dir, "runs"), exist_ok=True)
-    launcher, failures = Launcher(args, fixed, study_command), 0
+    failures = 0
     pool = ThreadPoolExecutor(args.jobs)
     previous_sigterm = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
@@ -430,12 +442,8 @@ def run_study(args, sets, fixed, study_command, runs_path, records):
             records.append(record)
             save_records(runs_path, records)  # recorded as it finishes: a stop loses only the runs under way
             if record["status"] == "ok":
-                m = record["metrics"]
                 print(
-                    f"[{i}/{len(todo)}] ok {record['run_name']}: final return {number(m['final_return'], 3)}, "
-                    f"success {number(m['final_success'], 2)} ({m['final_episodes']} episodes), "
-                    f"{number(m['sps'], 0)} SPS, {record['wall_time']:.0f} s",
-                    flush=True,
+                    f"[{i}/{len(todo)}] ok {record['run_name']}: {describe(record)}, {record['wall_time']:.0f} s", flush=True
                 )
             else:
                 failures += 1
@@ -693,16 +701,15 @@ def write_report(out_dir, records, fixed, report_command):
     print(f"report: {len(cells)} cells from {len(finished(records))} finished runs in {out_dir}")
 
 
-def main(argv=None):
-    args, extra, sets = parse_args(argv)
-    command = shlex.join(["python", *sys.argv]) if argv is None else shlex.join(["python", __file__, *argv])
+def study(args, fixed, command, configs, launcher, report, describe=describe):
+    """The study's whole course, for this runner and its siblings: the runs recorded in out_dir/runs.jsonl, the
+    unfinished ones of `configs` launched (one runner per out dir), then report(records, fixed, command)."""
     runs_path = os.path.join(args.out_dir, "runs.jsonl")
     records = load_records(runs_path)
-    fixed = dict(script=os.path.basename(args.script), total_timesteps=args.total_timesteps, extra=extra)
     if args.report_only:
         if not records:
             fail(f"no runs recorded in {runs_path}")
-        write_report(args.out_dir, records, records[-1]["fixed"], command)
+        report(records, records[-1]["fixed"], command)
         return 0
     other = next((r["fixed"] for r in records if r["fixed"] != fixed), None)
     if other:  # one out dir, one study: never average runs made with other flags into one cell
@@ -712,15 +719,23 @@ def main(argv=None):
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        fail(f"another unroll_study.py is running on {args.out_dir}")
+        fail(f"another {os.path.basename(sys.argv[0])} is running on {args.out_dir}")
     try:
-        status = run_study(args, sets, fixed, command, runs_path, records)
+        status = run_study(args, configs, runs_path, records, launcher, describe)
     except KeyboardInterrupt:
         print(f"stopped: the finished runs are in {runs_path}; the same command resumes", file=sys.stderr)
         status = 130
     if records:
-        write_report(args.out_dir, records, fixed, command)
+        report(records, fixed, command)
     return status
+
+
+def main(argv=None):
+    args, extra, sets = parse_args(argv)
+    command = shlex.join(["python", *sys.argv]) if argv is None else shlex.join(["python", __file__, *argv])
+    fixed = dict(script=os.path.basename(args.script), total_timesteps=args.total_timesteps, extra=extra)
+    report = lambda records, fixed, command: write_report(args.out_dir, records, fixed, command)
+    return study(args, fixed, command, grid(args, sets), Launcher(args, fixed, command), report)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ check once for every script it applies to (the update checks: the A2C scripts');
 tests reuse the references.
 """
 
+import dataclasses
 import glob
 import os
 
@@ -167,9 +168,41 @@ class SymbolicView:
         return agent.stem(hot)
 
 
+class Vector:
+    """A small float vector the cell reads as it is (bsuite's, --stem none): the features are the observation."""
+
+    shape = (3,)
+
+    @staticmethod
+    def sample(steps, batch, g):
+        return torch.randn(steps, batch, *Vector.shape, generator=g, dtype=torch.float64)
+
+    @staticmethod
+    def stem_features(agent, obs):
+        return obs.double()
+
+
+class VectorMLP(Vector):
+    """The same vector through a trainable stem (bsuite's --stem mlp)."""
+
+    @staticmethod
+    def stem_features(agent, obs):
+        return agent.stem(obs.double())
+
+
+def dead_steps(script):
+    """Whether the script's episodes end with a step on the terminal observation (EnvPool's), marked `deads`; without
+    one (bsuite's, reset at once), the step after a termination starts the next episode."""
+    return "deads" in {f.name for f in dataclasses.fields(script.Rollout)}
+
+
 def random_rollouts(script, num, steps, batch, seed=2, obs_kind=Pixels):
     g = torch.Generator().manual_seed(seed)
-    terms, deads, firsts = episode_flags(num * steps, batch, g)
+    if dead_steps(script):
+        terms, deads, firsts = episode_flags(num * steps, batch, g)
+    else:
+        terms = torch.rand(num * steps, batch, generator=g) < 0.25
+        firsts = torch.cat([torch.ones(1, batch, dtype=torch.bool), terms[:-1]])
     rollouts = []
     for i in range(num):
         span = slice(i * steps, (i + 1) * steps)
@@ -178,7 +211,7 @@ def random_rollouts(script, num, steps, batch, seed=2, obs_kind=Pixels):
                 obs=obs_kind.sample(steps, batch, g),
                 last_rewards=3 * torch.randn(steps, batch, generator=g, dtype=torch.float64),
                 firsts=firsts[span],
-                deads=deads[span],
+                **({"deads": deads[span]} if dead_steps(script) else {}),
                 terms=terms[span],
                 actions=torch.randint(0, NUM_ACTIONS, (steps, batch), generator=g),
                 rewards=3 * torch.randn(steps, batch, generator=g, dtype=torch.float64),
@@ -199,7 +232,7 @@ def reference_returns(r, next_value, gamma):
                 if s == steps:
                     g += discount * next_value[b]
                     break
-                if r.deads[s, b]:  # a terminal observation: its value bootstraps
+                if hasattr(r, "deads") and r.deads[s, b]:  # a terminal observation: its value bootstraps
                     g += discount * r.values[s, b]
                     break
                 g += discount * r.rewards[s, b].clamp(-1, 1)
@@ -212,7 +245,7 @@ def reference_returns(r, next_value, gamma):
 
 def check_returns_bootstrap_truncations_and_cut_terminations(script):
     (r,) = random_rollouts(script, 1, 12, 4)
-    assert r.terms.any() and (r.deads[1:] & ~r.terms[:-1]).any(), "needs both kinds of episode end"
+    assert r.terms.any() and (not dead_steps(script) or (r.deads[1:] & ~r.terms[:-1]).any()), "needs both kinds of end"
     next_value = torch.randn(4, dtype=torch.float64)
     torch.testing.assert_close(script.n_step_returns(r, next_value, 0.9), reference_returns(r, next_value, 0.9))
 
@@ -251,7 +284,7 @@ def reference_rollout_loss(agent, rollouts, returns, core, args, obs_kind=Pixels
     h = cs[..., :HIDDEN] if core == "lstm" else torch.sigmoid(agent.gate(torch.cat([x, cs], -1))) * cs
     logp = torch.log_softmax(agent.actor(h), -1)
     value = agent.critic(h)[..., 0]
-    live = (~r.deads).double()
+    live = (~r.deads).double() if hasattr(r, "deads") else torch.ones_like(returns)
     adv = (returns - value).detach()
     pg = -(live * logp.gather(-1, r.actions[..., None])[..., 0] * adv).sum()
     ent = -(live * (logp.exp() * logp).sum(-1)).sum()
@@ -263,17 +296,17 @@ def script_grads(script, agent, rollouts, returns, args):
     c, sens = agent.cell.initial_state(rollouts[0].obs.shape[1])
     for r in rollouts:
         agent.zero_grad(set_to_none=True)
-        _, sens, _ = script.compute_gradients(agent, r, returns, c, sens, args)
+        sens = script.compute_gradients(agent, r, returns, c, sens, args)[1]
         with torch.no_grad():
             c = agent.cell(agent.features(r.obs, r.last_rewards), c, agent.resets(r.firsts))[-1]
     return {k: p.grad for k, p in agent.named_parameters()}
 
 
-def check_update_gradients_equal_autograd(script, core, impl, obs_kind=Pixels):
+def check_update_gradients_equal_autograd(script, core, impl, obs_kind=Pixels, **agent_flags):
     """The whole update's gradient on every parameter, over 3 rollouts, equals autograd on the reference loss."""
     torch.manual_seed(0)
-    agent = script.Agent(obs_kind.shape, NUM_ACTIONS, HIDDEN, core).double()
-    args = script.Args(core=core, rtrl_impl=impl)
+    agent = script.Agent(obs_kind.shape, NUM_ACTIONS, HIDDEN, core, **agent_flags).double()
+    args = script.Args(core=core, **({"rtrl_impl": impl} if hasattr(script.Args, "rtrl_impl") else {}))
     rollouts = random_rollouts(script, 3, 5, 3, obs_kind=obs_kind)
     returns = torch.randn(5, 3, dtype=torch.float64)
     got = script_grads(script, agent, rollouts, returns, args)

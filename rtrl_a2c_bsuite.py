@@ -1,0 +1,538 @@
+"""A2C with an element-wise LSTM trained by exact real-time recurrent learning (RTRL) on bsuite's memory experiments.
+
+Irie, Gopalakrishnan, Schmidhuber, "Exploring the Promise and Limits of Real-Time Recurrent Learning", ICLR 2024
+(arXiv 2305.19044). The eLSTM's recurrence is diagonal, so its RTRL sensitivities cost O(B N D) per step: its
+parameters get untruncated gradients with no stored history. bsuite's MemoryChain (Osband et al., ICLR 2020) shows a
+context bit at an episode's start and asks for it L steps later; its memory_len experiment sweeps L from 1 to 100
+and counts a length as learned when fewer than 37.5% of the first 10,000 answers are wrong. Here the cell reads the
+observation itself (`--stem none`): RTRL's exact gradient reaches the cell's input and no further (Method §5), so
+with a trainable stem below the cell (`--stem mlp`) what must be remembered across unrolls is learned by a
+truncated gradient, as in TBPTT.
+
+    python rtrl_a2c_bsuite.py --env-id memory_len/17     # L = 50; --core tbptt | lstm | ff, --stem mlp
+"""
+
+import difflib
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import bsuite
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from bsuite import sweep
+from bsuite.experiments.memory_len import analysis as memory_len_analysis
+from bsuite.experiments.memory_size import analysis as memory_size_analysis
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    run_name: str = ""
+    """the run directory under runs/ (default: env__exp__core__unroll__seed__time); an existing one is refused"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    save_model: bool = False
+    """whether to save the model and its args to `runs/{run_name}/model.pt`"""
+
+    # Algorithm specific arguments
+    env_id: str = "memory_len/17"
+    """a bsuite id of the memory experiments: memory_len/0-22 (memory length 1-100), memory_size/0-16 (1-40 bits)"""
+    num_episodes: int = 10_000
+    """episodes over all environments (bsuite's NUM_EPISODES); bsuite scores the first 10,000"""
+    num_envs: int = 16
+    """the number of parallel environments"""
+    num_steps: int = 4
+    """the rollout (= unroll) length; 1 updates after every environment step, fully online"""
+    learning_rate: float = 1e-3
+    """the learning rate of the optimizer (constant, as bsuite's baseline agents)"""
+    rms_alpha: float = 0.99
+    """RMSprop smoothing constant"""
+    rms_eps: float = 0.01
+    """RMSprop epsilon"""
+    gamma: float = 0.99
+    """the discount factor"""
+    ent_coef: float = 0.01
+    """coefficient of the entropy bonus"""
+    vf_coef: float = 0.5
+    """coefficient of the value (baseline) loss"""
+    max_grad_norm: float = 40.0
+    """the maximum global norm of the gradients"""
+    hidden_size: int = 128
+    """N, the size of the recurrent state (eLSTM c; for lstm, h and c each)"""
+    core: Literal["rtrl", "tbptt", "lstm", "ff"] = "rtrl"
+    """rtrl: eLSTM with exact untruncated RTRL gradients; tbptt: the same eLSTM with BPTT cut at each
+    rollout's start; lstm: a standard LSTM with BPTT cut the same way; ff: no memory (the eLSTM with
+    its state zeroed at every step)"""
+    stem: Literal["none", "mlp"] = "none"
+    """none: the cell reads [observation ; last reward]; mlp: a trainable 2-layer MLP between them (the MiniGrid
+    script's), trained through the cell within the unroll only"""
+    forget_bias: float = 3.0
+    """added to the forget gate's bias at initialisation (eLSTM b_f; the LSTM's forget-gate bias): f near 1, so
+    credit survives many steps from the start"""
+
+
+class Envs:
+    """B bsuite environments stepped together, their observations flattened (MemoryChain: [time left, query,
+    context bits]).
+
+    A step that ends an episode (dm_env's LAST) resets that environment at once: its terminal observation is never
+    acted on, the next step is `first` (state and sensitivities zeroed, Method §6) with last reward 0 (dm_env's
+    restart has none). MemoryChain's episodes end by termination only, so nothing bootstraps. Success: the last
+    action answered the context right (reward +1), what bsuite counts as `total_perfect`.
+    """
+
+    def __init__(self, env_id, seeds, device):
+        experiment = env_id.split("/")[0]
+        self.envs = [bsuite.load(experiment, {**sweep.SETTINGS[env_id], "seed": int(s)}) for s in seeds]
+        self.obs_shape = (int(np.prod(self.envs[0].observation_spec().shape)),)
+        self.num_actions = self.envs[0].action_spec().num_values
+        self.device = device
+        self.obs = self._pack([env.reset().observation for env in self.envs])
+        self.last_reward = torch.zeros(len(seeds), device=device)
+        self.first = torch.ones(len(seeds), dtype=torch.bool, device=device)
+
+    def _pack(self, observations):
+        return torch.as_tensor(np.stack(observations).reshape(len(observations), -1), device=self.device)
+
+    def step(self, action):
+        """Returns (reward, terminated) of the step and the successes of the episodes that ended, env by env."""
+        obs, reward, last = [], [], []
+        for env, a in zip(self.envs, action.tolist()):
+            timestep = env.step(a)
+            reward.append(timestep.reward)
+            last.append(timestep.last())
+            obs.append(env.reset().observation if timestep.last() else timestep.observation)
+        self.obs = self._pack(obs)
+        reward = torch.tensor(reward, dtype=torch.float32, device=self.device)
+        self.first = torch.tensor(last, device=self.device)
+        self.last_reward = torch.where(self.first, 0.0, reward)
+        return reward, self.first, [r > 0 for r, done in zip(reward.tolist(), last) if done]
+
+
+# ---------------------------------------------------------------------------------------------
+# The element-wise LSTM and its exact RTRL (Method §1-3)
+# ---------------------------------------------------------------------------------------------
+class ELSTM(nn.Module):
+    """c_t = f_t * c_{t-1} + (1 - f_t) * z_t, with z, f reading c_{t-1} only element-wise (Method §1).
+
+    The output gate lives outside (Agent.heads): it is feed-forward and needs no sensitivities.
+    """
+
+    MATRICES = ("w_z", "w_f")  # sensitivities B x N x D; the rest are vectors, B x N
+
+    def __init__(self, input_size, hidden_size):
+        super().__init__()
+        n, d = hidden_size, input_size
+        self.w_z, self.w_f = (nn.Parameter(0.1 * torch.randn(n, d)) for _ in range(2))
+        self.v_z, self.v_f, self.b_z, self.b_f = (nn.Parameter(0.1 * torch.randn(n)) for _ in range(4))
+
+    def initial_state(self, batch_size):
+        """(c, sens): zero state and zero sensitivities dc/dtheta, one B x shape(theta) tensor per parameter."""
+        p = self.w_z
+        c = p.new_zeros(batch_size, p.shape[0])
+        sens = {name: p.new_zeros(batch_size, *q.shape) for name, q in self.named_parameters()}
+        return c, sens
+
+    def _scan(self, x, c0, done):
+        """The recurrence over T steps; x: T x B x D, c0: B x N, done: T x B (reset before step t)."""
+        pre_z = F.linear(x, self.w_z, self.b_z)  # all steps' input projections in one GEMM
+        pre_f = F.linear(x, self.w_f, self.b_f)
+        notdone = (~done.bool()).unsqueeze(-1).to(x.dtype)
+        c, cs, c_prevs, zs, fs = c0, [], [], [], []
+        # unbind, not pre_z[t]: backprop then assembles one T x B x N gradient, not one per step
+        for pre_z_t, pre_f_t, notdone_t in zip(pre_z.unbind(), pre_f.unbind(), notdone.unbind()):
+            c_prev = c * notdone_t
+            z = torch.tanh(torch.addcmul(pre_z_t, self.v_z, c_prev))
+            f = torch.sigmoid(torch.addcmul(pre_f_t, self.v_f, c_prev))
+            c = torch.lerp(z, c_prev, f)  # f * c_prev + (1 - f) * z, in one op
+            cs.append(c), c_prevs.append(c_prev), zs.append(z), fs.append(f)
+        return cs, c_prevs, zs, fs, notdone  # lists of B x N tensors: callers stack what they need
+
+    def forward(self, x, c0, done):
+        """c_1..c_T (T x B x N), differentiable by autograd."""
+        return torch.stack(self._scan(x, c0, done)[0])
+
+    @torch.no_grad()
+    def scan(self, x, c0, done):
+        """The forward pass without autograd, kept for rtrl_scan: (c_1..c_T, c_prev, z, f, notdone), stacked."""
+        return tuple(torch.stack(v) if isinstance(v, list) else v for v in self._scan(x, c0, done))
+
+    def rtrl(self, x, c0, done, sens, dl_dc, impl="chunked"):
+        """Exact gradients of sum_t <dl_dc[t], c_t> through the whole history, and the sensitivities at T.
+
+        `sens` are dc_0/dtheta carried from earlier chunks; dl_dc[t] is the local dL/dc_t (Method §2).
+        """
+        grads, sens_T, _ = self.rtrl_scan(x, self.scan(x, c0, done), sens, dl_dc, impl)
+        return grads, sens_T
+
+    @torch.no_grad()
+    def rtrl_scan(self, x, scan, sens, dl_dc, impl="chunked", overwrite=False):
+        """rtrl() from a scan() already made, plus dL/dx_t within the chunk: (grads, sens_T, dl_dx).
+
+        R_t below is the within-chunk dL/dc_t, so dL/dx_t = W_z^T (alpha_t R_t) + W_f^T (beta_t R_t):
+        the update gets the stem's gradient through the cell without an autograd pass over it.
+        overwrite=True lets the chunked pass update the B x N x D tensors of `sens` in place (they
+        become sens_T's): no new tensor of that size and one pass fewer over it. The caller gives them up.
+        """
+        _, c_prev, z, f, notdone = scan
+        T, B, N = c_prev.shape
+        # u = (alpha_t, beta_t), T x B x 2 x N: the increments of W_z's and W_f's sensitivities (times x_t)
+        # and of b_z's and b_f's; v_z's and v_f's are these times c_{t-1}. One tensor, so that W_z and W_f
+        # share every GEMM below.
+        u = c_prev.new_empty(T, B, 2, N)
+        alpha, beta = u.unbind(2)
+        one_minus_f = 1 - f
+        torch.addcmul(f.new_ones(()), z, z, value=-1, out=alpha).mul_(one_minus_f)  # dc_t / d pre-activation of z
+        torch.sub(c_prev, z, out=beta).mul_(f).mul_(one_minus_f)  # dc_t / d pre-activation of f
+        a = torch.addcmul(f, alpha, self.v_z).addcmul_(beta, self.v_f).mul_(notdone)  # J_t, zeroed across resets
+        # R_s = delta_s + a_{s+1} R_{s+1}: what step s's sensitivity is worth to the chunk's loss;
+        # P_s = a_{s+1} P_{s+1}: how much of step s's increment survives to T
+        R, P = torch.empty_like(dl_dc), torch.empty_like(a)
+        R[-1], P[-1] = dl_dc[-1], 1.0
+        for t in range(T - 2, -1, -1):
+            torch.addcmul(dl_dc[t], a[t + 1], R[t + 1], out=R[t])
+            torch.mul(a[t + 1], P[t + 1], out=P[t])
+        uR = u * R[:, :, None]  # (alpha_t R_t, beta_t R_t)
+        if impl == "chunked":
+            grads, sens_T = self._rtrl_chunked(x, c_prev, a, u, uR, R, P, sens, overwrite)
+        else:
+            grads, sens_T = self._rtrl_step(x, c_prev, a, u, sens, dl_dc)
+        dl_dx = torch.mm(uR.view(T * B, 2 * N), torch.cat([self.w_z, self.w_f])).view(T, B, -1)
+        return grads, sens_T, dl_dx
+
+    def _rtrl_step(self, x, c_prev, a, u, sens, dl_dc):
+        """Method §2: S_t = J_t * S_{t-1} + u_t (x) x_t;  grad += sum_b delta_t * S_t."""
+        alpha, beta = u.unbind(2)
+        u = {"w_z": alpha, "w_f": beta, "v_z": alpha * c_prev, "v_f": beta * c_prev, "b_z": alpha, "b_f": beta}
+        grads = {k: torch.zeros_like(p) for k, p in self.named_parameters()}
+        sens = dict(sens)
+        for t in range(x.shape[0]):
+            for k in grads:
+                if k in self.MATRICES:
+                    sens[k] = a[t, :, :, None] * sens[k] + u[k][t, :, :, None] * x[t, :, None, :]
+                    grads[k] += torch.einsum("bn,bnd->nd", dl_dc[t], sens[k])
+                else:
+                    sens[k] = a[t] * sens[k] + u[k][t]
+                    grads[k] += (dl_dc[t] * sens[k]).sum(0)
+        return grads, sens
+
+    def _rtrl_chunked(self, x, c_prev, a, u, uR, R, P, sens, overwrite):
+        """Method §3: the same numbers, reading S_0 once and turning the rest into matrix products."""
+        T, B, _, N = u.shape
+        aR0, aP0 = a[0] * R[0], a[0] * P[0]
+        # (alpha_t P_t, beta_t P_t), stored B x T x 2 x N: each batch row's N x T factor of S_T is a plain matrix
+        uP = torch.mul(u, P[:, :, None], out=u.new_empty(B, T, 2, N).transpose(0, 1)).transpose(0, 1)
+        # the chunk's own terms: sum_{t,b} (u_t R_t) x_t^T for W_z and W_f in one GEMM (2N x D), and the vectors'
+        w = torch.mm(uR.view(T * B, 2 * N).T, x.flatten(0, 1))
+        b, v = uR.sum((0, 1)), (uR * c_prev[:, :, None]).sum((0, 1))  # 2 x N: (b_z, b_f), (v_z, v_f)
+        sb, sv = uP.sum(1), (uP * c_prev.transpose(0, 1)[:, :, None]).sum(1)  # B x 2 x N, for S_T
+        chunk = {
+            "w_z": (w[:N], uP[:, :, 0]),
+            "w_f": (w[N:], uP[:, :, 1]),
+            "v_z": (v[0], sv[:, 0]),
+            "v_f": (v[1], sv[:, 1]),
+            "b_z": (b[0], sb[:, 0]),
+            "b_f": (b[1], sb[:, 1]),
+        }
+        # N x 1 x B, contiguous: then sum_b (a_1 R_1) * S_0 is one batched GEMM that reads S_0 where it lies
+        aR0_n1b = aR0.T.contiguous().unsqueeze(1)
+        x_bt = x.transpose(0, 1)  # B x T x D
+        grads, sens_T = {}, {}
+        for k, s0 in sens.items():
+            g, s = chunk[k]
+            if k in self.MATRICES:
+                grads[k] = torch.bmm(aR0_n1b, s0.transpose(0, 1)).squeeze(1).add_(g)
+                scaled = s0.mul_(aP0[:, :, None]) if overwrite else s0 * aP0[:, :, None]
+                sens_T[k] = scaled.baddbmm_(s.transpose(1, 2), x_bt)  # + sum_t (u_t P_t) x_t^T, batch row by row
+            else:
+                grads[k] = (aR0 * s0).sum(0).add_(g)
+                sens_T[k] = torch.addcmul(s, aP0, s0)
+        return grads, sens_T
+
+
+class LSTM(nn.Module):
+    """The conventional baseline (`--core lstm`): a standard LSTM, its state [h ; c] kept as one B x 2N
+    tensor so that it travels through the loop like the eLSTM's c, reset where `done` is set."""
+
+    def __init__(self, input_size, hidden_size):
+        super().__init__()
+        self.cell = nn.LSTMCell(input_size, hidden_size)
+
+    def initial_state(self, batch_size):
+        return self.cell.weight_hh.new_zeros(batch_size, 2 * self.cell.hidden_size), {}
+
+    def forward(self, x, state0, done):
+        notdone = (~done.bool()).unsqueeze(-1).to(x.dtype)
+        state, states = state0, []
+        for x_t, notdone_t in zip(x.unbind(), notdone.unbind()):
+            h, c = (state * notdone_t).chunk(2, -1)
+            state = torch.cat(self.cell(x_t, (h, c)), -1)
+            states.append(state)
+        return torch.stack(states)
+
+
+# ---------------------------------------------------------------------------------------------
+# The agent (Method §5, with no stem: the cell reads the observation)
+# ---------------------------------------------------------------------------------------------
+class Agent(nn.Module):
+    def __init__(self, obs_shape, num_actions, hidden_size, core="rtrl", stem="none", forget_bias=0.0):
+        super().__init__()
+        self.core = core
+        obs_size = int(np.prod(obs_shape))
+        # a linear embedding below the cell would fold into W_z and W_f: `none` loses nothing a linear stem has
+        self.stem = nn.Sequential(nn.Linear(obs_size, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU())
+        if stem == "none":
+            self.stem = nn.Identity()
+        width = (obs_size if stem == "none" else 128) + 1
+        self.cell = LSTM(width, hidden_size) if core == "lstm" else ELSTM(width, hidden_size)
+        with torch.no_grad():  # as the official RTRLQuasiLSTMlayer(forget_bias=...); the LSTM's gates are i, f, g, o
+            forget = self.cell.cell.bias_ih[hidden_size : 2 * hidden_size] if core == "lstm" else self.cell.b_f
+            forget += forget_bias
+        # the eLSTM's output gate (Method §1); the LSTM has its own
+        self.gate = None if core == "lstm" else nn.Linear(width + hidden_size, hidden_size)
+        self.actor = nn.Linear(hidden_size, num_actions)
+        self.critic = nn.Linear(hidden_size, 1)
+
+    def features(self, obs, last_reward):
+        """x = [stem(observation) ; clip(last reward)], for any leading dims of obs."""
+        dtype = self.critic.weight.dtype
+        y = self.stem(obs.to(dtype))
+        return torch.cat([y, last_reward.clamp(-1, 1).unsqueeze(-1).to(dtype)], -1)
+
+    def resets(self, first):
+        """The cell's done mask: episode starts, or every step for the memoryless `ff` core."""
+        return torch.ones_like(first) if self.core == "ff" else first
+
+    def heads(self, x, c):
+        if self.core == "lstm":
+            h = c[..., : self.actor.in_features]  # the LSTM's own output h_t
+        else:
+            h = torch.sigmoid(self.gate(torch.cat([x, c], -1))) * c  # output gate conditioned on c_t (Method §1)
+        return self.actor(h), self.critic(h).squeeze(-1)
+
+    @torch.no_grad()
+    def act(self, x, c, first):
+        """One environment step of the policy from the step's features x: (action, value, next c)."""
+        c = self.cell(x[None], c, self.resets(first)[None])[0]
+        logits, value = self.heads(x, c)
+        return torch.multinomial(logits.softmax(-1), 1).squeeze(-1), value, c
+
+
+@dataclass
+class Rollout:
+    """What one rollout of T steps x B envs keeps for the update (the CleanRL storage)."""
+
+    obs: torch.Tensor  # T x B x observation size
+    last_rewards: torch.Tensor  # T x B, the reward input of each step
+    firsts: torch.Tensor  # T x B, reset state and sensitivities before the step
+    actions: torch.Tensor  # T x B
+    rewards: torch.Tensor  # T x B
+    terms: torch.Tensor  # T x B, the step ended its episode (no bootstrap)
+    values: torch.Tensor  # T x B
+
+
+def n_step_returns(rollout, next_value, gamma):
+    """G_t = clip(r_t) + gamma G_{t+1}, cut by terminations (Method §6)."""
+    returns = torch.empty_like(rollout.values)
+    g = next_value
+    for t in reversed(range(len(returns))):
+        g = rollout.rewards[t].clamp(-1, 1) + torch.where(rollout.terms[t], 0.0, gamma * g)
+        returns[t] = g
+    return returns
+
+
+def rollout_loss(agent, rollout, returns, x, c, args):
+    """The A2C loss summed over time and batch (Method §5), and its parts for logging."""
+    logits, value = agent.heads(x, c)
+    logp = logits.log_softmax(-1)
+    advantages = (returns - value).detach()
+    pg_loss = -(logp.gather(-1, rollout.actions.unsqueeze(-1)).squeeze(-1) * advantages).sum()
+    v_loss = 0.5 * ((returns - value) ** 2).sum()
+    entropy = -(logp.exp() * logp).sum()
+    loss = pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy
+    return loss, {"policy_loss": pg_loss.item(), "value_loss": v_loss.item(), "entropy": entropy.item()}
+
+
+def compute_gradients(agent, rollout, returns, c0, sens0, args):
+    """Fill every parameter's .grad for one rollout's loss; return (stats, sens_T).
+
+    rtrl: the eLSTM gets exact untruncated gradients from the carried sensitivities, and the stem, if any, its
+    gradient through the cell within the rollout from the same pass (rtrl_scan); gate and heads get backprop
+    (Method §5). tbptt / lstm / ff: autograd within the rollout.
+    """
+    resets = agent.resets(rollout.firsts)
+    x = agent.features(rollout.obs, rollout.last_rewards)
+    x_leaf = x.detach().requires_grad_()
+    sens_T = sens0
+    if args.core == "rtrl":
+        scan = agent.cell.scan(x_leaf.detach(), c0, resets)
+        c_leaf = scan[0].requires_grad_()  # its grad is the local delta_t = dL/dc_t (Method §2)
+        loss, stats = rollout_loss(agent, rollout, returns, x_leaf, c_leaf, args)
+        loss.backward()
+        grads, sens_T, dl_dx = agent.cell.rtrl_scan(x_leaf.detach(), scan, sens0, c_leaf.grad, overwrite=True)
+        for name, p in agent.cell.named_parameters():
+            p.grad = grads[name]
+        dl_dx += x_leaf.grad
+    else:
+        loss, stats = rollout_loss(agent, rollout, returns, x_leaf, agent.cell(x_leaf, c0, resets), args)
+        loss.backward()
+        dl_dx = x_leaf.grad
+    if x.requires_grad:  # a stem: its gradient through the cell, within the rollout
+        x.backward(dl_dx)
+    return stats, sens_T
+
+
+def bsuite_result(env_id, successes):
+    """bsuite's own analysis of the first NUM_EPISODES answers, fed a frame in its logger's columns (one row per
+    episode, over all environments in the order they ended): (fraction answered wrong, regret ratio, learned)."""
+    experiment = env_id.split("/")[0]
+    analysis = {"memory_len": memory_len_analysis, "memory_size": memory_size_analysis}[experiment]
+    right = np.asarray(successes[: analysis.NUM_EPISODES], dtype=np.int64)
+    df = pd.DataFrame({"episode": np.arange(1, len(right) + 1), "total_perfect": np.cumsum(right)})
+    df = df.assign(**sweep.SETTINGS[env_id])  # the setting's column: memory_length or num_bits
+    regret_ratio = memory_len_analysis.memory_preprocess(df).regret_ratio.iloc[-1] / len(right)
+    return 1 - right.mean(), regret_ratio, bool(analysis.score(df) == 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Infrastructure: argument checks, seeds, the device
+# ---------------------------------------------------------------------------------------------
+def fail(message):
+    """User errors: one line on stderr and exit code 2 (as for a bad flag), no traceback."""
+    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_args(args):
+    """Only what would otherwise run silently wrong or end in a traceback."""
+    ids = [k for k in sweep.SETTINGS if k.split("/")[0] in ("memory_len", "memory_size")]
+    if args.env_id not in ids:
+        close = difflib.get_close_matches(args.env_id, ids, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        fail(f"unknown bsuite memory id {args.env_id!r} (memory_len/0-22, memory_size/0-16){hint}")
+    for name in ("num_episodes", "num_envs", "num_steps", "hidden_size"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.run_name and (os.sep in args.run_name or args.run_name in (".", "..")):
+        fail(f"--run-name names one directory under runs/, got {args.run_name!r}")
+
+
+def env_seeds(seed, n):
+    """Distinct per-env seeds derived from --seed (Method §6)."""
+    return np.random.default_rng(seed).choice(2**31 - 1, size=n, replace=False)
+
+
+def pick_device(args):
+    """The device and the line that names it, printed and logged at start: a fallback to the CPU is never silent
+    (a torch CUDA build that does not match the driver finds no device)."""
+    if args.cuda and torch.cuda.is_available():
+        device = torch.device("cuda:0")
+        return device, f"device: cuda:0 ({torch.cuda.get_device_name(device)}, torch CUDA {torch.version.cuda})"
+    return torch.device("cpu"), ("device: cpu (--cuda: no CUDA device found)" if args.cuda else "device: cpu")
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    check_args(args)
+    run_name = args.run_name or (
+        f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.core}__T{args.num_steps}__{args.seed}__{int(time.time())}"
+    )
+    if os.path.exists(f"runs/{run_name}"):
+        fail(f"runs/{run_name} exists; a run directory is never shared by two runs")
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+    )
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device, device_line = pick_device(args)
+    print(device_line, flush=True)
+    writer.add_text("device", device_line)
+    torch.backends.cuda.matmul.allow_tf32 = False  # RTRL = BPTT in float32 needs full-precision GEMMs
+
+    envs = Envs(args.env_id, env_seeds(args.seed, args.num_envs), device)
+    agent = Agent(envs.obs_shape, envs.num_actions, args.hidden_size, args.core, args.stem, args.forget_bias).to(device)
+    optimizer = torch.optim.RMSprop(agent.parameters(), lr=args.learning_rate, alpha=args.rms_alpha, eps=args.rms_eps)
+
+    T, B = args.num_steps, args.num_envs
+    rollout = Rollout(
+        obs=torch.zeros((T, B, *envs.obs_shape), dtype=envs.obs.dtype, device=device),
+        last_rewards=torch.zeros((T, B), device=device),
+        firsts=torch.zeros((T, B), dtype=torch.bool, device=device),
+        actions=torch.zeros((T, B), dtype=torch.long, device=device),
+        rewards=torch.zeros((T, B), device=device),
+        terms=torch.zeros((T, B), dtype=torch.bool, device=device),
+        values=torch.zeros((T, B), device=device),
+    )
+    c, sens = agent.cell.initial_state(B)
+    successes, global_step, start_time, last_line = [], 0, time.time(), 0.0
+
+    while len(successes) < args.num_episodes:
+        c0 = c
+        for step in range(T):
+            global_step += B
+            rollout.obs[step], rollout.last_rewards[step], rollout.firsts[step] = envs.obs, envs.last_reward, envs.first
+            action, rollout.values[step], c = agent.act(agent.features(envs.obs, envs.last_reward), c, envs.first)
+            rollout.actions[step] = action
+            rollout.rewards[step], rollout.terms[step], ended = envs.step(action)
+            for success in ended:
+                writer.add_scalar("charts/episodic_return", 1.0 if success else -1.0, len(successes))
+                writer.add_scalar("charts/success", float(success), len(successes))
+                successes.append(success)
+
+        with torch.no_grad():  # c itself moves on in the next rollout
+            next_value = agent.act(agent.features(envs.obs, envs.last_reward), c, envs.first)[1]
+        returns = n_step_returns(rollout, next_value, args.gamma)
+        optimizer.zero_grad()
+        stats, sens = compute_gradients(agent, rollout, returns, c0, sens, args)
+        grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+        optimizer.step()
+
+        sps = int(global_step / (time.time() - start_time))
+        for key, value in stats.items():
+            writer.add_scalar(f"losses/{key}", value, global_step)
+        writer.add_scalar("losses/grad_norm", grad_norm.item(), global_step)
+        writer.add_scalar("charts/SPS", sps, global_step)
+        if time.time() - last_line > 10 or len(successes) >= args.num_episodes:
+            last_line, elapsed, done = time.time(), time.time() - start_time, len(successes)
+            eta = f"{elapsed * (args.num_episodes - done) / done:.0f}s" if done else "?"
+            print(
+                f"global_step={global_step} episodes={done} SPS={sps} elapsed={elapsed:.0f}s eta={eta} "
+                f"success(last 100)={np.mean(successes[-100:]) if successes else float('nan'):.2f}",
+                flush=True,
+            )
+
+    wrong, regret_ratio, learned = bsuite_result(args.env_id, successes)
+    line = (
+        f"bsuite {args.env_id} {sweep.SETTINGS[args.env_id]}: {wrong:.3f} of the first {min(len(successes), 10_000)} "
+        f"answers wrong, regret ratio {regret_ratio:.3f} ({'<' if learned else '>='} 0.75): "
+        f"{'learned' if learned else 'not learned'}"
+    )
+    print(line, flush=True)
+    writer.add_text("bsuite", line)
+    writer.add_scalar("bsuite/wrong_fraction", wrong, 0)
+    writer.add_scalar("bsuite/regret_ratio", regret_ratio, 0)
+    writer.add_scalar("bsuite/learned", float(learned), 0)
+    if args.save_model:
+        model_path = f"runs/{run_name}/model.pt"
+        torch.save({"model": {k: v.cpu() for k, v in agent.state_dict().items()}, "args": vars(args)}, model_path)
+        print(f"model saved to {model_path}")
+    writer.close()

@@ -1,0 +1,162 @@
+"""rtrl_a2c_bsuite.py: bsuite's episode timing as the agent sees it, bsuite's own score, the stem ablation, its
+training runs and its bad input. The claims it shares with the other scripts (the eLSTM, the update) are in
+tests/test_every_script.py."""
+
+import glob
+import os
+
+import claims as checks
+import helpers
+import numpy as np
+import pytest
+import torch
+import tyro
+
+import rtrl_a2c_bsuite as bs
+
+SCRIPT = bs.__file__
+
+
+# ---------------------------------------------------------------------------------------------
+# bsuite's MemoryChain as the script steps it
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("env_id,length", [("memory_len/2", 3), ("memory_size/3", 2)])
+def test_episodes_show_the_context_first_twice_the_query_last_and_reward_the_last_action(env_id, length):
+    """Per episode the agent acts L + 1 times: on the reset observation and the next one (both show the context
+    bits as +-1), then on L - 1 more, the last showing the query; only the last action is rewarded, +1 if it equals
+    the queried context bit. The step after it starts the next episode (first, last reward 0)."""
+    envs = bs.Envs(env_id, bs.env_seeds(3, 8), torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    rewarded = set()
+    for _ in range(4):
+        assert envs.first.all() and (envs.last_reward == 0).all()
+        seen = []
+        for t in range(length + 1):
+            seen.append(envs.obs.clone())
+            action = torch.randint(0, 2, (8,), generator=g)
+            reward, term, ended = envs.step(action)
+            if t < length:
+                assert not term.any() and not envs.first.any() and (reward == 0).all() and ended == []
+        assert term.all() and ended == (reward > 0).tolist()
+        context = seen[0][:, 2:]
+        assert (context.abs() == 1).all() and torch.equal(seen[1][:, 2:], context)
+        assert all((obs[:, 2:] == 0).all() for obs in seen[2:])
+        expected_time = [1.0] + [1 - t / length for t in range(length)]  # time left, before each action
+        assert [obs[0, 0].item() for obs in seen] == pytest.approx(expected_time)
+        query = seen[-1][:, 1].long()
+        assert all((obs[:, 1] == 0).all() for obs in seen[:-1])
+        answer = (context.gather(1, query[:, None]).squeeze(1) + 1) / 2
+        assert torch.equal(reward, torch.where(action == answer, 1.0, -1.0))
+        rewarded |= set(reward.tolist())
+    assert rewarded == {-1.0, 1.0}
+
+
+def test_bsuite_result_is_bsuites_score_of_the_first_10000_answers(monkeypatch):
+    """3,000 wrong answers of the first 10,000: regret ratio 0.6, learned; 4,000: 0.8, not learned. Answers after
+    the 10,000th do not count. The verdict is bsuite's function's: replaced, it changes."""
+    right = lambda wrong: [False] * wrong + [True] * (10_000 - wrong) + [False] * 5_000
+    assert bs.bsuite_result("memory_len/12", right(3_000)) == pytest.approx((0.3, 0.6, True))
+    assert bs.bsuite_result("memory_size/4", right(4_000)) == pytest.approx((0.4, 0.8, False))
+    frames = []
+    monkeypatch.setattr(bs.memory_len_analysis, "score", lambda df: frames.append(df) or 0.0)
+    assert bs.bsuite_result("memory_len/12", right(0))[2] is False
+    (df,) = frames
+    assert len(df) == 10_000 and (df.memory_length == 17).all() and df.total_perfect.iloc[-1] == 10_000
+    monkeypatch.setattr(bs.memory_size_analysis, "score", lambda df: frames.append(df) or 1.0)
+    assert bs.bsuite_result("memory_size/4", right(9_000))[2] is True
+    assert (frames[-1].num_bits == 5).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# The agent: no stem or an MLP, the forget-gate bias
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("core", ["rtrl", "tbptt"])
+def test_the_mlp_stem_gets_its_gradient_through_the_cell_within_the_rollout(core):
+    checks.check_update_gradients_equal_autograd(bs, core, "chunked", obs_kind=checks.VectorMLP, stem="mlp")
+
+
+def test_without_a_stem_the_cell_reads_the_observation_and_last_reward():
+    agent = bs.Agent((3,), 2, 8, "rtrl", stem="none")
+    assert isinstance(agent.stem, torch.nn.Identity) and agent.cell.w_z.shape == (8, 3 + 1)
+    obs, reward = torch.randn(5, 3), torch.tensor([0.0, 2.0, -3.0, 0.5, 1.0])
+    assert torch.equal(agent.features(obs, reward), torch.cat([obs, reward.clamp(-1, 1)[:, None]], 1))
+
+
+@pytest.mark.parametrize("core", ["rtrl", "lstm"])
+def test_forget_bias_shifts_only_the_forget_gates_bias(core):
+    torch.manual_seed(0)
+    plain = bs.Agent((3,), 2, 8, core).state_dict()
+    torch.manual_seed(0)
+    shifted = bs.Agent((3,), 2, 8, core, forget_bias=2.5).state_dict()
+    name, rows = ("cell.cell.bias_ih", slice(8, 16)) if core == "lstm" else ("cell.b_f", slice(None))
+    for k in plain:
+        expected = plain[k].clone()
+        if k == name:
+            expected[rows] += 2.5
+        assert torch.equal(shifted[k], expected), k
+
+
+# ---------------------------------------------------------------------------------------------
+# The script as a user runs it
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "core,num_steps,stem",
+    [
+        ("rtrl", 4, "none"),
+        ("rtrl", 1, "none"),
+        ("rtrl", 4, "mlp"),
+        ("tbptt", 4, "none"),
+        ("lstm", 4, "none"),
+        ("ff", 4, "none"),
+    ],
+)
+def test_a_run_logs_every_episode_every_update_and_bsuites_result(tmp_path, core, num_steps, stem):
+    """memory_len/2: 4 actions an episode, so 4 envs end 4 episodes every 4 steps: 32 episodes in 32 steps."""
+    flags = ["--env-id", "memory_len/2", "--num-envs", "4", "--num-episodes", "32", "--hidden-size", "8"]
+    proc = helpers.run_script(
+        SCRIPT, tmp_path, *flags, "--core", core, "--num-steps", str(num_steps), "--stem", stem, "--save-model"
+    )
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / f"memory_len_2__rtrl_a2c_bsuite__{core}__T{num_steps}__1__*"))
+    scalars = checks.read_scalars(run_dir)
+    success, returns = scalars["charts/success"], scalars["charts/episodic_return"]
+    assert len(success) == 32 and returns == [2 * s - 1 for s in success]
+    for tag in ("losses/policy_loss", "losses/value_loss", "losses/entropy", "losses/grad_norm", "charts/SPS"):
+        assert len(scalars[tag]) == 32 // num_steps and all(np.isfinite(scalars[tag])), tag
+    wrong = 1 - np.mean(success)
+    assert scalars["bsuite/wrong_fraction"] == pytest.approx([wrong])
+    assert scalars["bsuite/regret_ratio"] == pytest.approx([wrong / 0.5])
+    assert scalars["bsuite/learned"] == [float(wrong < 0.375)]
+    verdict = "learned" if wrong < 0.375 else "not learned"
+    assert f"bsuite memory_len/2 {{'memory_length': 3}}: {wrong:.3f} of the first 32 answers wrong" in proc.stdout
+    assert proc.stdout.rstrip().splitlines()[-2].endswith(f": {verdict}")
+    model = torch.load(os.path.join(run_dir, "model.pt"), weights_only=True)
+    agent = bs.Agent((3,), 2, 8, core, stem)
+    agent.load_state_dict(model["model"])
+    assert model["args"]["core"] == core and model["args"]["stem"] == stem
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (
+            ["--env-id", "memroy_len/4"],
+            "unknown bsuite memory id 'memroy_len/4' (memory_len/0-22, memory_size/0-16); did you mean memory_len/4",
+        ),
+        (["--env-id", "catch/0"], "unknown bsuite memory id 'catch/0' (memory_len/0-22, memory_size/0-16)"),
+        (
+            ["--env-id", "memory_len/23"],
+            "unknown bsuite memory id 'memory_len/23' (memory_len/0-22, memory_size/0-16); did you mean memory_len/3",
+        ),
+        (["--num-episodes", "0"], "--num-episodes must be at least 1"),
+        (["--num-steps", "0"], "--num-steps must be at least 1"),
+        (["--run-name", "a/b"], "--run-name names one directory under runs/"),
+    ],
+)
+def test_bad_input_is_a_one_line_error(flags, message, capsys):
+    helpers.bad_input_in_process(lambda argv: bs.check_args(tyro.cli(bs.Args, args=argv)), flags, message, capsys)
+
+
+def test_the_script_checks_its_input_before_it_starts(tmp_path):
+    proc = helpers.run_script(SCRIPT, tmp_path, "--env-id", "memory_len/30")
+    checks.check_bad_input_is_a_one_line_error(proc, "unknown bsuite memory id 'memory_len/30'", tmp_path)
