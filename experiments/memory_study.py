@@ -223,6 +223,7 @@ def table_md(results):
         f"and how many seeds learned the setting (bsuite: right > {LEARNED_RIGHT}, regret ratio < 0.75)",
         f"- score: bsuite's, the fraction of the {len(lengths)} settings learned, mean ± sd over the seeds with every "
         f"setting run; bsuite's published actor_critic_rnn: {PUBLISHED[experiment]}",
+        f"- columns: the {unit}",
         "",
         "Commands that made these runs:",
         "",
@@ -230,17 +231,17 @@ def table_md(results):
         *results["commands"],
         "```",
         "",
-        "| " + unit + " | " + " | ".join(f"`{r['config']}`" for r in rows) + " |",
-        "| --- |" + " --- |" * len(rows),
-        "| **score** | " + " | ".join(f"**{runner.mean_sd(r['score'], 2)}** (n={r['score']['n']})" for r in rows) + " |",
     ]
-    for length in lengths:
-        cells = []
-        for r in rows:
+    head = ["configuration", "score"] + [str(length) for length in lengths]
+    lines += ["| " + " | ".join(head) + " |", "| --- |" + " --- |" * (len(head) - 1)]
+    for r in rows:
+        cells = [f"`{r['config']}`", f"**{runner.mean_sd(r['score'], 2)}** (n={r['score']['n']})"]
+        for length in lengths:
             c = r["lengths"].get(str(length), r["lengths"].get(length))
             cells.append("–" if c is None else f"{runner.mean_sd(c['right'], 2)} ({c['learned']}/{c['right']['n']})")
-        lines.append(f"| {length} | " + " | ".join(cells) + " |")
-    lines += ["", f"![{experiment}](memory_{experiment}.png)"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if len(lengths) > 1:
+        lines += ["", f"![{experiment}](memory_{experiment}.png)"]
     return "\n".join(lines) + "\n"
 
 
@@ -296,7 +297,8 @@ def write_report(out_dir, records, fixed, report_command):
         suffix = "" if experiment == "memory_len" else f"_{experiment}"
         save_text(os.path.join(out_dir, f"results{suffix}.json"), json.dumps(results, indent=1) + "\n")
         save_text(os.path.join(out_dir, f"table{suffix}.md"), table_md(results))
-        plot(results, os.path.join(out_dir, f"memory_{experiment}.png"))
+        if len(settings) > 1:
+            plot(results, os.path.join(out_dir, f"memory_{experiment}.png"))
     save_text(os.path.join(out_dir, "results.csv"), results_csv(records))
     print(f"report: {len(finished(records))} finished runs in {out_dir}")
 

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The memory-length study as it was run into docs/memory_study, in order of priority; each line resumes where it
+# stopped (finished runs are skipped). The flags of every run: the sweep's choice (docs/memory_study/sweep).
+set -u
+cd "$(dirname "$0")/.."
+study() { python experiments/memory_study.py --extra "--forget-bias 3 --learning-rate 3e-3 --save-model" "$@"; }
+study --configs rtrl:4 tbptt:4 lstm:32                                    # 23 lengths x 3 seeds
+study --configs rtrl:4:stem=mlp --settings 3 5 9 13                        # where RTRL's exactness ends
+study --configs lstm:32:forget-bias=2:learning-rate=1e-3                   # the baseline at its own best
+study --configs ff:4 lstm:4 rtrl:1 --seeds 1
+study --configs ff:4 lstm:4 rtrl:1 --seeds 2 3
