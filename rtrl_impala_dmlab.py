@@ -11,7 +11,7 @@ recurrent parameters get untruncated gradients with no stored history.
     python rtrl_impala_dmlab.py --env-id rooms_watermaze --core rtrl --init-stem-from PRETRAINED.pt --freeze-stem
     python rtrl_impala_dmlab.py --env-id MyWayHome-v1             # pip-installable stand-in (EnvPool ViZDoom)
     torchrun --nproc_per_node 2 rtrl_impala_dmlab.py --env-id MyWayHome-v1 --num-actors 4
-    python rtrl_impala_dmlab.py --env-id rooms_watermaze --resume runs/NAME/checkpoint.pt   # after Ctrl-C, a crash
+    python rtrl_impala_dmlab.py --resume runs/NAME/checkpoint.pt   # after Ctrl-C or a crash: the run goes on
 
 The learner takes the oldest waiting unrolls first (FIFO); charts/unroll_age logs, in seconds, how long before
 its update the oldest unroll of each batch was finished, charts/policy_lag how many updates its weights were behind.
@@ -59,9 +59,9 @@ class Args:
     """agent steps between checkpoints, written atomically to `runs/{run_name}/checkpoint.pt` (0 = none); one is
     also written at the end when this is set, and always on Ctrl-C / SIGTERM"""
     resume: str = ""
-    """a checkpoint.pt to continue: the learner's model, optimizer, LR position, step and RNG states are restored
-    and the run directory's logs go on; actors restart fresh: every environment starts a new episode with zero
-    recurrent state and sensitivities"""
+    """a checkpoint.pt to continue, alone: its run's flags are the defaults, flags given here win (--total-timesteps,
+    --learning-rate, ...); model, optimizer, update and step are restored and the run directory's logs go on; the
+    actors start new episodes, with zero recurrent state and sensitivities, from seeds of (seed, step)"""
 
     # Algorithm specific arguments
     env_id: str = "rooms_watermaze"
@@ -124,12 +124,6 @@ class Args:
     """the number of learner updates (computed in runtime)"""
     world_size: int = 1
     """the number of learners, torchrun's WORLD_SIZE (computed in runtime)"""
-
-
-def fail(message):
-    """User errors: one line on stderr and exit code 2 (as for a bad flag), no traceback."""
-    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,14 +419,14 @@ class Agent(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # The learner: V-trace and the RTRL update
 # ---------------------------------------------------------------------------------------------
-def vtrace(rewards, values, bootstrap_value, log_rhos, discounts, deads, rho_bar=1.0, c_bar=1.0):
+def vtrace(rewards, values, bootstrap_value, log_rhos, discounts, terminal_obs, rho_bar=1.0, c_bar=1.0):
     """V-trace targets v_s and policy-gradient advantages (Espeholt et al. 2018, eq. 1 and Sec. 4.2), T x B.
 
     v_s = V_s + delta_s + discounts_s c_s (v_{s+1} - V_{s+1}),  delta_s = rho_s (r_s + discounts_s V_{s+1} - V_s),
     rho_s = min(rho_bar, pi/mu), c_s = min(c_bar, pi/mu); discounts_s = gamma, or 0 where step s ended its
-    episode. A dead step (a terminal observation, Method §6) keeps v_s = V_s, so a truncation bootstraps from it.
+    episode. A step that takes a terminal observation (Method §6) keeps v_s = V_s, so a truncation bootstraps from it.
     """
-    live = (~deads).to(values.dtype)
+    live = (~terminal_obs).to(values.dtype)
     ratios = log_rhos.exp()
     rhos, cs = ratios.clamp(max=rho_bar) * live, ratios.clamp(max=c_bar) * live
     next_values = torch.cat([values[1:], bootstrap_value[None]])
@@ -454,12 +448,6 @@ def to_device(batch, device):
     return moved
 
 
-def timer(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # otherwise we would time kernel launches, not work
-    return time.perf_counter()
-
-
 def unroll_loss(agent, batch, x, c, args):
     """The V-trace actor-critic loss of T + 1 steps' features and states, summed over time and batch (Method §5),
     and its parts for logging. Step T only bootstraps (its loss is the next unroll's)."""
@@ -472,8 +460,8 @@ def unroll_loss(agent, batch, x, c, args):
     with torch.no_grad():
         discounts = args.gamma * (~batch["terms"]).to(values.dtype)
         rewards = batch["rewards"].to(values.dtype).clamp(-1, 1)
-        vs, pg_advantages = vtrace(rewards, values, bootstrap_value, log_pi - log_mu, discounts, batch["deads"][:T])
-    live = (~batch["deads"][:T]).to(values.dtype)
+        vs, pg_advantages = vtrace(rewards, values, bootstrap_value, log_pi - log_mu, discounts, batch["terminal_obs"][:T])
+    live = (~batch["terminal_obs"][:T]).to(values.dtype)
     pg_loss = -(live * log_pi * pg_advantages).sum()
     v_loss = 0.5 * (live * (vs - values) ** 2).sum()
     entropy = (live * policy.entropy()).sum()
@@ -482,7 +470,7 @@ def unroll_loss(agent, batch, x, c, args):
 
 
 def compute_gradients(agent, batch, args):
-    """Fill every trained parameter's .grad for one batch of unrolls (T + 1 steps x B); return (stats, seconds in RTRL).
+    """Fill every trained parameter's .grad for one batch of unrolls (T + 1 steps x B); return the loss's parts.
 
     rtrl: the eLSTM gets exact untruncated gradients from the actors' carried sensitivities, recomputed over
     the unroll with the learner's parameters, and the stem its gradient through the cell within the unroll from
@@ -496,7 +484,6 @@ def compute_gradients(agent, batch, args):
     stem_learns = any(p.requires_grad for p in agent.stem.parameters())
     x = agent.features(batch["obs"], batch["last_rewards"])  # no graph when the stem is frozen
     x_leaf = x.detach().requires_grad_(stem_learns)
-    rtrl_time = 0.0
     if args.core == "rtrl":
         forward_only = not stem_learns and args.rtrl_impl == "step"
         if forward_only:
@@ -507,7 +494,6 @@ def compute_gradients(agent, batch, args):
             c_leaf = scan[0].requires_grad_()  # its grad is the local delta_t = dL/dc_t (Method §2)
         loss, stats = unroll_loss(agent, batch, x_leaf, c_leaf, args)
         loss.backward()
-        start = timer(x.device)
         if forward_only:
             u = {k: v[:T] for k, v in u.items()}
             grads, _ = agent.cell.rtrl_forward(x_leaf[:T], a[:T], u, batch["sens0"], c_leaf.grad[:T])
@@ -518,7 +504,6 @@ def compute_gradients(agent, batch, args):
             )
             if stem_learns:
                 x_leaf.grad[:T] += dl_dx
-        rtrl_time = timer(x.device) - start
         for name, p in agent.cell.named_parameters():
             p.grad = grads[name]
     else:
@@ -526,7 +511,7 @@ def compute_gradients(agent, batch, args):
         loss.backward()
     if stem_learns:
         x.backward(x_leaf.grad)
-    return stats, rtrl_time
+    return stats
 
 
 def all_reduce_gradients(params, stop):
@@ -661,7 +646,7 @@ class EnvPoolEnvs:
 
     EnvPool answers the step after an episode ends with the next episode's first observation and
     ignores that step's action. So the observation that follows a `terminated`/`truncated` is the
-    terminal one: the step taking it is `dead` (its value bootstraps a truncation, it gets no loss),
+    terminal one: the step taking it has `terminal_obs` (its value bootstraps a truncation, it gets no loss),
     and the step after it is `first` (state and sensitivities reset).
     """
 
@@ -676,7 +661,7 @@ class EnvPoolEnvs:
         self.obs = torch.as_tensor(obs)
         self.last_reward = torch.zeros(n)
         self.first = torch.ones(n, dtype=torch.bool)
-        self.dead = torch.zeros(n, dtype=torch.bool)
+        self.terminal_obs = torch.zeros(n, dtype=torch.bool)
         self.episode_return = np.zeros(n)
 
     def step(self, action):
@@ -688,8 +673,8 @@ class EnvPoolEnvs:
         for i in np.flatnonzero(term | trunc):
             episodes.append((int(i), self.episode_return[i], int(info["elapsed_step"][i])))
             self.episode_return[i] = 0.0
-        self.first = self.dead  # the step after a dead one returns a new episode's first observation
-        self.dead = torch.as_tensor(term | trunc)
+        self.first = self.terminal_obs  # the step after a terminal observation returns a new episode's first one
+        self.terminal_obs = torch.as_tensor(term | trunc)
         self.obs = torch.as_tensor(obs)
         self.last_reward = torch.as_tensor(reward, dtype=torch.float32)
         return self.last_reward, torch.as_tensor(term), episodes
@@ -703,7 +688,7 @@ class DmLabEnvs:
     summed (Lab.step(action, num_steps) sums them), episode end from is_running().
 
     DMLab has no observation once an episode is over, so, as in IMPALA, the episode's last step is terminal
-    (no bootstrap) and the next observation is the new episode's first: there are no dead steps.
+    (no bootstrap) and the next observation is the new episode's first: no step takes a terminal observation.
     """
 
     def __init__(self, level, seeds, dataset_path="", test=False):
@@ -727,7 +712,7 @@ class DmLabEnvs:
             self._reset(i)
         self.last_reward = torch.zeros(n)
         self.first = torch.ones(n, dtype=torch.bool)
-        self.dead = torch.zeros(n, dtype=torch.bool)
+        self.terminal_obs = torch.zeros(n, dtype=torch.bool)
         self.episode_return, self.episode_length = np.zeros(n), np.zeros(n, dtype=int)
 
     def _reset(self, i):
@@ -766,60 +751,16 @@ def make_envs(env_id, seeds, dataset_path="", test=False):
     return DmLabEnvs(env_id, seeds, dataset_path, test) if env_id in DMLAB30 else EnvPoolEnvs(env_id, seeds)
 
 
-def check_args(args):
-    """Bad input becomes a one-line error; returns the environment's (observation shape, number of actions)."""
-    for name in ("total_timesteps", "num_actors", "envs_per_actor", "unroll_length", "batch_size", "hidden_size"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("eval_episodes", "checkpoint_every"):
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}")
-    ranges = {  # inclusive bounds
-        "learning_rate": (0.0, float("inf")),
-        "rms_eps": (0.0, float("inf")),
-        "rms_alpha": (0.0, 1.0),
-        "gamma": (0.0, 1.0),
-        "ent_coef": (0.0, float("inf")),
-        "vf_coef": (0.0, float("inf")),
-    }
-    for name, (low, high) in ranges.items():
-        if not low <= getattr(args, name) <= high:
-            fail(f"--{name.replace('_', '-')} must be in [{low}, {high}], got {getattr(args, name)}")
-    if args.max_grad_norm <= 0:
-        fail(f"--max-grad-norm must be positive, got {args.max_grad_norm}")
-    if args.actor_timeout <= 0:
-        fail(f"--actor-timeout must be positive, got {args.actor_timeout}")
-    if args.batch_size % args.envs_per_actor:
-        fail(
-            f"--batch-size {args.batch_size} must be a multiple of --envs-per-actor {args.envs_per_actor} "
-            f"(an actor sends its environments' unrolls together)"
-        )
-    per_update = args.batch_size * args.unroll_length * args.world_size
-    if args.total_timesteps < per_update:
-        fail(
-            f"--total-timesteps {args.total_timesteps} is less than one update "
-            f"(--batch-size x --unroll-length x learners = {per_update})"
-        )
-    obs_shape, num_actions = env_info(args.env_id)
-    if args.env_id in DMLAB_NEEDS_DATASET and not args.dmlab_dataset_path:
-        fail(
-            f"{args.env_id} needs DMLab's Brady, Konkle & Oliva (2008) image dataset: download it as "
-            "https://github.com/google-deepmind/lab/tree/master/data/brady_konkle_oliva2008 says and pass its "
-            "directory as --dmlab-dataset-path"
-        )
-    return obs_shape, num_actions
-
-
 # ---------------------------------------------------------------------------------------------
 # Actors: each a process with its own environments and a CPU copy of the latest weights
 # ---------------------------------------------------------------------------------------------
-STEP_KEYS = ("obs", "last_rewards", "firsts", "deads")  # what a step is taken from: T + 1 of each per unroll
+STEP_KEYS = ("obs", "last_rewards", "firsts", "terminal_obs")  # what a step is taken from: T + 1 of each per unroll
 UNROLL_KEYS = (*STEP_KEYS, "actions", "logits", "rewards", "terms")  # and what it did: T of each
 
 
 def step_inputs(envs):
     """What the next step is taken from, in STEP_KEYS' order: the observation, the last reward, the episode flags."""
-    return envs.obs, envs.last_reward, envs.first, envs.dead
+    return envs.obs, envs.last_reward, envs.first, envs.terminal_obs
 
 
 def actor_seed(args, rank, actor_id, incarnation, start_step=0):
@@ -1098,8 +1039,38 @@ def evaluate(agent, args, seeds, workdir):
 
 
 # ---------------------------------------------------------------------------------------------
-# The run: devices, checkpoints, resuming, the progress line, stop signals
+# Infrastructure: user errors, the device, a stem from a checkpoint, checkpoints, the progress line
 # ---------------------------------------------------------------------------------------------
+def fail(message):
+    """User errors: one line on stderr and exit code 2 (as for a bad flag), no traceback."""
+    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+MAY_BE_ZERO = ("seed", "checkpoint_every", "eval_episodes", "learning_rate", "rms_eps", "gamma", "ent_coef", "vf_coef")
+
+
+def check_args(args):
+    """What would run silently wrong becomes a one-line error; returns the environment's (obs shape, actions)."""
+    for name, value in vars(args).items():  # a negative count or coefficient would run, wrongly
+        if type(value) in (int, float) and name != "num_updates" and (value < 0 or value == 0 and name not in MAY_BE_ZERO):
+            fail(f"--{name.replace('_', '-')} must be {'at least 0' if name in MAY_BE_ZERO else 'positive'}, got {value}")
+    if args.gamma > 1 or args.rms_alpha > 1:
+        fail(f"--gamma and --rms-alpha must be at most 1, got {args.gamma}, {args.rms_alpha}")
+    if args.batch_size % args.envs_per_actor:  # an actor sends its environments' unrolls together
+        fail(f"--batch-size {args.batch_size} must be a multiple of --envs-per-actor {args.envs_per_actor}")
+    if args.total_timesteps < args.batch_size * args.unroll_length * args.world_size:
+        fail(f"--total-timesteps {args.total_timesteps} is less than one update (--batch-size x --unroll-length x learners)")
+    if args.env_id in DMLAB_NEEDS_DATASET and not args.dmlab_dataset_path:
+        fail(f"{args.env_id} needs the Brady, Konkle & Oliva (2008) images (see DMLab's data/): pass --dmlab-dataset-path")
+    return env_info(args.env_id)
+
+
+def one_line(e):
+    """An exception's message in one line: its first two (load_state_dict's then name the first mismatch)."""
+    return " ".join(line.strip() for line in str(e).strip().splitlines()[:2]) or type(e).__name__
+
+
 def pick_device(args, local_rank=0, local_world_size=1):
     """The device and the line that names it, printed and logged at start: a fallback to the CPU is never silent
     (a torch CUDA build that does not match the driver finds no device). --cuda: GPU `local_rank`, one per rank
@@ -1115,184 +1086,37 @@ def pick_device(args, local_rank=0, local_world_size=1):
     return torch.device("cpu"), ("device: cpu (--cuda: no CUDA device found)" if args.cuda else "device: cpu")
 
 
-def save_checkpoint(agent, args, path, **extra):
-    """Atomic: a crash mid-write never leaves a truncated file behind, and the previous one stays until the new
-    one is complete. `extra` makes it a checkpoint to resume from (see training_state)."""
-    tmp = f"{path}.tmp"
-    checkpoint = {"script": os.path.basename(__file__), "model": agent.state_dict(), "args": vars(args), **extra}
-    torch.save(to_cpu(checkpoint), tmp)
-    os.replace(tmp, path)
-
-
-def to_cpu(obj):
-    """CPU copies of every tensor in a checkpoint (the optimizer state's too): a file written on a GPU loads on a
-    machine without one; loading maps to the CPU and load_state_dict copies onto the agent's device."""
-    if torch.is_tensor(obj):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        out = type(obj)((k, to_cpu(v)) for k, v in obj.items())
-        if hasattr(obj, "_metadata"):  # a state dict's per-module versions
-            out._metadata = obj._metadata
-        return out
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
-
-
-def training_state(optimizer, run_name, iteration, global_step):
-    """What --resume restores besides the model: what the learner owns. `iteration` is the number of updates, the
-    published weights' version. Not the actors: an environment (DMLab, EnvPool) cannot be snapshotted, so a resumed
-    run's actors start new episodes with zero (c, sens), and a state belongs only to the episode that made it."""
-    np_state = np.random.get_state()
-    rng = {
-        "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    return dict(optimizer=optimizer.state_dict(), run_name=run_name, iteration=iteration, global_step=global_step, rng=rng)
-
-
-RESUME_KEYS = {"script", "model", "args", "optimizer", "run_name", "iteration", "global_step", "rng"}
-# flags a resumed run may change; any other must equal the checkpoint's. Besides the A2C scripts' ones, two that
-# change neither the learner nor the data: the hang deadline and where DMLab's dataset lies. The actors (as the A2C
-# scripts' envs; their count also picks the evaluation seeds) and the learners (torchrun's WORLD_SIZE: each
-# update's batch) must be as many as in the checkpoint's run.
-RESUME_MAY_CHANGE = {
-    "total_timesteps",
-    "checkpoint_every",
-    "resume",
-    "save_model",
-    "eval_episodes",
-    "cuda",
-    "num_updates",
-    "actor_timeout",
-    "dmlab_dataset_path",
-}
-
-
-def load_resume(args):
-    """The checkpoint --resume names, checked against this command before anything is made; None without --resume.
-    Under torchrun every rank reads the same file."""
-    if not args.resume:
-        return None
-    try:
-        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        fail(f"--resume: no such file {args.resume!r}")
-    except Exception as e:  # truncated, corrupt, or not written by torch.save
-        fail(f"--resume: {args.resume!r} is not a readable checkpoint ({type(e).__name__}: {str(e).split('. ')[0][:120]})")
-    if not isinstance(checkpoint, dict) or not RESUME_KEYS <= set(checkpoint):
-        missing = sorted(RESUME_KEYS - set(checkpoint)) if isinstance(checkpoint, dict) else sorted(RESUME_KEYS)
-        fail(
-            f"--resume: {args.resume!r} is not a checkpoint to resume from (no {', '.join(missing)}; "
-            "model.pt from --save-model holds weights only)"
-        )
-    if checkpoint["script"] != os.path.basename(__file__):
-        fail(f"--resume: {args.resume!r} was written by {checkpoint['script']}, not {os.path.basename(__file__)}")
-    ours, theirs = vars(args), checkpoint["args"]
-    flag = lambda k: "learners (WORLD_SIZE)" if k == "world_size" else f"--{k.replace('_', '-')}"
-    differ = [
-        f"{flag(k)} {ours[k]} (checkpoint: {theirs.get(k)})"
-        for k in ours
-        if k not in RESUME_MAY_CHANGE and ours[k] != theirs.get(k)
-    ]
-    if differ:
-        fail(f"--resume: this command differs from the checkpoint's run: {', '.join(differ)}")
-    if args.total_timesteps < checkpoint["global_step"]:
-        fail(f"--resume: --total-timesteps {args.total_timesteps} is below the checkpoint's step {checkpoint['global_step']}")
-    return checkpoint
-
-
-def restore(checkpoint, agent, optimizer):
-    """Load what training_state saved (the RNG states last: nothing may draw after them); returns (iteration, step).
-    Every rank restores rank 0's RNG states: the ranks' learners draw alike (same seed, same draws), so they were
-    equal anyway; what differs between ranks is their actors' seeds (actor_seed)."""
-    try:
-        agent.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        rng = checkpoint["rng"]
-        random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
-        np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy(), *rng["numpy"][2:]))
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        fail(f"--resume: the checkpoint does not fit this agent ({reason})")
-    return checkpoint["iteration"], checkpoint["global_step"]
-
-
-class Progress:
-    """The progress line's clock, every 10 s: the elapsed time and an ETA from the steps/s of the last minute."""
-
-    def __init__(self, step, total_steps):
-        self.start, self.total_steps, self.last_line = time.time(), total_steps, 0.0
-        self.marks = [(self.start, step)]  # (time, step) at each line; the last 7 span about a minute
-
-    def due(self):
-        return time.time() - self.last_line > 10
-
-    def __call__(self, step):
-        self.last_line = now = time.time()
-        self.marks = (self.marks + [(now, step)])[-7:]
-        (then, step_then), rate = self.marks[0], 0.0
-        if now > then:
-            rate = (step - step_then) / (now - then)
-        left = (self.total_steps - step) / rate if rate > 0 else float("inf")
-        return f"elapsed={duration(now - self.start)} eta={duration(left)}"
-
-
-def duration(seconds):
-    """12s, 4m09s, 10h31m; ? while no step has been timed."""
-    if seconds == float("inf"):
-        return "?"
-    s = round(seconds)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
-
-
-class StopSignals:
-    """Ctrl-C / SIGTERM: recorded, so that the learner can finish its update, stop every process, checkpoint and
-    exit 128 + signum."""
-
-    def __init__(self):
-        self.signum = None
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self._record)
-
-    def _record(self, signum, frame):
-        self.signum = signum
-
-    def restore(self):
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 def load_stem(agent, path):
-    """--init-stem-from: copy every `stem.*` parameter from a model.pt of this script (any core). A file that is
-    not one, or whose stem does not fit (another script's, another observation shape), is a one-line error."""
+    """--init-stem-from: copy every `stem.*` parameter from a model.pt or checkpoint.pt of this script (any core)."""
     if not os.path.isfile(path):
         fail(f"--init-stem-from {path}: " + ("a directory, not a file" if os.path.isdir(path) else "no such file"))
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, truncated, or pickled objects other than tensors
-        fail(f"--init-stem-from {path}: not a checkpoint ({(str(e).strip().splitlines() or [type(e).__name__])[0]})")
-    model = checkpoint.get("model") if isinstance(checkpoint, dict) else None
-    if not isinstance(model, dict):
-        fail(f"--init-stem-from {path}: not a checkpoint (no model state dict)")
-    writer = checkpoint.get("script", os.path.basename(__file__))  # older checkpoints: their stem's shapes decide
+        model, writer = checkpoint["model"], checkpoint.get("script", os.path.basename(__file__))
+    except Exception as e:  # not a torch file, truncated, or not a dict with a model
+        fail(f"--init-stem-from {path}: not a checkpoint ({one_line(e)})")
     if writer != os.path.basename(__file__):
         fail(f"--init-stem-from {path}: written by {writer}; the stem must come from {os.path.basename(__file__)}")
-    stem = {k.removeprefix("stem."): v for k, v in model.items() if isinstance(k, str) and k.startswith("stem.")}
-    own = agent.stem.state_dict()
-    shape = lambda t: "x".join(map(str, t.shape)) if isinstance(t, torch.Tensor) else "missing"
-    for name in sorted(set(own) | set(stem)):
-        if shape(stem.get(name)) != shape(own.get(name)):
-            fail(
-                f"--init-stem-from {path}: its stem does not fit this agent's (stem.{name} is {shape(stem.get(name))} "
-                f"there, {shape(own.get(name))} here): another script's checkpoint, or another observation shape"
-            )
-    agent.stem.load_state_dict(stem)
+    try:
+        agent.stem.load_state_dict({k.removeprefix("stem."): v for k, v in model.items() if k.startswith("stem.")})
+    except RuntimeError as e:  # another script's stem, or another observation shape
+        fail(f"--init-stem-from {path}: its stem does not fit this agent's ({one_line(e)})")
+
+
+def save_checkpoint(agent, args, path, **state):
+    """Atomic (a crash mid-write leaves the previous file whole) and of CPU copies (a GPU's file loads on a CPU):
+    the model and args (model.pt), and with `state` what --resume restores (optimizer, iteration, step, run name)."""
+    to_cpu = lambda v: {k: to_cpu(x) for k, x in v.items()} if isinstance(v, dict) else v.cpu() if torch.is_tensor(v) else v
+    torch.save(
+        to_cpu({"script": os.path.basename(__file__), "model": agent.state_dict(), "args": vars(args), **state}), f"{path}.tmp"
+    )
+    os.replace(f"{path}.tmp", path)
+
+
+def duration(seconds):
+    """12s, 4m09s, 10h31m."""
+    s = round(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def weights_digest(agent):
@@ -1304,134 +1128,136 @@ def weights_digest(agent):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    iteration, global_step = 0, 0  # updates made (the published weights' version), agent steps learned from
+    if args.resume:  # as nanoGPT: the checkpoint's args are the defaults, flags given on the command line win
+        try:
+            checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True)
+            args = tyro.cli(Args, default=Args(**checkpoint["args"]))
+            run_name, iteration, global_step = checkpoint["run_name"], checkpoint["iteration"], checkpoint["global_step"]
+        except Exception as e:  # no such file, not torch.save's, not a checkpoint of this script
+            fail(f"--resume {args.resume}: not a checkpoint to resume from ({one_line(e)})")
     distributed = "RANK" in os.environ  # under torchrun: one learner per rank, each with its own actors
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    args.world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_world_size, args.world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), int(os.environ.get("WORLD_SIZE", 1))
     obs_shape, num_actions = check_args(args)
-    args.num_updates = args.total_timesteps // (args.batch_size * args.unroll_length * args.world_size)
-    resumed = load_resume(args)  # every rank reads the same file, before anything is made or written
-    device, device_line = pick_device(args, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    use_cuda = device.type == "cuda"
-    if use_cuda:
+    per_update = args.batch_size * args.unroll_length * args.world_size
+    args.num_updates = args.total_timesteps // per_update
+    device, device_line = pick_device(args, local_rank, local_world_size)
+    if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL and every bare .cuda() use this rank's GPU, not GPU 0
     # the float32 agreement of RTRL and BPTT (README) needs full-precision GEMMs: TF32 keeps 10 mantissa bits and
     # the cell's reductions over T*B lose about three digits. Only matmuls: cuDNN's convolutions (stem) may use TF32.
     torch.backends.cuda.matmul.allow_tf32 = False
     if distributed:
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-    if resumed:  # the logs go on in the checkpoint's run directory
-        run_name = resumed["run_name"]
-    else:
-        # the core and unroll are in the name: runs of a sweep started in the same second never share a directory
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
+        )
+    if not args.resume:  # the core and unroll are in the name: a sweep's runs started in one second differ
         run_name = f"{args.env_id}__{args.exp_name}__{args.core}__T{args.unroll_length}__{args.seed}__{int(time.time())}"
         if rank == 0 and os.path.exists(f"runs/{run_name}"):
             fail(f"runs/{run_name} exists; a run directory is never shared by two runs")
 
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    random.seed(args.seed + global_step)  # a resumed run draws anew from (seed, step), as its actors do
+    np.random.seed(args.seed + global_step)
+    torch.manual_seed(args.seed + global_step)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    if not use_cuda:  # actors take a core each; an oversubscribed OpenMP pool runs many times slower than one thread
-        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if device.type == "cpu":  # actors take a core each; an oversubscribed OpenMP pool runs many times slower than one
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size - args.num_actors))
 
     agent = Agent(obs_shape, num_actions, args.hidden_size, args.core, args.freeze_stem).to(device)
-    # before anything is written or any actor starts: a wrong file costs nothing (resumed: the checkpoint's stem)
-    if args.init_stem_from and not resumed:
+    if args.init_stem_from and not args.resume:  # before anything is written or any actor starts
         load_stem(agent, args.init_stem_from)
-    elif args.freeze_stem and rank == 0 and not resumed:
-        print("--freeze-stem without --init-stem-from: the stem stays at its random initialization")
     if distributed:  # identical initial weights on every rank
         for p in agent.parameters():
             dist.broadcast(p.data, src=0)
     trained = [p for p in agent.parameters() if p.requires_grad]  # a frozen stem's get no gradient, no optimizer state
     optimizer = torch.optim.RMSprop(trained, lr=args.learning_rate, alpha=args.rms_alpha, eps=args.rms_eps)
-    # still before anything is written: a checkpoint that does not fit is refused with the run directory untouched
-    start_iteration, global_step = restore(resumed, agent, optimizer) if resumed else (0, 0)
+    if args.resume:  # still before anything is written: a checkpoint that does not fit leaves the run untouched
+        try:
+            agent.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        except (RuntimeError, ValueError) as e:  # another --hidden-size, --core, --freeze-stem: load_state_dict says
+            fail(f"--resume {args.resume}: {one_line(e)}")
+    checkpoint_path, next_checkpoint = f"runs/{run_name}/checkpoint.pt", global_step + args.checkpoint_every
+    save = lambda: save_checkpoint(
+        agent,
+        args,
+        checkpoint_path,
+        optimizer=optimizer.state_dict(),
+        run_name=run_name,
+        iteration=iteration,
+        global_step=global_step,
+    )
     writer = None
-    if rank == 0:
-        # resumed: TensorBoard drops what an interrupted run logged after its checkpoint, and the event files go on
-        writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step + 1 if resumed else None)
+    if rank == 0:  # resumed: TensorBoard drops what the run logged after its checkpoint, and its event files go on
+        writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step + 1 if args.resume else None)
         print(device_line, flush=True)
         writer.add_text("device", device_line)
         writer.add_text(
             "hyperparameters",
             "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
         )
-        if resumed:
+        if args.resume:
             print(
-                f"resumed runs/{run_name} at global_step={global_step}: every environment starts a new episode, "
-                "recurrent state and sensitivities zero",
-                flush=True,
+                f"resumed runs/{run_name} at global_step={global_step}: actors start new episodes from zero state", flush=True
             )
 
-    stop = StopSignals()  # Ctrl-C / SIGTERM: finish the current update, stop every process, checkpoint, exit
+    stop = []  # Ctrl-C / SIGTERM: finish the update, stop every process, checkpoint, exit 128 + the signal's number
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda signum, frame: stop.append(signum))
     workdir = tempfile.mkdtemp(prefix=f"rtrl_impala_rank{rank}_")
-    # resumed: the actors start new episodes from new seeds (not a replay of the run's start), with zero (c, sens)
-    actors = None
-    if start_iteration < args.num_updates:  # resumed with no update left to make: none starts
-        actors = ActorPool(args, obs_shape, num_actions, rank, agent, workdir, global_step, start_iteration)
-    start_step, start_time, recent_returns, interrupted = global_step, time.time(), [], False
-    progress = Progress(global_step, args.num_updates * args.batch_size * args.unroll_length * args.world_size)
-    checkpoint_path, next_checkpoint = f"runs/{run_name}/checkpoint.pt", global_step + args.checkpoint_every
-    iteration = start_iteration  # updates made: the published weights' version
+    actors = None  # resumed: new seeds (not a replay of the run's start); none if no update is left to make
+    if iteration < args.num_updates:
+        actors = ActorPool(args, obs_shape, num_actions, rank, agent, workdir, global_step, iteration)
+    start_step, start_time, last_line, recent_returns, interrupted = global_step, time.time(), 0.0, [], False
 
     try:
-        for update in range(start_iteration + 1, args.num_updates + 1):
+        for update in range(iteration + 1, args.num_updates + 1):
             if args.anneal_lr:
                 optimizer.param_groups[0]["lr"] = (1.0 - (update - 1.0) / args.num_updates) * args.learning_rate
-            batch = actors.get_batch(lambda: stop.signum is not None)
-            update_start = timer(device)
+            batch = actors.get_batch(lambda: bool(stop))
             optimizer.zero_grad()
             if batch is not None:
-                batch = to_device(batch, device)
-                stats, rtrl_time = compute_gradients(agent, batch, args)
+                stats = compute_gradients(agent, to_device(batch, device), args)
             else:  # stopping: take part in this round's all-reduce with no gradient
                 for p in trained:
                     p.grad = torch.zeros_like(p)
-            stopping = batch is None
-            if distributed:
-                stopping = all_reduce_gradients(trained, stopping)
-            if stopping:
-                interrupted = True
+            interrupted = all_reduce_gradients(trained, batch is None) if distributed else batch is None
+            if interrupted:
                 break
             grad_norm = nn.utils.clip_grad_norm_(trained, args.max_grad_norm)
             optimizer.step()
-            update_time = timer(device) - update_start
             policy_lag = np.mean([actors.updates - v for v in batch["versions"]])  # updates behind the learner
             actors.publish(agent)
-            iteration = update
+            iteration, global_step = update, global_step + per_update
 
-            global_step += args.batch_size * args.unroll_length * args.world_size
             if rank == 0:
                 for _, episode_return, episode_length in batch["episodes"]:
                     writer.add_scalar("charts/episodic_return", episode_return, global_step)
                     writer.add_scalar("charts/episodic_length", episode_length, global_step)
                     recent_returns = (recent_returns + [episode_return])[-20:]
-                sps = int((global_step - start_step) / (time.time() - start_time))  # this process's steps only
+                steps_per_second = (global_step - start_step) / (time.time() - start_time)  # this process's steps only
                 writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
                 for key, value in stats.items():
                     writer.add_scalar(f"losses/{key}", value, global_step)
                 writer.add_scalar("losses/grad_norm", grad_norm.item(), global_step)
-                writer.add_scalar("charts/rtrl_share_of_update", rtrl_time / update_time, global_step)
                 writer.add_scalar("charts/policy_lag", policy_lag, global_step)
                 writer.add_scalar("charts/unroll_age", batch["unroll_age"], global_step)
                 writer.add_scalar("charts/actor_restarts", actors.restarts, global_step)
                 writer.add_scalar("charts/actor_hangs", actors.hangs, global_step)
-                writer.add_scalar("charts/SPS", sps, global_step)
-                if progress.due() or update in (start_iteration + 1, args.num_updates):
+                writer.add_scalar("charts/SPS", int(steps_per_second), global_step)
+                if time.time() - last_line > 10 or update == args.num_updates:  # the first update's, every 10 s, the last
+                    last_line, eta = time.time(), (args.num_updates * per_update - global_step) / steps_per_second
                     mean_return = f"{np.mean(recent_returns):.2f}" if recent_returns else "n/a"
                     print(
-                        f"global_step={global_step} SPS={sps} {progress(global_step)} "
-                        f"return(last {len(recent_returns)} episodes)={mean_return} "
+                        f"global_step={global_step} SPS={int(steps_per_second)} elapsed={duration(last_line - start_time)} "
+                        f"eta={duration(eta)} return(last {len(recent_returns)} episodes)={mean_return} "
                         f"policy_lag={policy_lag:.2f} unroll_age={batch['unroll_age']:.2f}s "
-                        f"entropy={stats['entropy'] / (args.unroll_length * args.batch_size):.3f} "
-                        f"rtrl_share={rtrl_time / update_time:.3f}",
+                        f"entropy={stats['entropy'] / (args.unroll_length * args.batch_size):.3f}",
                         flush=True,
                     )
                 if args.checkpoint_every and global_step >= next_checkpoint:  # rank 0 writes; ranks hold the same
-                    state = training_state(optimizer, run_name, iteration, global_step)
-                    save_checkpoint(agent, args, checkpoint_path, **state)
+                    save()
                     next_checkpoint = global_step + args.checkpoint_every
     finally:
         if actors is not None:
@@ -1440,37 +1266,30 @@ if __name__ == "__main__":
     if distributed:  # ranks hold identical weights: each prints its digest, for anyone to compare
         print(f"rank {rank}/{args.world_size}: weights sha256 {weights_digest(agent)}", flush=True)
     if rank == 0 and (interrupted or args.checkpoint_every):  # a stop, or the end of training
-        save_checkpoint(agent, args, checkpoint_path, **training_state(optimizer, run_name, iteration, global_step))
+        save()
     if interrupted:  # every rank stops (the all-reduce carried the request); only a signalled one has a number
         if rank == 0:
             writer.close()
-            by = signal.Signals(stop.signum).name if stop.signum else "another rank's signal"
-            print(
-                f"stopped by {by} at global_step={global_step}; checkpoint: {checkpoint_path} "
-                f"(continue with --resume {checkpoint_path})",
-                flush=True,
-            )
+            by = signal.Signals(stop[0]).name if stop else "another rank's signal"
+            print(f"stopped by {by} at global_step={global_step}; continue with --resume {checkpoint_path}", flush=True)
         shutil.rmtree(workdir, ignore_errors=True)
         if distributed:
             dist.destroy_process_group()
-        sys.exit(128 + stop.signum if stop.signum else 0)
-    stop.restore()  # Ctrl-C during the evaluation below stops it at once
+        sys.exit(128 + stop[0] if stop else 0)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C during the evaluation below stops it at once
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         if rank == 0:
             if args.save_model:
-                model_path = f"runs/{run_name}/model.pt"
-                save_checkpoint(agent, args, model_path)
-                print(f"model saved to {model_path}", flush=True)
+                save_checkpoint(agent, args, f"runs/{run_name}/model.pt")
+                print(f"model saved to runs/{run_name}/model.pt", flush=True)
             if args.eval_episodes > 0:
                 rng = actor_seed(args, rank, args.num_actors, 0)  # an actor id no actor has: unseen seeds
                 eval_seeds = rng.choice(2**31 - 1, size=min(args.eval_episodes, 8), replace=False)
                 eval_returns, eval_level = evaluate(agent, args, eval_seeds, workdir)
                 for i, eval_return in enumerate(eval_returns):
                     writer.add_scalar("eval/episodic_return", eval_return, i)
-                print(
-                    f"greedy evaluation over {len(eval_returns)} episodes of {eval_level}: "
-                    f"mean return {np.mean(eval_returns):.2f}"
-                )
+                print(f"greedy evaluation over {len(eval_returns)} episodes of {eval_level}: mean {np.mean(eval_returns):.2f}")
             writer.close()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -33,7 +33,7 @@ SCRIPTS = {
 }
 NAMES = {s.module: name for name, s in SCRIPTS.items()}
 A2C = ("atari", "procgen", "minigrid", "bsuite")
-CHECKPOINTS = ("atari", "procgen", "minigrid", "impala")  # save_checkpoint, resume and the progress line's clock
+CHECKPOINTS = ("atari", "procgen", "minigrid")  # save_checkpoint, resume and the progress line's clock (impala: its own file)
 PIXEL_A2C = ("atari", "procgen")  # a convolutional stem: --init-stem-from, --freeze-stem, --stem-in-update
 
 

@@ -7,7 +7,6 @@ DeepMind Lab cannot be installed here: its adapter is checked against tests/fake
 import glob
 import multiprocessing.connection
 import os
-import random
 import re
 import runpy
 import shutil
@@ -36,14 +35,14 @@ OBS_SHAPE, NUM_ACTIONS, HIDDEN = (3, 12, 12), 4, 6
 # ---------------------------------------------------------------------------------------------
 # V-trace
 # ---------------------------------------------------------------------------------------------
-def reference_vtrace(rewards, values, bootstrap_value, log_rhos, terms, deads, gamma):
+def reference_vtrace(rewards, values, bootstrap_value, log_rhos, terms, terminal_obs, gamma):
     """The IMPALA paper's definition (Espeholt et al. 2018, eq. 1), as a forward sum for each s:
 
         v_s = V(x_s) + sum_{t=s}^{s+n-1} gamma^{t-s} (prod_{i=s}^{t-1} c_i) rho_t (r_t + gamma V(x_{t+1}) - V(x_t))
 
     with rho = c = min(1, pi/mu), cut where the episode ends: a terminating step has no gamma V(x_{t+1}) and
-    ends the sum; a dead step (terminal observation) is where the sum stops, its V bootstrapping a truncation.
-    Advantages rho_s (r_s + gamma v_{s+1} - V(x_s)), none on dead steps."""
+    ends the sum; a step taking a terminal observation is where the sum stops, its V bootstrapping a truncation.
+    Advantages rho_s (r_s + gamma v_{s+1} - V(x_s)), none on terminal observations."""
     steps, batch = rewards.shape
     rho = log_rhos.exp().clamp(max=1.0)
     value = lambda t, b: bootstrap_value[b] if t == steps else values[t, b]
@@ -52,7 +51,7 @@ def reference_vtrace(rewards, values, bootstrap_value, log_rhos, terms, deads, g
         for s in range(steps):
             total, weight = 0.0, 1.0
             for t in range(s, steps):
-                if deads[t, b]:
+                if terminal_obs[t, b]:
                     break
                 g = 0.0 if terms[t, b] else gamma
                 total += weight * rho[t, b] * (rewards[t, b] + g * value(t + 1, b) - values[t, b])
@@ -61,7 +60,7 @@ def reference_vtrace(rewards, values, bootstrap_value, log_rhos, terms, deads, g
                 weight *= gamma * rho[t, b]  # c_t, with c_bar = rho_bar = 1
             vs[s, b] = values[s, b] + total
         for s in range(steps):
-            if not deads[s, b]:
+            if not terminal_obs[s, b]:
                 v_next = bootstrap_value[b] if s + 1 == steps else vs[s + 1, b]
                 g = 0.0 if terms[s, b] else gamma
                 advantages[s, b] = rho[s, b] * (rewards[s, b] + g * v_next - values[s, b])
@@ -70,36 +69,37 @@ def reference_vtrace(rewards, values, bootstrap_value, log_rhos, terms, deads, g
 
 def random_vtrace_inputs(steps=12, batch=4, seed=3):
     g = torch.Generator().manual_seed(seed)
-    terms, deads, _ = episode_flags(steps, batch, g)
-    assert terms.any() and (deads[1:] & ~terms[:-1]).any(), "needs both kinds of episode end"
+    terms, terminal_obs, _ = episode_flags(steps, batch, g)
+    assert terms.any() and (terminal_obs[1:] & ~terms[:-1]).any(), "needs both kinds of episode end"
     rewards = torch.rand(steps, batch, generator=g, dtype=torch.float64) * 2 - 1
     values = torch.randn(steps, batch, generator=g, dtype=torch.float64)
     bootstrap_value = torch.randn(batch, generator=g, dtype=torch.float64)
-    return rewards, values, bootstrap_value, terms, deads
+    return rewards, values, bootstrap_value, terms, terminal_obs
 
 
-def script_vtrace(rewards, values, bootstrap_value, log_rhos, terms, deads, gamma):
+def script_vtrace(rewards, values, bootstrap_value, log_rhos, terms, terminal_obs, gamma):
     discounts = gamma * (~terms).double()
-    return impala.vtrace(rewards, values, bootstrap_value, log_rhos, discounts, deads)
+    return impala.vtrace(rewards, values, bootstrap_value, log_rhos, discounts, terminal_obs)
 
 
 def test_vtrace_equals_the_impala_definition_with_clipped_ratios_and_episode_ends():
-    rewards, values, bootstrap_value, terms, deads = random_vtrace_inputs()
+    rewards, values, bootstrap_value, terms, terminal_obs = random_vtrace_inputs()
     g = torch.Generator().manual_seed(4)
     log_pi = torch.log_softmax(torch.randn(*rewards.shape, 5, generator=g, dtype=torch.float64), -1)[..., 0]
     log_mu = torch.log_softmax(torch.randn(*rewards.shape, 5, generator=g, dtype=torch.float64), -1)[..., 0]
     log_rhos = log_pi - log_mu
     assert (log_rhos > 0).any() and (log_rhos < 0).any(), "needs clipped and unclipped ratios"
-    expected = reference_vtrace(rewards, values, bootstrap_value, log_rhos, terms, deads, 0.9)
-    got = script_vtrace(rewards, values, bootstrap_value, log_rhos, terms, deads, 0.9)
+    expected = reference_vtrace(rewards, values, bootstrap_value, log_rhos, terms, terminal_obs, 0.9)
+    got = script_vtrace(rewards, values, bootstrap_value, log_rhos, terms, terminal_obs, 0.9)
     torch.testing.assert_close(got[0], expected[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got[1], expected[1], rtol=1e-12, atol=1e-12)
 
 
 def test_vtrace_on_policy_is_the_n_step_return():
-    rewards, values, bootstrap_value, terms, deads = random_vtrace_inputs(seed=5)
-    vs, _ = script_vtrace(rewards, values, bootstrap_value, torch.zeros_like(rewards), terms, deads, 0.9)
-    unroll = SimpleNamespace(rewards=rewards, values=values, terms=terms, deads=deads)
+    rewards, values, bootstrap_value, terms, terminal_obs = random_vtrace_inputs(seed=5)
+    vs, _ = script_vtrace(rewards, values, bootstrap_value, torch.zeros_like(rewards), terms, terminal_obs, 0.9)
+    flags = dict(terms=terms, terminal_obs=terminal_obs, deads=terminal_obs)  # claims.py's name, and the new one
+    unroll = SimpleNamespace(rewards=rewards, values=values, **flags)
     torch.testing.assert_close(vs, checks.reference_returns(unroll, bootstrap_value, 0.9), rtol=1e-12, atol=1e-12)
 
 
@@ -107,11 +107,11 @@ def test_vtrace_on_policy_is_the_n_step_return():
 # The actors' online sensitivities (the eLSTM's own claims: tests/test_every_script.py)
 # ---------------------------------------------------------------------------------------------
 def random_steps(steps, batch, seed):
-    """Observations, last rewards and episode flags (terms, deads, firsts) of `steps` consecutive steps."""
+    """Observations, last rewards and episode flags (terms, terminal_obs, firsts) of `steps` consecutive steps."""
     g = torch.Generator().manual_seed(seed)
-    terms, deads, firsts = episode_flags(steps, batch, g)
+    terms, terminal_obs, firsts = episode_flags(steps, batch, g)
     obs = torch.randint(0, 256, (steps, batch, *OBS_SHAPE), generator=g, dtype=torch.uint8)
-    return obs, 3 * torch.randn(steps, batch, generator=g, dtype=torch.float64), terms, deads, firsts
+    return obs, 3 * torch.randn(steps, batch, generator=g, dtype=torch.float64), terms, terminal_obs, firsts
 
 
 def act_online(agent, obs, last_rewards, firsts, c, sens):
@@ -142,14 +142,14 @@ def test_actor_online_sensitivities_equal_the_learners_chunked_ones():
 # ---------------------------------------------------------------------------------------------
 def random_unroll_after_history(history, T, batch, seed=7):
     """An actor's history of `history` steps, then one unroll of T + 1 steps as the learner receives it."""
-    obs, last_rewards, terms, deads, firsts = random_steps(history + T + 1, batch, seed)
+    obs, last_rewards, terms, terminal_obs, firsts = random_steps(history + T + 1, batch, seed)
     g = torch.Generator().manual_seed(seed + 1)
     unroll = slice(history, history + T + 1)
     return (obs[:history], last_rewards[:history], firsts[:history]), {
         "obs": obs[unroll],
         "last_rewards": last_rewards[unroll],
         "firsts": firsts[unroll],
-        "deads": deads[unroll],
+        "terminal_obs": terminal_obs[unroll],
         "terms": terms[history : history + T],
         "rewards": 3 * torch.randn(T, batch, generator=g, dtype=torch.float64),
         "actions": torch.randint(0, NUM_ACTIONS, (T, batch), generator=g),
@@ -186,17 +186,17 @@ def reference_unroll_loss(agent, history, unroll, core, args):
     logp, values = torch.log_softmax(agent.actor(h), -1)[:T], agent.critic(h)[..., 0]
     log_pi = logp.gather(-1, unroll["actions"][..., None])[..., 0]
     log_mu = torch.log_softmax(unroll["logits"], -1).gather(-1, unroll["actions"][..., None])[..., 0]
-    deads = unroll["deads"][:T]
+    terminal_obs = unroll["terminal_obs"][:T]
     vs, advantages = reference_vtrace(
         unroll["rewards"].clamp(-1, 1),
         values[:T].detach(),
         values[T].detach(),
         (log_pi - log_mu).detach(),
         unroll["terms"],
-        deads,
+        terminal_obs,
         args.gamma,
     )
-    live = (~deads).double()
+    live = (~terminal_obs).double()
     pg = -(live * log_pi * advantages).sum()
     entropy = -(live * (logp.exp() * logp).sum(-1)).sum()
     return pg + args.vf_coef * 0.5 * (live * (vs - values[:T]) ** 2).sum() - args.ent_coef * entropy
@@ -306,7 +306,7 @@ def test_dmlab_action_repeat_sums_four_frames_and_an_episode_end_resets(lab):
         assert envs.labs[0].num_steps() == 4 * step and (envs.obs[0, 1] == 4 * step).all()
     reward, term, episodes = envs.step(forward)
     assert reward.item() == 2 and term.item() and episodes == [(0, 30.0, 8)]
-    assert envs.first.item() and not envs.dead.any() and len(envs.labs[0].seeds) == 2  # reset, with a new seed
+    assert envs.first.item() and not envs.terminal_obs.any() and len(envs.labs[0].seeds) == 2  # reset, with a new seed
     assert envs.labs[0].seeds[0] != envs.labs[0].seeds[1] and (envs.obs[0, 1] == 0).all()
     for action in range(1, 9):  # the fake rewards the exact Forward vector only: look left + forward earns nothing
         reward, term, _ = envs.step(torch.tensor([action]))
@@ -410,6 +410,18 @@ def saved_agent(path, obs_shape, num_actions):
     return agent, checkpoint["args"]
 
 
+UPDATE_SCALARS = ("charts/SPS", "charts/learning_rate", "losses/policy_loss", "losses/value_loss", "losses/entropy")
+
+
+def check_update_scalars(scalars, updates):
+    """One of each per update, finite losses, the learning rate decaying; no timer on the training path."""
+    for tag in (*UPDATE_SCALARS, "losses/grad_norm", "charts/policy_lag", "charts/unroll_age"):
+        assert len(scalars[tag]) == updates, tag
+    assert all(v == v and abs(v) < float("inf") for v in scalars["losses/value_loss"])
+    assert scalars["charts/learning_rate"][0] > scalars["charts/learning_rate"][-1] > 0
+    assert not [tag for tag in scalars if "rtrl_share" in tag]
+
+
 def test_torchrun_two_ranks_end_with_identical_weights_and_rank_0_checkpoints_them(tmp_path):
     """Also the LSTM baseline end to end."""
     updates = 10
@@ -450,7 +462,7 @@ def test_torchrun_two_ranks_end_with_identical_weights_and_rank_0_checkpoints_th
     agent.load_state_dict(checkpoint["model"])
     assert impala.weights_digest(agent) == digests["0"]
     scalars = checks.read_scalars(run_dir(tmp_path, "rooms_watermaze"))  # rank 0 alone logs
-    checks.check_update_scalars(scalars, updates)
+    check_update_scalars(scalars, updates)
     for tag in ("charts/policy_lag", "charts/unroll_age", "charts/actor_hangs"):
         assert len(scalars[tag]) == updates and min(scalars[tag]) >= 0, tag
     # the fake's 30-frame episodes are 8 steps (7 of 4 frames, 1 of 2), each forward frame earning 1
@@ -535,7 +547,7 @@ def test_vizdoom_stand_in_restarts_a_killed_actor_whose_processes_do_not_outlive
     assert f"actor 0 (pid {before[0]}) died with exit code -9; restarting it" in out
     path = run_dir(tmp_path, "MyWayHome-v1")
     scalars = checks.read_scalars(path)
-    checks.check_update_scalars(scalars, updates)
+    check_update_scalars(scalars, updates)
     assert scalars["charts/actor_restarts"][-1] == 1 and scalars["charts/actor_hangs"][-1] == 0
     assert len(scalars["eval/episodic_return"]) == 1 and "episodes of MyWayHome-v1" in out  # a whole ViZDoom episode
     agent, _ = saved_agent(path, (3, 72, 96), 18)
@@ -586,11 +598,12 @@ def test_a_stop_signal_finishes_the_update_stops_every_process_and_writes_a_chec
     assert run.returncode == 128 + signum and run.saved is not None, run.err[-3000:]
     path, saved = f"runs/{run.name}/checkpoint.pt", run.saved
     assert (
-        f"stopped by {signal.Signals(signum).name} at global_step={saved['global_step']}; checkpoint: {path} "
-        f"(continue with --resume {path})" in run.out
+        f"stopped by {signal.Signals(signum).name} at global_step={saved['global_step']}; continue with --resume {path}"
+        in run.out
     )
     assert saved["global_step"] == 10 * saved["iteration"] == run.scalars["charts/SPS"][-1][0] >= 10
     assert saved["script"] == "rtrl_impala_dmlab.py" and saved["args"]["total_timesteps"] == 1000000
+    assert saved.keys() == {"script", "model", "args", "optimizer", "run_name", "iteration", "global_step"}
     assert sorted(f for f in os.listdir(run.dir / "runs" / run.name) if not f.startswith("events.")) == ["checkpoint.pt"]
     assert "greedy evaluation" not in run.out
     assert len(run.actors) == 1 and not set(run.actors) & set(helpers.processes_under("/"))
@@ -631,45 +644,27 @@ def copy_of(run, tmp_path):
     return f"runs/{run.name}/checkpoint.pt"
 
 
-def test_resume_restores_every_tensor_bit_for_bit(stopped, tmp_path, monkeypatch, capsys):
-    """Resumed with no update left to make, the learner loads its checkpoint and writes it again (no actor starts)."""
+def test_resume_alone_restores_every_tensor_bit_for_bit(stopped, tmp_path, monkeypatch, capsys):
+    """`--resume PATH` and nothing else: the run's flags come from the checkpoint. Resumed with no update left to make
+    (--total-timesteps at its step, given on the command line, wins), the learner loads its checkpoint and writes it
+    again (--checkpoint-every, also given) with no actor started."""
     run = stopped[signal.SIGINT]
     checkpoint, step = copy_of(run, tmp_path), run.saved["global_step"]
-    flags = [
-        *RESUMED,
-        "--resume",
-        checkpoint,
-        "--total-timesteps",
-        str(step),
-        "--checkpoint-every",
-        "10",
-        "--actor-timeout",
-        "30",
-    ]  # a flag a resumed run may change
     # as a global setting may have left it (set directly: pytest 9.2's monkeypatch cannot undo this attribute);
     # the script turns it off again, torch's default
     torch.backends.cuda.matmul.allow_tf32 = True
-    run_in_process(tmp_path, flags, monkeypatch)
+    run_in_process(tmp_path, ["--resume", checkpoint, "--total-timesteps", str(step), "--checkpoint-every", "10"], monkeypatch)
     assert torch.backends.cuda.matmul.allow_tf32 is False  # the script asks for full float32 matmuls itself
     out = capsys.readouterr().out
-    assert (
-        f"resumed runs/{run.name} at global_step={step}: every environment starts a new episode, recurrent "
-        "state and sensitivities zero" in out
-    )
+    assert f"resumed runs/{run.name} at global_step={step}: actors start new episodes from zero state" in out
     assert "device: cpu (--cuda: no CUDA device found)\n" in out  # --cuda is the default; no GPU here
     again = torch.load(tmp_path / checkpoint, weights_only=True)
-    for key in ("model", "optimizer", "rng", "iteration", "global_step", "run_name", "script"):
+    for key in ("model", "optimizer", "iteration", "global_step", "run_name", "script"):
         assert helpers.same_tensors(run.saved[key], again[key]), key
     assert run.saved["optimizer"]["state"]  # RMSprop's running averages
-    assert len(run.saved["rng"]["python"][1]) == 625 and run.saved["rng"]["numpy"][1].numel() == 624  # MT states
+    changed = {k: v for k, v in again["args"].items() if v != run.saved["args"][k]}
+    assert changed == {"resume": checkpoint, "total_timesteps": step, "num_updates": step // 10, "checkpoint_every": 10}
     assert_nothing_left_behind(tmp_path)
-    # The learner draws no random number (the actors sample the actions), so a fresh process has the checkpoint's
-    # RNG states already: that restore sets them is checked from other ones
-    random.seed(7), np.random.seed(7), torch.manual_seed(7)
-    agent = impala.Agent((3, 72, 96), 9, 16)
-    optimizer = torch.optim.RMSprop(agent.parameters())
-    impala.restore(run.saved, agent, optimizer)
-    assert helpers.same_tensors(impala.training_state(optimizer, "", 0, 0)["rng"], run.saved["rng"])
 
 
 def first_episode_seed(start_step):
@@ -680,9 +675,10 @@ def first_episode_seed(start_step):
 
 
 def test_a_resumed_run_goes_on_from_its_step_with_new_episodes_from_zero_state(stopped, tmp_path, monkeypatch):
-    """The run directory's scalars are one run's (one per update, none twice), the learning rate goes on from the
-    checkpoint's update, checkpoints come every --checkpoint-every steps, and the actor's first unroll starts new
-    episodes (not the original run's: other seeds) from zero c and sensitivities."""
+    """`--resume PATH --total-timesteps N` extends the run: the run directory's scalars are one run's (one per update,
+    none twice), the learning rate goes on from the checkpoint's update, checkpoints come every --checkpoint-every
+    steps, and the actor's first unroll starts new episodes (not the original run's: other seeds) from zero c and
+    sensitivities."""
     run = stopped[signal.SIGINT]
     checkpoint, step, iteration = copy_of(run, tmp_path), run.saved["global_step"], run.saved["iteration"]
     first_unrolls, checkpoints = {}, []
@@ -695,11 +691,11 @@ def test_a_resumed_run_goes_on_from_its_step_with_new_episodes_from_zero_state(s
 
     monkeypatch.setattr(multiprocessing.connection.Connection, "recv", recv_and_keep)
     monkeypatch.setattr(torch, "save", lambda obj, path: checkpoints.append(obj["global_step"]) or save(obj, path))
-    flags = [*RESUMED, "--resume", checkpoint, "--total-timesteps", str(step + 30), "--checkpoint-every", "20"]
+    flags = ["--resume", checkpoint, "--total-timesteps", str(step + 30), "--checkpoint-every", "20", "--eval-episodes", "0"]
     run_in_process(tmp_path, flags, monkeypatch)
     assert checkpoints == [step + 20, step + 30]  # every 20 steps, and at the end
     scalars = helpers.scalar_steps(tmp_path / "runs" / run.name)
-    for tag in checks.UPDATE_SCALARS:
+    for tag in UPDATE_SCALARS:
         assert [s for s, _ in scalars[tag]] == list(range(10, step + 31, 10)), tag
     lr, lr0 = dict(scalars["charts/learning_rate"]), impala.Args().learning_rate
     assert lr[step] == pytest.approx(lr0 * (1 - (iteration - 1) / 100000))  # the first run's 1000000 steps
@@ -713,51 +709,39 @@ def test_a_resumed_run_goes_on_from_its_step_with_new_episodes_from_zero_state(s
     assert_nothing_left_behind(tmp_path)
 
 
-def resume(argv):
-    """What main does with --resume before anything is written: check, load, restore."""
-    args = tyro.cli(impala.Args, args=argv)
-    obs_shape, num_actions = impala.check_args(args)
-    checkpoint = impala.load_resume(args)
-    agent = impala.Agent(obs_shape, num_actions, args.hidden_size, args.core, args.freeze_stem)
-    impala.restore(checkpoint, agent, torch.optim.RMSprop(agent.parameters()))
-
-
 @pytest.mark.parametrize(
     "change,flags,message",
     [
-        (None, ["--resume", "missing.pt"], "--resume: no such file 'missing.pt'"),
-        ("truncate", [], "is not a readable checkpoint (RuntimeError: PytorchStreamReader failed"),
-        ("weights only", [], "is not a checkpoint to resume from (no global_step, iteration, optimizer, rng, run_name"),
-        ("other script", [], "was written by rtrl_a2c_minigrid.py, not rtrl_impala_dmlab.py"),
+        (None, ["--resume", "missing.pt"], "--resume missing.pt: not a checkpoint to resume from ([Errno 2] No such file"),
+        ("truncate", [], "not a checkpoint to resume from (PytorchStreamReader failed"),
+        ("weights only", [], "not a checkpoint to resume from ('run_name')"),  # model.pt of --save-model
+        (None, ["--hidden-size", "64"], "Error(s) in loading state_dict for Agent: size mismatch for cell.w_z"),
         (
             None,
-            ["--hidden-size", "64", "--core", "tbptt"],
-            "differs from the checkpoint's run: --hidden-size 64 (checkpoint: 16), --core tbptt (checkpoint: rtrl)",
+            ["--core", "lstm"],
+            'Error(s) in loading state_dict for Agent: Missing key(s) in state_dict: "cell.cell.weight_ih"',
         ),
-        (None, ["--env-id", "rooms_keys_doors_puzzle"], "--env-id rooms_keys_doors_puzzle (checkpoint: rooms_watermaze)"),
-        (None, ["--num-actors", "2"], "differs from the checkpoint's run: --num-actors 2 (checkpoint: 1)"),
-        ("two learners", [], "differs from the checkpoint's run: learners (WORLD_SIZE) 1 (checkpoint: 2)"),
-        ("other shapes", [], "the checkpoint does not fit this agent (Error(s) in loading state_dict for Agent"),
-        ("further on", [], "--total-timesteps 2000000 is below the checkpoint's step 3000000"),
+        (
+            None,
+            ["--freeze-stem"],
+            "loaded state dict contains a parameter group that doesn't match the size of optimizer's group",
+        ),
     ],
 )
-def test_a_bad_checkpoint_to_resume_is_a_one_line_error(stopped, tmp_path, monkeypatch, capsys, change, flags, message):
-    monkeypatch.syspath_prepend(FAKE_LAB)
+def test_a_checkpoint_that_does_not_fit_is_a_one_line_error(stopped, tmp_path, monkeypatch, capsys, change, flags, message):
+    """Before anything is written or any actor starts: run in-process, main exits 2 with load_state_dict's message."""
     run = stopped[signal.SIGINT]
     path = tmp_path / "ck.pt"
     if change == "truncate":
         path.write_bytes((run.dir / "runs" / run.name / "checkpoint.pt").read_bytes()[:3000])
     else:
-        edited = {
-            "weights only": {"model": run.saved["model"], "args": run.saved["args"]},
-            "other script": {**run.saved, "script": "rtrl_a2c_minigrid.py"},
-            "two learners": {**run.saved, "args": {**run.saved["args"], "world_size": 2}},
-            "other shapes": {**run.saved, "model": impala.Agent((3, 72, 96), 9, 8).state_dict()},
-            "further on": {**run.saved, "global_step": 3000000},
-        }
-        torch.save(edited.get(change, run.saved), path)
-    argv = [*RESUMED, "--total-timesteps", "2000000", "--resume", str(path), *flags]
-    helpers.bad_input_in_process(resume, argv, message, capsys)
+        torch.save({"model": run.saved["model"], "args": run.saved["args"]} if change else run.saved, path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_in_process(tmp_path, ["--resume", str(path), *flags], monkeypatch)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_the_script_checks_a_checkpoint_before_it_writes_or_starts_anything(stopped, tmp_path):
@@ -765,11 +749,47 @@ def test_the_script_checks_a_checkpoint_before_it_writes_or_starts_anything(stop
     checkpoint = copy_of(run, tmp_path)
     run_path = tmp_path / os.path.dirname(checkpoint)
     before = {f: (run_path / f).read_bytes() for f in os.listdir(run_path)}
-    proc = run_script(tmp_path, *RESUMED, "--hidden-size", "64", "--resume", checkpoint, fake_lab=True)
+    proc = run_script(tmp_path, "--resume", checkpoint, "--hidden-size", "64", fake_lab=True)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert "--hidden-size 64 (checkpoint: 16)" in proc.stderr
+    assert "size mismatch for cell.w_z" in proc.stderr
     assert {f: (run_path / f).read_bytes() for f in os.listdir(run_path)} == before
     assert_nothing_left_behind(tmp_path)
+
+
+class OnFakeGPU(torch.Tensor):
+    """A tensor as if on a GPU: only .cpu() makes it a plain tensor, and torch.load(weights_only=True) refuses it."""
+
+    def cpu(self):
+        return self.as_subclass(torch.Tensor)
+
+
+def test_a_checkpoint_holds_cpu_copies_and_loads_into_a_fresh_agent_and_optimizer(tmp_path, monkeypatch):
+    """The model's and the optimizer's tensors go to the CPU: a file written on a GPU loads on a machine without
+    one, by torch.load without map_location, and restores the same bits."""
+    torch.manual_seed(0)
+    agent = impala.Agent(OBS_SHAPE, NUM_ACTIONS, HIDDEN)
+    optimizer = torch.optim.RMSprop(agent.parameters())
+    for p in agent.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()  # RMSprop's running averages: tensors in the optimizer state
+    on_gpu = lambda tree: {k: on_gpu(v) if isinstance(v, dict) else v.as_subclass(OnFakeGPU) for k, v in tree.items()}
+    model, state = on_gpu(agent.state_dict()), optimizer.state_dict()
+    monkeypatch.setattr(agent, "state_dict", lambda: model)
+    path = str(tmp_path / "checkpoint.pt")
+    impala.save_checkpoint(agent, impala.Args(), path, optimizer={**state, "state": on_gpu(state["state"])}, iteration=1)
+    loaded = torch.load(path, weights_only=True)
+    assert not (tmp_path / "checkpoint.pt.tmp").exists() and loaded["iteration"] == 1
+    fresh = impala.Agent(OBS_SHAPE, NUM_ACTIONS, HIDDEN)
+    fresh.load_state_dict(loaded["model"])
+    fresh_optimizer = torch.optim.RMSprop(fresh.parameters())
+    fresh_optimizer.load_state_dict(loaded["optimizer"])
+    assert helpers.same_tensors(fresh.state_dict(), {k: v.cpu() for k, v in model.items()})
+    assert helpers.same_tensors(fresh_optimizer.state_dict(), state)
+
+
+def test_duration_reads_as_seconds_minutes_or_hours():
+    examples = {0: "0s", 12: "12s", 59.6: "1m00s", 249: "4m09s", 3599.6: "1h00m", 37_860: "10h31m"}
+    assert {seconds: impala.duration(seconds) for seconds in examples} == examples
 
 
 # ---------------------------------------------------------------------------------------------
@@ -859,11 +879,13 @@ def parse(flags):
         (["--env-id", "MyWayHom-v1"], "did you mean MyWayHome-v1"),
         ([], "google-deepmind/lab"),  # the default level, without deepmind_lab
         (["--env-id", "MyWayHome-v1", "--batch-size", "3", "--envs-per-actor", "2"], "must be a multiple"),
-        (["--env-id", "MyWayHome-v1", "--unroll-length", "0"], "--unroll-length must be at least 1"),
+        (["--env-id", "MyWayHome-v1", "--unroll-length", "0"], "--unroll-length must be positive, got 0"),
+        (["--env-id", "MyWayHome-v1", "--learning-rate", "-1e-3"], "--learning-rate must be at least 0, got -0.001"),
+        (["--env-id", "MyWayHome-v1", "--gamma", "1.5"], "--gamma and --rms-alpha must be at most 1"),
         (["--env-id", "MyWayHome-v1", "--total-timesteps", "100"], "less than one update"),
         (["--env-id", "MyWayHome-v1", "--actor-timeout", "0"], "--actor-timeout must be positive"),
         (["--env-id", "MyWayHome-v1", "--checkpoint-every", "-1"], "--checkpoint-every must be at least 0, got -1"),
-        (["--env-id", "psychlab_continuous_recognition"], "pass its directory as --dmlab-dataset-path"),
+        (["--env-id", "psychlab_continuous_recognition"], "images (see DMLab's data/): pass --dmlab-dataset-path"),
     ],
 )
 def test_bad_input_is_a_one_line_error(monkeypatch, capsys, flags, message):
@@ -877,7 +899,7 @@ def test_a_checkpoint_of_another_observation_shape_is_refused_before_anything_st
     """main loads --init-stem-from before it writes a run directory or starts an actor."""
     impala.save_checkpoint(impala.Agent((3, 64, 64), 9, 8), impala.Args(), str(tmp_path / "other_shape.pt"))
     proc = run_script(tmp_path, "--env-id", "rooms_watermaze", "--init-stem-from", "other_shape.pt", fake_lab=True)
-    message = "its stem does not fit this agent's (stem.3.weight is 256x2048 there, 256x3456 here)"
+    message = "its stem does not fit this agent's (Error(s) in loading state_dict for Sequential: size mismatch for 3.weight"
     checks.check_bad_input_is_a_one_line_error(proc, message, tmp_path)
     assert_nothing_left_behind(tmp_path)
 
@@ -929,7 +951,7 @@ def test_on_cuda_two_updates_train_and_save_a_model_that_loads_on_the_cpu(tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"device: cuda:0 ({torch.cuda.get_device_name(0)}, torch CUDA {torch.version.cuda})" in proc.stdout
     path = run_dir(tmp_path, "rooms_watermaze")
-    checks.check_update_scalars(checks.read_scalars(path), 2)
+    check_update_scalars(checks.read_scalars(path), 2)
     saved = torch.load(os.path.join(path, "model.pt"), weights_only=True)  # no map_location: as written
     assert all(t.device.type == "cpu" for t in checks.all_tensors(saved))
     saved_agent(path, (3, 72, 96), 9)
