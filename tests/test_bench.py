@@ -181,3 +181,14 @@ def test_a_benchmark_given_bad_input_says_so_in_one_line_and_exits_2(tmp_path, n
 def test_benchmarks_run_on_a_gpu(tmp_path, name):
     out = run_bench(tmp_path, name, "--device", "cuda", *(["--plot", ""] if name == "memory_vs_history.py" else []))
     assert "device cuda" in out.splitlines()[0] and "CUDA memory allocated" in out
+
+
+def test_bsuite_time_splits_real_runs_of_the_script(tmp_path):
+    proc = helpers.run_script(os.path.join(BENCH, "bsuite_time.py"), tmp_path, "--num-episodes", "32", "--cores", "rtrl", "ff")
+    assert proc.returncode == 0 and proc.stdout.startswith("machine: "), proc.stderr
+    header, rows = table(proc.stdout, "core")
+    assert header.split()[-7:] == ["bsuite", "Envs.step", "act", "gradients", "RMSprop", "logging", "rest"]
+    assert [row[0] for row in rows] == ["rtrl", "ff"]
+    for row in rows:  # 32 episodes of 51 steps, in rollouts of 16 envs x 4 steps
+        assert row[1] == f"{(-(-32 * 51 // 64)) * 64:,}" and float(row[2]) > 0
+        assert 97 <= sum(int(cell.rstrip("%")) for cell in row[4:]) <= 103  # the parts make up the span, to rounding
