@@ -13,16 +13,15 @@ the conclusions are in the README. Time and memory against N and L: bench/multil
 """
 
 import copy
-import difflib
 import json
 import os
-import random
 import sys
 import time
 import warnings
 from collections import namedtuple
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal, get_args
 
 import matplotlib
 import numpy as np
@@ -34,8 +33,8 @@ import tyro
 matplotlib.use("Agg")  # plots go to files; no display needed
 import matplotlib.pyplot as plt
 
-METHODS = ("rtrl", "rtrl-local", "rtrl-top+tbptt", "tbptt", "frozen-lower")
-STUDIES = ("gradients", "copy", "rl")
+Method = Literal["rtrl", "rtrl-local", "rtrl-top+tbptt", "tbptt", "frozen-lower"]
+METHODS = get_args(Method)
 
 
 @dataclass
@@ -49,7 +48,7 @@ class Args:
     quick: bool = False
     """smaller sizes for the whole report in minutes on 2 CPU cores (a K = 3 copy task with N = 16 and 1000
     sequences, 100k RL steps, 2-3 seeds); flags you pass still win"""
-    studies: tuple[str, ...] = STUDIES
+    studies: tuple[Literal["gradients", "copy", "rl"], ...] = ("gradients", "copy", "rl")
     """which parts to run: gradients, copy, rl"""
     num_layers: int = 2
     """L, the depth of the copy-task, gradient-table and RL networks"""
@@ -60,7 +59,7 @@ class Args:
     """Adam learning rate of the copy task and the RL agent"""
 
     # Copy task: fully online, one update after every token that carries a loss
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[Method, ...] = METHODS
     """gradient methods of the copy task and the gradient table: rtrl (exact), rtrl-local, rtrl-top+tbptt,
     tbptt, frozen-lower; with L > 1 and rtrl among them, 1-layer rtrl runs beside them as `rtrl (L=1)`"""
     copy_length: int = 5
@@ -83,7 +82,7 @@ class Args:
     """truncation windows k of the gradient-quality-vs-k sweep, at the table's stream length"""
 
     # RL: A2C (the loss of rtrl_a2c_atari.py, with Adam) with an L-layer core, on CartPole without the velocities
-    rl_methods: tuple[str, ...] = ("rtrl", "rtrl-local", "tbptt")
+    rl_methods: tuple[Method, ...] = ("rtrl", "rtrl-local", "tbptt")
     """gradient methods of the RL runs (with L > 1 and rtrl among them, also 1-layer rtrl)"""
     rl_seeds: int = 3
     """runs per method"""
@@ -103,59 +102,6 @@ class Args:
     """coefficient of the value loss"""
     max_grad_norm: float = 1.0
     """the maximum global norm of the RL gradients"""
-
-
-QUICK = dict(
-    copy_length=3,
-    copy_bits=2,
-    copy_hidden_size=16,
-    copy_sequences=1000,
-    copy_seeds=3,
-    tbptt_k=3,
-    rl_total_timesteps=100_000,
-    rl_seeds=2,
-)
-
-
-def fail(message):
-    """User errors: one line on stderr and exit code 2 (as for a bad flag), no traceback."""
-    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def check_choices(flag, values, choices):
-    for value in values:
-        if value not in choices:
-            close = difflib.get_close_matches(value, choices, n=1, cutoff=0.5)
-            hint = f"did you mean {close[0]}?" if close else f"choose from {', '.join(choices)}"
-            fail(f"unknown {flag} {value!r}; {hint}")
-
-
-def parse_args(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = tyro.cli(Args, args=argv)
-    if args.quick:  # the preset replaces the defaults, so every flag you pass wins, even one equal to a default
-        args = tyro.cli(Args, args=argv, default=replace(Args(), quick=True, **QUICK))
-    for f in fields(Args):  # every size, count and rate must be positive
-        value = getattr(args, f.name)
-        numbers = [v for v in (value if isinstance(value, tuple) else (value,)) if type(v) in (int, float)]
-        if f.name not in ("seed", "ent_coef", "vf_coef") and any(v <= 0 for v in numbers):
-            fail(f"--{f.name.replace('_', '-')} must be positive, got {value}")
-    for name in ("studies", "methods", "rl_methods"):
-        if not getattr(args, name):
-            fail(f"--{name.replace('_', '-')} needs at least one value")
-    if "cost" in args.studies:
-        fail("the cost study is now a benchmark: python bench/multilayer_cost.py")
-    check_choices("study", args.studies, STUDIES)
-    check_choices("method", args.methods + args.rl_methods, METHODS)
-    if args.gamma > 1 or args.ent_coef < 0 or args.vf_coef < 0:
-        fail(f"need --gamma <= 1 and --ent-coef, --vf-coef >= 0; got {args.gamma}, {args.ent_coef}, {args.vf_coef}")
-    if args.rl_total_timesteps < args.rl_num_envs * args.rl_num_steps:
-        fail(
-            f"--rl-total-timesteps {args.rl_total_timesteps} is less than one rollout "
-            f"(--rl-num-envs x --rl-num-steps = {args.rl_num_envs * args.rl_num_steps})"
-        )
-    return args
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,7 +323,7 @@ class ELSTMStack(nn.Module):
             h = self._gated(gate, h, c)[0]
         return nodes, h
 
-    def _rtrl(self, layers, sens, dl_dc, method, impl):
+    def _rtrl(self, layers, sens, dl_dc, method):
         """Gradients of sum_t sum_l <dl_dc[l][t], c^l_t> over the chunk `layers`, and the sensitivities at its end.
 
         exact: every cell, and the lower gates' path through the upper c's (their path through h^L_t is
@@ -386,7 +332,7 @@ class ELSTMStack(nn.Module):
         if method == "local" or len(self.cells) == 1:  # no cross-layer sensitivities: Method §2-3 per layer
             grads, own = {}, []
             for l, (cell, ly) in enumerate(zip(self.cells, layers)):
-                g, s, _ = cell.rtrl_scan(ly.x, ly.scan, sens["own"][l], dl_dc[l], impl)
+                g, s, _ = cell.rtrl_scan(ly.x, ly.scan, sens["own"][l], dl_dc[l])
                 grads.update({f"cells.{l}.{k}": v for k, v in g.items()}), own.append(s)
             return grads, {"own": own, "cross": sens["cross"]}
         return self._rtrl_exact(layers, sens, dl_dc)
@@ -485,14 +431,13 @@ class Net(nn.Module):
         return [*self.stack.cells[top].parameters(), *self.stack.gates[top].parameters(), *self.head.parameters()]
 
 
-def chunk_gradients(net, x, c0s, done, sens, loss_fn, method, impl="chunked"):
+def chunk_gradients(net, x, c0s, done, sens, loss_fn, method):
     """Set every parameter's .grad for loss_fn(h^L_1..T) over one chunk; returns (loss, layers, sens_T).
 
     rtrl / rtrl-local / frozen-lower: RTRL (exact / local) for the cells, feed-forward backprop for the gates and
     the head with the c's as `instantaneous` nodes. tbptt: autograd through the chunk from the carried, detached
     state. rtrl-top+tbptt: that, but the top cell gets its exact element-wise RTRL (sens: its own sensitivities).
-    impl (chunked, Method §3, or step, §2) is how each cell's own RTRL runs; exact RTRL with L > 1 always runs
-    its per-step recursion (Method §4). With one token per chunk, as in the copy task, the two are the same.
+    Each cell's own RTRL runs chunked (Method §3); exact RTRL with L > 1 runs its per-step recursion (Method §4).
     """
     stack = net.stack
     for p in net.parameters():
@@ -505,7 +450,7 @@ def chunk_gradients(net, x, c0s, done, sens, loss_fn, method, impl="chunked"):
             top, cell = layers[-1], stack.cells[-1]
             x_top, c = top.x.detach(), top.c.detach().requires_grad_()
             (dl_dc,) = torch.autograd.grad(loss_fn(stack._gated(stack.gates[-1], x_top, c)[0]), c)
-            grads, sens, _ = cell.rtrl_scan(x_top, cell.scan(x_top, c0s[-1], done), sens, dl_dc, impl)
+            grads, sens, _ = cell.rtrl_scan(x_top, cell.scan(x_top, c0s[-1], done), sens, dl_dc)
             for k, p in cell.named_parameters():
                 p.grad = grads[k]
         return loss, layers, sens
@@ -521,7 +466,7 @@ def chunk_gradients(net, x, c0s, done, sens, loss_fn, method, impl="chunked"):
         p.grad = g
     with torch.no_grad():
         kind = "exact" if method == "rtrl" else "local"
-        rtrl_grads, sens = stack._rtrl(layers, sens, grads[: len(nodes)], kind, impl)
+        rtrl_grads, sens = stack._rtrl(layers, sens, grads[: len(nodes)], kind)
     params = dict(stack.named_parameters())
     for name, g in rtrl_grads.items():  # cells: their whole gradient; lower gates: their path through upper c's
         p = params[name]
@@ -710,11 +655,8 @@ def gradient_study(args, device, trained):
     torch.manual_seed(args.seed)
     nets = {"init": copy_net(args, device), **({"trained": trained} if trained is not None else {})}
     tables = {label: gradient_table(net, args, device) for label, net in nets.items()}
-    for label, table in tables.items():
-        for r in table:
-            print(
-                f"gradients ({label}): {r['method']} {r['group']}: cosine {r['cosine']:.4f}, rel. error {r['rel_error']:.2e}"
-            )
+    for label, r in ((label, r) for label, table in tables.items() for r in table):
+        print(f"gradients ({label}): {r['method']} {r['group']}: cosine {r['cosine']:.4f}, rel. error {r['rel_error']:.2e}")
     network = list(nets)[-1]
     methods = tuple(m for m in args.methods if m not in ("rtrl", "frozen-lower"))
     sweeps = {"sequences": ("gradient_sequences", args.gradient_sweep_sequences), "k": ("tbptt_k", args.gradient_sweep_k)}
@@ -738,8 +680,8 @@ class Envs:
     episode ends.
 
     As AtariEnvs in rtrl_a2c_atari.py: EnvPool answers the step after an episode ends with the next episode's
-    first observation and ignores its action, so the step taking the terminal observation is `dead` (no loss,
-    its value bootstraps a truncation) and the step after it is `first` (state and sensitivities reset).
+    first observation and ignores its action, so the step taking the terminal observation has `terminal_obs` (no
+    loss, its value bootstraps a truncation) and the step after it is `first` (state and sensitivities reset).
     """
 
     def __init__(self, seeds, device):
@@ -753,7 +695,7 @@ class Envs:
         self.device = device
         self.obs = self.observe(self.envs.reset()[0])
         self.first = torch.ones(len(seeds), dtype=torch.bool, device=device)
-        self.dead = torch.zeros(len(seeds), dtype=torch.bool, device=device)
+        self.terminal_obs = torch.zeros(len(seeds), dtype=torch.bool, device=device)
         self.episode_return = np.zeros(len(seeds))
 
     def step(self, action):
@@ -763,8 +705,8 @@ class Envs:
         ended = term | trunc
         episodes = list(self.episode_return[ended])
         self.episode_return[ended] = 0.0
-        self.first = self.dead  # the step after a dead one returns a new episode's first observation
-        self.dead = torch.as_tensor(ended, device=self.device)
+        self.first = self.terminal_obs  # the step after a terminal observation returns a new episode's first one
+        self.terminal_obs = torch.as_tensor(ended, device=self.device)
         self.obs = self.observe(obs)
         reward = torch.as_tensor(reward, dtype=torch.float32, device=self.device)
         return reward, torch.as_tensor(term, device=self.device), episodes
@@ -774,18 +716,19 @@ class Envs:
 
 
 # One rollout of T steps x B envs, each T x B (obs: T x B x D): firsts reset state and sensitivities before the
-# step; deads are terminal observations (no loss, their value bootstraps); terms ended their episode (no bootstrap).
-Rollout = namedtuple("Rollout", "obs firsts deads actions rewards terms values")
+# step; terminal_obs: the step takes a terminal observation (no loss, its value bootstraps); terms ended their
+# episode (no bootstrap).
+Rollout = namedtuple("Rollout", "obs firsts terminal_obs actions rewards terms values")
 
 
 def n_step_returns(rollout, next_value, gamma):
-    """G_t = r_t + gamma G_{t+1}, cut by terminations; a dead step's G is its value (Method §6: a truncated
-    episode bootstraps from its terminal observation)."""
+    """G_t = r_t + gamma G_{t+1}, cut by terminations; a terminal observation's G is its value (Method §6: a
+    truncated episode bootstraps from it)."""
     returns = torch.empty_like(rollout.values)
     g = next_value
     for t in reversed(range(len(returns))):
         g = rollout.rewards[t] + torch.where(rollout.terms[t], 0.0, gamma * g)
-        g = torch.where(rollout.deads[t], rollout.values[t], g)
+        g = torch.where(rollout.terminal_obs[t], rollout.values[t], g)
         returns[t] = g
     return returns
 
@@ -794,7 +737,7 @@ def a2c_loss(net, h, rollout, returns, args):
     """Policy gradient, value and entropy terms summed over the rollout's live steps (Method §5)."""
     out = net.head(h)
     dist, value = torch.distributions.Categorical(logits=out[..., :-1]), out[..., -1]
-    live = (~rollout.deads).to(value.dtype)
+    live = (~rollout.terminal_obs).to(value.dtype)
     pg_loss = -(live * dist.log_prob(rollout.actions) * (returns - value).detach()).sum()
     v_loss = 0.5 * (live * (returns - value) ** 2).sum()
     return pg_loss + args.vf_coef * v_loss - args.ent_coef * (live * dist.entropy()).sum()
@@ -813,27 +756,19 @@ def train_rl(method, seed, args, device):
     params = net.trained_params(method)
     optimizer = torch.optim.Adam(params, lr=args.learning_rate)
     T, B = args.rl_num_steps, args.rl_num_envs
-    zeros = lambda dtype=torch.float32: torch.zeros((T, B), dtype=dtype, device=device)
-    flags = {k: zeros(torch.bool) for k in ("firsts", "deads", "terms")}
-    rollout = Rollout(
-        obs=torch.zeros((T, *envs.obs.shape), device=device),
-        actions=zeros(torch.long),
-        rewards=zeros(),
-        values=zeros(),
-        **flags,
-    )
     c, sens = method_state(net.stack, B, method)
     global_step, episodes = 0, []
     for _ in range(args.rl_total_timesteps // (T * B)):
-        c0 = c
-        for step in range(T):
+        c0, steps = c, []
+        for _ in range(T):
             global_step += B
-            rollout.obs[step], rollout.firsts[step], rollout.deads[step] = envs.obs, envs.first, envs.dead
-            out, c = net.step(envs.obs, c, envs.first)
+            obs, first, terminal_obs = envs.obs, envs.first, envs.terminal_obs
+            out, c = net.step(obs, c, first)
             action = torch.distributions.Categorical(logits=out[:, :-1]).sample()
-            rollout.actions[step], rollout.values[step] = action, out[:, -1]
-            rollout.rewards[step], rollout.terms[step], ended = envs.step(action)
+            reward, term, ended = envs.step(action)
+            steps.append((obs, first, terminal_obs, action, reward, term, out[:, -1]))  # in Rollout's order
             episodes += [(global_step, float(r)) for r in ended]
+        rollout = Rollout(*map(torch.stack, zip(*steps)))
         next_value = net.step(envs.obs, c, envs.first)[0][:, -1]  # c itself moves on next rollout
         returns = n_step_returns(rollout, next_value, args.gamma)
         loss_fn = lambda h: a2c_loss(net, h, rollout, returns, args)
@@ -1037,15 +972,42 @@ def write_report(results, out_dir):
         write_atomic(os.path.join(out_dir, name), lambda tmp: Path(tmp).write_text(text))
 
 
+# ---------------------------------------------------------------------------------------------
+# The command line: --quick, and what would run silently wrong as a one-line error
+# ---------------------------------------------------------------------------------------------
+QUICK = dict(copy_length=3, copy_bits=2, copy_hidden_size=16, copy_sequences=1000, copy_seeds=3, tbptt_k=3)
+QUICK |= dict(rl_total_timesteps=100_000, rl_seeds=2)
+
+
+def fail(message):
+    """User errors: one line on stderr and exit code 2 (as for a bad flag), no traceback."""
+    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_args(argv=None):
+    """The flags (tyro checks the choices); --quick's preset replaces the defaults, so every flag given wins, even
+    one equal to a default."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = tyro.cli(Args, args=argv)
+    if args.quick:
+        args = tyro.cli(Args, args=argv, default=replace(Args(), quick=True, **QUICK))
+    for name, value in vars(args).items():  # sizes, counts and rates; the seed and the loss coefficients may be 0
+        values, may_be_zero = value if isinstance(value, tuple) else (value,), name in ("seed", "ent_coef", "vf_coef")
+        if not values:
+            fail(f"--{name.replace('_', '-')} needs at least one value")
+        if any(type(v) in (int, float) and (v < 0 or v == 0 and not may_be_zero) for v in values):
+            fail(f"--{name.replace('_', '-')} must be {'at least 0' if may_be_zero else 'positive'}, got {value}")
+    if args.gamma > 1:
+        fail(f"--gamma must be at most 1, got {args.gamma}")
+    if args.rl_total_timesteps < args.rl_num_envs * args.rl_num_steps:
+        fail(f"--rl-total-timesteps {args.rl_total_timesteps} is less than one rollout (--rl-num-envs x --rl-num-steps)")
+    return args
+
+
 if __name__ == "__main__":
     args = parse_args()
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-    except OSError as e:
-        fail(f"cannot create --out-dir {args.out_dir!r}: {e.strerror}")
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    os.makedirs(args.out_dir, exist_ok=True)
     torch.set_num_threads(1)  # the small networks gain nothing from more threads, and lose much if cores are shared
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     start = time.time()

@@ -122,20 +122,19 @@ def test_stack_forward_matches_spec_equations():
 
 
 @pytest.mark.parametrize(
-    "num_layers,method,impl,chunk_len",
+    "num_layers,method,chunk_len",
     [
-        (1, "rtrl", "chunked", 5),
-        (1, "rtrl", "step", 5),
-        (2, "rtrl", "chunked", 5),
-        (2, "rtrl", "chunked", 1),
-        (3, "rtrl", "chunked", 5),
-        (3, "rtrl", "chunked", 1),
-        (4, "rtrl", "chunked", 5),  # the first depth where H^{m-1,l} passes through a gate (G_x @ H)
-        (2, "rtrl-local", "chunked", 5),
-        (3, "rtrl-local", "step", 5),
+        (1, "rtrl", 5),
+        (2, "rtrl", 5),
+        (2, "rtrl", 1),
+        (3, "rtrl", 5),
+        (3, "rtrl", 1),
+        (4, "rtrl", 5),  # the first depth where H^{m-1,l} passes through a gate (G_x @ H)
+        (2, "rtrl-local", 5),
+        (3, "rtrl-local", 1),
     ],
 )
-def test_rtrl_equals_its_definition_across_chunks_with_resets(num_layers, method, impl, chunk_len):
+def test_rtrl_equals_its_definition_across_chunks_with_resets(num_layers, method, chunk_len):
     """Exact RTRL equals BPTT through the whole history for every parameter of every layer; rtrl-local equals
     autograd with the upper layers' memory detached. State and sensitivities are carried across chunks."""
     net, steps, batch = make_net(num_layers), 15, 2
@@ -148,7 +147,7 @@ def test_rtrl_equals_its_definition_across_chunks_with_resets(num_layers, method
     for start in range(0, steps, chunk_len):
         chunk = slice(start, start + chunk_len)
         chunk_loss = lambda h: head_loss(net, h, w[chunk])
-        _, layers, sens = study.chunk_gradients(net, x[chunk], c, done[chunk], sens, chunk_loss, method, impl)
+        _, layers, sens = study.chunk_gradients(net, x[chunk], c, done[chunk], sens, chunk_loss, method)
         c = [layer.c[-1] for layer in layers]
         for n, p in net.named_parameters():
             total[n] += p.grad
@@ -220,12 +219,12 @@ def test_copy_stream_targets_every_pattern_bit_and_nothing_else():
 
 def random_rollouts(num, steps, batch, obs_size, num_actions, seed=2):
     g = torch.Generator().manual_seed(seed)
-    terms, deads, firsts = episode_flags(num * steps, batch, g)
+    terms, terminal_obs, firsts = episode_flags(num * steps, batch, g)
     return [
         study.Rollout(
             obs=torch.randn(steps, batch, obs_size, generator=g, dtype=torch.float64),
             firsts=firsts[span],
-            deads=deads[span],
+            terminal_obs=terminal_obs[span],
             terms=terms[span],
             actions=torch.randint(0, num_actions, (steps, batch), generator=g),
             rewards=torch.randn(steps, batch, generator=g, dtype=torch.float64),
@@ -237,14 +236,14 @@ def random_rollouts(num, steps, batch, obs_size, num_actions, seed=2):
 
 def test_returns_bootstrap_truncations_and_cut_terminations():
     (r,) = random_rollouts(1, 12, 4, 2, 2)
-    assert r.terms.any() and (r.deads[1:] & ~r.terms[:-1]).any(), "needs both kinds of episode end"
+    assert r.terms.any() and (r.terminal_obs[1:] & ~r.terms[:-1]).any(), "needs both kinds of episode end"
     next_value = torch.randn(4, dtype=torch.float64)
     expected = torch.empty(12, 4, dtype=torch.float64)
     for b in range(4):  # forward-looking sums, unlike the script's backward recursion
         for t in range(12):
             g, discount = 0.0, 1.0
             for s in range(t, 13):
-                if s == 12 or r.deads[s, b]:  # the rollout's end or a terminal observation bootstraps
+                if s == 12 or r.terminal_obs[s, b]:  # the rollout's end or a terminal observation bootstraps
                     g += discount * (next_value[b] if s == 12 else r.values[s, b])
                     break
                 g += discount * r.rewards[s, b]
@@ -275,7 +274,7 @@ def test_rl_update_gradients_equal_autograd_through_the_history(method):
         obs, firsts = torch.cat([r.obs for r in rollouts]), torch.cat([r.firsts for r in rollouts])
         out = net.head(spec_stack(net, obs, zero_states(net, batch), firsts, **kw)[0][-steps:])
         logp, value, r = torch.log_softmax(out[..., :-1], -1), out[..., -1], rollouts[-1]
-        live = (~r.deads).double()
+        live = (~r.terminal_obs).double()
         pg = -(live * logp.gather(-1, r.actions[..., None])[..., 0] * (returns - value).detach()).sum()
         entropy = -(live * (logp.exp() * logp).sum(-1)).sum()
         return pg + args.vf_coef * 0.5 * (live * (returns - value) ** 2).sum() - args.ent_coef * entropy
@@ -283,17 +282,17 @@ def test_rl_update_gradients_equal_autograd_through_the_history(method):
     assert_grads_equal(got, method_grads(net, method, loss_of, window_start=2 * steps))
 
 
-def test_envs_mark_the_step_after_an_episode_end_dead_and_the_next_first():
+def test_envs_mark_the_step_after_an_episode_end_terminal_obs_and_the_next_first():
     envs = study.Envs(study.env_seeds(0, 3), torch.device("cpu"))
     assert envs.obs.shape == (3, 2) and envs.first.all()  # positions only
     ends, g = 0, torch.Generator().manual_seed(0)
     for _ in range(200):
-        was_dead = envs.dead.clone()
+        was_terminal = envs.terminal_obs.clone()
         reward, term, episodes = envs.step(torch.randint(0, 2, (3,), generator=g))
         ends += len(episodes)
-        assert (reward[was_dead] == 0).all()  # the reset step: EnvPool ignores its action
-        assert torch.equal(envs.first, was_dead)
-        assert not (envs.dead & was_dead).any()
+        assert (reward[was_terminal] == 0).all()  # the reset step: EnvPool ignores its action
+        assert torch.equal(envs.first, was_terminal)
+        assert not (envs.terminal_obs & was_terminal).any()
     envs.close()
     assert ends > 3 and all(r >= 1 for r in episodes)  # CartPole: reward 1 per step
 
@@ -375,18 +374,27 @@ def test_quick_presets_only_the_flags_you_leave_out():
 @pytest.mark.parametrize(
     "flags,message",
     [
-        (["--num-layers", "0"], "--num-layers must be positive"),
-        (["--gradient-sweep-k", "8", "0"], "--gradient-sweep-k must be positive"),
-        (["--methods", "rtrl", "bptt"], "unknown method 'bptt'"),
-        (["--studies", "rl", "copi"], "did you mean copy?"),
-        (["--studies", "cost"], "bench/multilayer_cost.py"),
-        (["--rl-methods", "rtrl", "tbtt"], "did you mean tbptt?"),
+        (["--num-layers", "0"], "--num-layers must be positive, got 0"),
+        (["--gradient-sweep-k", "8", "0"], "--gradient-sweep-k must be positive, got (8, 0)"),
+        (["--ent-coef", "-0.1"], "--ent-coef must be at least 0, got -0.1"),
+        (["--gamma", "1.5"], "--gamma must be at most 1"),
+        (["--methods"], "--methods needs at least one value"),
         (["--rl-total-timesteps", "10"], "less than one rollout"),
     ],
 )
 def test_bad_input_is_a_one_line_error(tmp_path, flags, message, capsys):
     helpers.bad_input_in_process(study.parse_args, [*flags, "--out-dir", str(tmp_path / "report")], message, capsys)
     assert not (tmp_path / "report").exists()
+
+
+@pytest.mark.parametrize(
+    "flags,choice",
+    [(["--methods", "rtrl", "bptt"], "bptt"), (["--studies", "cost"], "cost"), (["--rl-methods", "tbtt"], "tbtt")],
+)
+def test_an_unknown_method_or_study_is_tyros_error(flags, choice, capsys):
+    with pytest.raises(SystemExit) as e:
+        study.parse_args(flags)
+    assert e.value.code == 2 and f"invalid choice '{choice}'" in capsys.readouterr().err
 
 
 def test_the_script_checks_its_input_before_it_starts(tmp_path):
