@@ -48,7 +48,7 @@ class Args:
     """RTRL's unroll (chunk) length"""
     budget_gib: float = 4.0
     """BPTT runs only while its memory, projected linearly from the previous length, stays under this"""
-    plot: str = os.path.join("bench", "memory_vs_history.png")
+    plot: str = os.path.join("docs", "memory_vs_history.png")
     """where to save the figure (relative to the repository root); empty: no figure"""
     threads: int = 0
     """torch threads (0: torch's default)"""
