@@ -529,37 +529,16 @@ def all_reduce_gradients(params, stop):
 # ---------------------------------------------------------------------------------------------
 # Environments: DeepMind Lab, or an EnvPool pixel task as a pip-installable stand-in
 # ---------------------------------------------------------------------------------------------
-DMLAB30 = (
-    "rooms_collect_good_objects_train",
-    "rooms_exploit_deferred_effects_train",
-    "rooms_select_nonmatching_object",
-    "rooms_watermaze",
-    "rooms_keys_doors_puzzle",
-    "language_select_described_object",
-    "language_select_located_object",
-    "language_execute_random_task",
-    "language_answer_quantitative_question",
-    "lasertag_one_opponent_small",
-    "lasertag_three_opponents_small",
-    "lasertag_one_opponent_large",
-    "lasertag_three_opponents_large",
-    "natlab_fixed_large_map",
-    "natlab_varying_map_regrowth",
-    "natlab_varying_map_randomized",
-    "skymaze_irreversible_path_hard",
-    "skymaze_irreversible_path_varied",
-    "psychlab_arbitrary_visuomotor_mapping",
-    "psychlab_continuous_recognition",
-    "psychlab_sequential_comparison",
-    "psychlab_visual_search",
-    "explore_object_locations_small",
-    "explore_object_locations_large",
-    "explore_obstructed_goals_small",
-    "explore_obstructed_goals_large",
-    "explore_goal_locations_small",
-    "explore_goal_locations_large",
-    "explore_object_rewards_few",
-    "explore_object_rewards_many",
+DMLAB30 = tuple(
+    """rooms_collect_good_objects_train rooms_exploit_deferred_effects_train rooms_select_nonmatching_object
+    rooms_watermaze rooms_keys_doors_puzzle language_select_described_object language_select_located_object
+    language_execute_random_task language_answer_quantitative_question lasertag_one_opponent_small
+    lasertag_three_opponents_small lasertag_one_opponent_large lasertag_three_opponents_large natlab_fixed_large_map
+    natlab_varying_map_regrowth natlab_varying_map_randomized skymaze_irreversible_path_hard
+    skymaze_irreversible_path_varied psychlab_arbitrary_visuomotor_mapping psychlab_continuous_recognition
+    psychlab_sequential_comparison psychlab_visual_search explore_object_locations_small explore_object_locations_large
+    explore_obstructed_goals_small explore_obstructed_goals_large explore_goal_locations_small
+    explore_goal_locations_large explore_object_rewards_few explore_object_rewards_many""".split()
 )
 # Evaluation as DeepMind's scalable_agent does it: the held-out variant where DMLab-30 defines one, hold-out levels
 # allowed and a fixed mixerSeed (XOR'd into every reset seed: other layouts than training's), so that scores
@@ -585,30 +564,15 @@ DMLAB_ACTIONS = (
 )
 OBS_HEIGHT, OBS_WIDTH, ACTION_REPEAT = 72, 96, 4
 # The stand-ins, made to look like DMLab: one RGB frame at 72x96 (ProcGen keeps its 64x64), action repeat 4
+DMLAB_LIKE = dict(stack_num=1, img_height=OBS_HEIGHT, img_width=OBS_WIDTH, frame_skip=ACTION_REPEAT)
 ENVPOOL_PIXEL_KWARGS = {
-    "envpool.vizdoom": dict(
-        use_combined_action=True, stack_num=1, img_height=OBS_HEIGHT, img_width=OBS_WIDTH, frame_skip=ACTION_REPEAT
-    ),
-    "envpool.atari": dict(
-        stack_num=1,
-        gray_scale=False,
-        img_height=OBS_HEIGHT,
-        img_width=OBS_WIDTH,
-        frame_skip=ACTION_REPEAT,
-        episodic_life=False,
-        reward_clip=False,
-        repeat_action_probability=0.0,
-    ),
+    "envpool.vizdoom": dict(DMLAB_LIKE, use_combined_action=True),
+    "envpool.atari": dict(DMLAB_LIKE, gray_scale=False, episodic_life=False, reward_clip=False, repeat_action_probability=0.0),
     "envpool.procgen": dict(),
 }
 # EnvPool's ViZDoom reward counts only game-variable changes (its reward_config), not a scenario's own
 # scripted reward. MyWayHome's is +1 for reaching the vest, the only way its episodes terminate.
 VIZDOOM_GOAL_REWARD = {"MyWayHome-v1": 1.0}
-DMLAB_MISSING = (
-    "DeepMind Lab's Python module `deepmind_lab` is not importable; it cannot be pip-installed: build "
-    "it from https://github.com/google-deepmind/lab (bazel, python/pip_package), or run the stand-in: "
-    "python rtrl_impala_dmlab.py --env-id MyWayHome-v1"
-)
 
 
 def envpool_family(env_id):
@@ -621,19 +585,19 @@ def env_info(env_id):
     if env_id in DMLAB30:
         try:
             import deepmind_lab  # noqa: F401
-        except ImportError:
-            fail(DMLAB_MISSING)
+        except ImportError:  # it cannot be pip-installed
+            fail("no `deepmind_lab`: build it from https://github.com/google-deepmind/lab, or use --env-id MyWayHome-v1")
         return (3, OBS_HEIGHT, OBS_WIDTH), len(DMLAB_ACTIONS)
     family = envpool_family(env_id)
     if family is None:
         pixel_ids = sorted(k for k, v in envpool.registration.registry.specs.items() if v[0] in ENVPOOL_PIXEL_KWARGS)
-        close = difflib.get_close_matches(env_id, list(DMLAB30) + pixel_ids, n=3, cutoff=0.5)
-        hint = (
-            f"did you mean {', '.join(close)}?"
-            if close
-            else "use a DMLab-30 level such as rooms_watermaze or an EnvPool pixel task such as MyWayHome-v1"
+        close = difflib.get_close_matches(env_id, list(DMLAB30) + pixel_ids, n=3, cutoff=0.5) or [
+            "rooms_watermaze",
+            "MyWayHome-v1",
+        ]
+        fail(
+            f"unknown env id {env_id!r}, neither a DMLab-30 level nor an EnvPool pixel task; did you mean {', '.join(close)}?"
         )
-        fail(f"unknown env id {env_id!r} (neither a DMLab-30 level nor an EnvPool Atari/ProcGen/ViZDoom task); {hint}")
     try:
         spec = envpool.make_spec(env_id, **ENVPOOL_PIXEL_KWARGS[family])
     except ImportError as e:  # e.g. ProcGen without the system Qt runtime
@@ -832,17 +796,9 @@ def actor_loop(args, obs_shape, num_actions, rank, actor_id, incarnation, start_
                 for k, v in zip(UNROLL_KEYS, (*step_inputs(envs), action, logits, reward, term)):
                     unroll[k].append(v)  # what the step did, and what the next step is taken from
                 episodes += ended
-            item = {k: torch.stack(v).numpy() for k, v in unroll.items()}
-            item.update(
-                c0=c0.numpy(),
-                sens0={k: s.numpy() for k, s in sens0.items()},
-                version=my_version,
-                actor=actor_id,
-                episodes=episodes,
-                finished=time.monotonic(),
-                seconds=time.monotonic() - start,
-            )
-            sender.send(item)
+            item = {k: torch.stack(v).numpy() for k, v in unroll.items()} | {"c0": c0.numpy(), "episodes": episodes}
+            item |= {"sens0": {k: s.numpy() for k, s in sens0.items()}, "version": my_version, "actor": actor_id}
+            sender.send(item | {"finished": time.monotonic(), "seconds": time.monotonic() - start})
             # its last step only bootstraps it: that step is the next unroll's first
             unroll, episodes = {k: v[-1:] if k in STEP_KEYS else [] for k, v in unroll.items()}, []
     except (BrokenPipeError, ConnectionResetError):
@@ -887,23 +843,9 @@ class ActorPool:
         workdir = os.path.join(self.workdir, f"actor{i}")
         os.makedirs(workdir, exist_ok=True)
         self.receivers[i], sender = self.ctx.Pipe(duplex=False)
-        self.procs[i] = self.ctx.Process(
-            target=actor_loop,
-            daemon=True,
-            args=(
-                self.args,
-                self.obs_shape,
-                self.num_actions,
-                self.rank,
-                i,
-                self.incarnations[i],
-                self.start_step,
-                workdir,
-                self.weights,
-                self.version,
-                sender,
-            ),
-        )
+        run, actor = (self.args, self.obs_shape, self.num_actions, self.rank), (i, self.incarnations[i], self.start_step)
+        shared = (workdir, self.weights, self.version, sender)
+        self.procs[i] = self.ctx.Process(target=actor_loop, args=(*run, *actor, *shared), daemon=True)
         self.procs[i].start()
         sender.close()  # the actor holds the only writing end: if it dies, our reads end instead of hanging
         self.sent[i], self.waiting_since[i] = 0, time.monotonic()
@@ -1047,6 +989,11 @@ def fail(message):
     sys.exit(2)
 
 
+def one_line(e):
+    """An exception's message in one line: its first two (load_state_dict's then name the first mismatch)."""
+    return " ".join(line.strip() for line in str(e).strip().splitlines()[:2]) or type(e).__name__
+
+
 MAY_BE_ZERO = ("seed", "checkpoint_every", "eval_episodes", "learning_rate", "rms_eps", "gamma", "ent_coef", "vf_coef")
 
 
@@ -1064,11 +1011,6 @@ def check_args(args):
     if args.env_id in DMLAB_NEEDS_DATASET and not args.dmlab_dataset_path:
         fail(f"{args.env_id} needs the Brady, Konkle & Oliva (2008) images (see DMLab's data/): pass --dmlab-dataset-path")
     return env_info(args.env_id)
-
-
-def one_line(e):
-    """An exception's message in one line: its first two (load_state_dict's then name the first mismatch)."""
-    return " ".join(line.strip() for line in str(e).strip().splitlines()[:2]) or type(e).__name__
 
 
 def pick_device(args, local_rank=0, local_world_size=1):
@@ -1113,10 +1055,36 @@ def save_checkpoint(agent, args, path, **state):
     os.replace(f"{path}.tmp", path)
 
 
-def duration(seconds):
-    """12s, 4m09s, 10h31m."""
-    s = round(seconds)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+def parse_args(argv=None):
+    """(args, checkpoint): with --resume, as nanoGPT, the checkpoint's args are the defaults and the flags given win."""
+    args = tyro.cli(Args, args=argv)
+    try:
+        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True) if args.resume else None
+        if checkpoint is not None and "optimizer" not in checkpoint:
+            raise ValueError("a model.pt holds the weights only: resume from a checkpoint.pt")
+        return (tyro.cli(Args, args=argv, default=Args(**checkpoint["args"])) if checkpoint else args), checkpoint
+    except Exception as e:  # no such file, not a checkpoint, another script's
+        fail(f"--resume {args.resume}: {one_line(e)}")
+
+
+def resume(checkpoint, agent, optimizer, args):
+    """The model and the optimizer from the checkpoint (flags given win), RNGs reseeded from (seed, step), as the
+    actors' are; returns (run name, iteration, global step). Not the actors: an environment cannot be snapshotted."""
+    try:
+        agent.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except Exception as e:  # another agent's shapes (--hidden-size, --core), --freeze-stem on or off
+        fail(f"--resume {args.resume}: the checkpoint does not fit: {one_line(e)}")
+    optimizer.param_groups[0].update(lr=args.learning_rate, alpha=args.rms_alpha, eps=args.rms_eps)  # flags win
+    seed = int(np.random.SeedSequence([args.seed, checkpoint["global_step"]]).generate_state(1)[0])
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+    return checkpoint["run_name"], checkpoint["iteration"], checkpoint["global_step"]
+
+
+def progress(elapsed, steps_done, steps_left):
+    """elapsed=4m09s eta=10h31m: the elapsed time, and an ETA at this process's steps/s so far."""
+    hms = lambda s: f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+    return f"elapsed={hms(round(elapsed))} eta={hms(round(elapsed * steps_left / steps_done))}"
 
 
 def weights_digest(agent):
@@ -1127,15 +1095,7 @@ def weights_digest(agent):
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    iteration, global_step = 0, 0  # updates made (the published weights' version), agent steps learned from
-    if args.resume:  # as nanoGPT: the checkpoint's args are the defaults, flags given on the command line win
-        try:
-            checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True)
-            args = tyro.cli(Args, default=Args(**checkpoint["args"]))
-            run_name, iteration, global_step = checkpoint["run_name"], checkpoint["iteration"], checkpoint["global_step"]
-        except Exception as e:  # no such file, not torch.save's, not a checkpoint of this script
-            fail(f"--resume {args.resume}: not a checkpoint to resume from ({one_line(e)})")
+    args, checkpoint = parse_args()
     distributed = "RANK" in os.environ  # under torchrun: one learner per rank, each with its own actors
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     local_world_size, args.world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), int(os.environ.get("WORLD_SIZE", 1))
@@ -1152,14 +1112,8 @@ if __name__ == "__main__":
         dist.init_process_group(
             "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
         )
-    if not args.resume:  # the core and unroll are in the name: a sweep's runs started in one second differ
-        run_name = f"{args.env_id}__{args.exp_name}__{args.core}__T{args.unroll_length}__{args.seed}__{int(time.time())}"
-        if rank == 0 and os.path.exists(f"runs/{run_name}"):
-            fail(f"runs/{run_name} exists; a run directory is never shared by two runs")
 
-    random.seed(args.seed + global_step)  # a resumed run draws anew from (seed, step), as its actors do
-    np.random.seed(args.seed + global_step)
-    torch.manual_seed(args.seed + global_step)
+    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     if device.type == "cpu":  # actors take a core each; an oversubscribed OpenMP pool runs many times slower than one
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size - args.num_actors))
@@ -1172,22 +1126,19 @@ if __name__ == "__main__":
             dist.broadcast(p.data, src=0)
     trained = [p for p in agent.parameters() if p.requires_grad]  # a frozen stem's get no gradient, no optimizer state
     optimizer = torch.optim.RMSprop(trained, lr=args.learning_rate, alpha=args.rms_alpha, eps=args.rms_eps)
-    if args.resume:  # still before anything is written: a checkpoint that does not fit leaves the run untouched
-        try:
-            agent.load_state_dict(checkpoint["model"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-        except (RuntimeError, ValueError) as e:  # another --hidden-size, --core, --freeze-stem: load_state_dict says
-            fail(f"--resume {args.resume}: {one_line(e)}")
+    # the core and unroll are in the name: a sweep's runs started in the same second never share a directory
+    run_name = f"{args.env_id}__{args.exp_name}__{args.core}__T{args.unroll_length}__{args.seed}__{int(time.time())}"
+    iteration, global_step = 0, 0  # updates made (the published weights' version), agent steps learned from
+    if checkpoint:  # still before anything is written: a checkpoint that does not fit leaves the run untouched
+        run_name, iteration, global_step = resume(checkpoint, agent, optimizer, args)
+    elif rank == 0 and os.path.exists(f"runs/{run_name}"):
+        fail(f"runs/{run_name} exists; a run directory is never shared by two runs")
     checkpoint_path, next_checkpoint = f"runs/{run_name}/checkpoint.pt", global_step + args.checkpoint_every
-    save = lambda: save_checkpoint(
-        agent,
-        args,
-        checkpoint_path,
-        optimizer=optimizer.state_dict(),
-        run_name=run_name,
-        iteration=iteration,
-        global_step=global_step,
-    )
+
+    def save():  # rank 0 writes; the ranks hold the same
+        state = dict(optimizer=optimizer.state_dict(), run_name=run_name, iteration=iteration, global_step=global_step)
+        save_checkpoint(agent, args, checkpoint_path, **state)
+
     writer = None
     if rank == 0:  # resumed: TensorBoard drops what the run logged after its checkpoint, and its event files go on
         writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step + 1 if args.resume else None)
@@ -1198,9 +1149,7 @@ if __name__ == "__main__":
             "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
         )
         if args.resume:
-            print(
-                f"resumed runs/{run_name} at global_step={global_step}: actors start new episodes from zero state", flush=True
-            )
+            print(f"resumed runs/{run_name} at global_step={global_step}: actors start new episodes from zero state")
 
     stop = []  # Ctrl-C / SIGTERM: finish the update, stop every process, checkpoint, exit 128 + the signal's number
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -1237,26 +1186,24 @@ if __name__ == "__main__":
                     writer.add_scalar("charts/episodic_length", episode_length, global_step)
                     recent_returns = (recent_returns + [episode_return])[-20:]
                 steps_per_second = (global_step - start_step) / (time.time() - start_time)  # this process's steps only
-                writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-                for key, value in stats.items():
-                    writer.add_scalar(f"losses/{key}", value, global_step)
-                writer.add_scalar("losses/grad_norm", grad_norm.item(), global_step)
-                writer.add_scalar("charts/policy_lag", policy_lag, global_step)
-                writer.add_scalar("charts/unroll_age", batch["unroll_age"], global_step)
-                writer.add_scalar("charts/actor_restarts", actors.restarts, global_step)
-                writer.add_scalar("charts/actor_hangs", actors.hangs, global_step)
-                writer.add_scalar("charts/SPS", int(steps_per_second), global_step)
+                scalars = {f"losses/{key}": value for key, value in stats.items()} | {"losses/grad_norm": grad_norm.item()}
+                scalars |= {"charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/policy_lag": policy_lag}
+                scalars |= {"charts/unroll_age": batch["unroll_age"], "charts/actor_restarts": actors.restarts}
+                scalars |= {"charts/actor_hangs": actors.hangs, "charts/SPS": int(steps_per_second)}
+                for tag, value in scalars.items():
+                    writer.add_scalar(tag, value, global_step)
                 if time.time() - last_line > 10 or update == args.num_updates:  # the first update's, every 10 s, the last
-                    last_line, eta = time.time(), (args.num_updates * per_update - global_step) / steps_per_second
+                    last_line, steps_left = time.time(), args.num_updates * per_update - global_step
                     mean_return = f"{np.mean(recent_returns):.2f}" if recent_returns else "n/a"
                     print(
-                        f"global_step={global_step} SPS={int(steps_per_second)} elapsed={duration(last_line - start_time)} "
-                        f"eta={duration(eta)} return(last {len(recent_returns)} episodes)={mean_return} "
+                        f"global_step={global_step} SPS={int(steps_per_second)} "
+                        f"{progress(last_line - start_time, global_step - start_step, steps_left)} "
+                        f"return(last {len(recent_returns)} episodes)={mean_return} "
                         f"policy_lag={policy_lag:.2f} unroll_age={batch['unroll_age']:.2f}s "
                         f"entropy={stats['entropy'] / (args.unroll_length * args.batch_size):.3f}",
                         flush=True,
                     )
-                if args.checkpoint_every and global_step >= next_checkpoint:  # rank 0 writes; ranks hold the same
+                if args.checkpoint_every and global_step >= next_checkpoint:
                     save()
                     next_checkpoint = global_step + args.checkpoint_every
     finally:
@@ -1267,19 +1214,13 @@ if __name__ == "__main__":
         print(f"rank {rank}/{args.world_size}: weights sha256 {weights_digest(agent)}", flush=True)
     if rank == 0 and (interrupted or args.checkpoint_every):  # a stop, or the end of training
         save()
-    if interrupted:  # every rank stops (the all-reduce carried the request); only a signalled one has a number
-        if rank == 0:
-            writer.close()
-            by = signal.Signals(stop[0]).name if stop else "another rank's signal"
-            print(f"stopped by {by} at global_step={global_step}; continue with --resume {checkpoint_path}", flush=True)
-        shutil.rmtree(workdir, ignore_errors=True)
-        if distributed:
-            dist.destroy_process_group()
-        sys.exit(128 + stop[0] if stop else 0)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C during the evaluation below stops it at once
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
-        if rank == 0:
+        if rank == 0 and interrupted:  # every rank stops (the all-reduce carried the request)
+            by = signal.Signals(stop[0]).name if stop else "another rank's signal"
+            print(f"stopped by {by} at global_step={global_step}; continue with --resume {checkpoint_path}", flush=True)
+        elif rank == 0:
             if args.save_model:
                 save_checkpoint(agent, args, f"runs/{run_name}/model.pt")
                 print(f"model saved to runs/{run_name}/model.pt", flush=True)
@@ -1290,8 +1231,11 @@ if __name__ == "__main__":
                 for i, eval_return in enumerate(eval_returns):
                     writer.add_scalar("eval/episodic_return", eval_return, i)
                 print(f"greedy evaluation over {len(eval_returns)} episodes of {eval_level}: mean {np.mean(eval_returns):.2f}")
+        if rank == 0:
             writer.close()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if distributed:
         dist.destroy_process_group()
+    if interrupted:  # only a signalled rank has a number
+        sys.exit(128 + stop[0] if stop else 0)

@@ -647,23 +647,30 @@ def copy_of(run, tmp_path):
 def test_resume_alone_restores_every_tensor_bit_for_bit(stopped, tmp_path, monkeypatch, capsys):
     """`--resume PATH` and nothing else: the run's flags come from the checkpoint. Resumed with no update left to make
     (--total-timesteps at its step, given on the command line, wins), the learner loads its checkpoint and writes it
-    again (--checkpoint-every, also given) with no actor started."""
+    again (--checkpoint-every, also given) with no actor started; the optimizer takes the flags given, not its own."""
     run = stopped[signal.SIGINT]
     checkpoint, step = copy_of(run, tmp_path), run.saved["global_step"]
     # as a global setting may have left it (set directly: pytest 9.2's monkeypatch cannot undo this attribute);
     # the script turns it off again, torch's default
     torch.backends.cuda.matmul.allow_tf32 = True
-    run_in_process(tmp_path, ["--resume", checkpoint, "--total-timesteps", str(step), "--checkpoint-every", "10"], monkeypatch)
+    flags = ["--resume", checkpoint, "--total-timesteps", str(step), "--checkpoint-every", "10", "--rms-eps", "0.02"]
+    run_in_process(tmp_path, flags, monkeypatch)
     assert torch.backends.cuda.matmul.allow_tf32 is False  # the script asks for full float32 matmuls itself
     out = capsys.readouterr().out
     assert f"resumed runs/{run.name} at global_step={step}: actors start new episodes from zero state" in out
+    assert torch.initial_seed() == np.random.SeedSequence([1, step]).generate_state(1)[0]  # reseeded from (seed, step)
     assert "device: cpu (--cuda: no CUDA device found)\n" in out  # --cuda is the default; no GPU here
     again = torch.load(tmp_path / checkpoint, weights_only=True)
-    for key in ("model", "optimizer", "iteration", "global_step", "run_name", "script"):
+    for key in ("model", "iteration", "global_step", "run_name", "script"):
         assert helpers.same_tensors(run.saved[key], again[key]), key
-    assert run.saved["optimizer"]["state"]  # RMSprop's running averages
+    (saved_group,), (group,) = run.saved["optimizer"]["param_groups"], again["optimizer"]["param_groups"]
+    assert run.saved["optimizer"]["state"] and helpers.same_tensors(
+        run.saved["optimizer"]["state"], again["optimizer"]["state"]
+    )
+    # the flags' (the learning rate is annealed from at the next update), not the checkpoint's optimizer's
+    assert group == saved_group | {"lr": impala.Args().learning_rate, "eps": 0.02}
     changed = {k: v for k, v in again["args"].items() if v != run.saved["args"][k]}
-    assert changed == {"resume": checkpoint, "total_timesteps": step, "num_updates": step // 10, "checkpoint_every": 10}
+    assert changed == dict(resume=checkpoint, total_timesteps=step, num_updates=step // 10, checkpoint_every=10, rms_eps=0.02)
     assert_nothing_left_behind(tmp_path)
 
 
@@ -712,10 +719,10 @@ def test_a_resumed_run_goes_on_from_its_step_with_new_episodes_from_zero_state(s
 @pytest.mark.parametrize(
     "change,flags,message",
     [
-        (None, ["--resume", "missing.pt"], "--resume missing.pt: not a checkpoint to resume from ([Errno 2] No such file"),
-        ("truncate", [], "not a checkpoint to resume from (PytorchStreamReader failed"),
-        ("weights only", [], "not a checkpoint to resume from ('run_name')"),  # model.pt of --save-model
-        (None, ["--hidden-size", "64"], "Error(s) in loading state_dict for Agent: size mismatch for cell.w_z"),
+        (None, ["--resume", "missing.pt"], "--resume missing.pt: [Errno 2] No such file or directory: 'missing.pt'"),
+        ("truncate", [], "PytorchStreamReader failed"),
+        ("weights only", [], "a model.pt holds the weights only: resume from a checkpoint.pt"),
+        (None, ["--hidden-size", "64"], "does not fit: Error(s) in loading state_dict for Agent: size mismatch for cell.w_z"),
         (
             None,
             ["--core", "lstm"],
@@ -787,9 +794,11 @@ def test_a_checkpoint_holds_cpu_copies_and_loads_into_a_fresh_agent_and_optimize
     assert helpers.same_tensors(fresh_optimizer.state_dict(), state)
 
 
-def test_duration_reads_as_seconds_minutes_or_hours():
-    examples = {0: "0s", 12: "12s", 59.6: "1m00s", 249: "4m09s", 3599.6: "1h00m", 37_860: "10h31m"}
-    assert {seconds: impala.duration(seconds) for seconds in examples} == examples
+def test_progress_gives_the_elapsed_time_and_an_eta_at_the_steps_per_second_so_far():
+    assert impala.progress(12, 100, 0) == "elapsed=12s eta=0s"
+    assert impala.progress(249, 1000, 1000) == "elapsed=4m09s eta=4m09s"
+    assert impala.progress(59.6, 10, 600) == "elapsed=1m00s eta=59m36s"  # 3576 s left
+    assert impala.progress(3599.6, 3600, 37_900) == "elapsed=1h00m eta=10h31m"  # 37,896 s left
 
 
 # ---------------------------------------------------------------------------------------------
