@@ -981,7 +981,7 @@ def evaluate(agent, args, seeds, workdir):
 
 
 # ---------------------------------------------------------------------------------------------
-# Infrastructure: user errors, the device, a stem from a checkpoint, checkpoints, the progress line
+# Infrastructure: argument checks, the device, a stem from a file, checkpoints, the progress line
 # ---------------------------------------------------------------------------------------------
 def fail(message):
     """User errors: one line on stderr and exit code 2 (as for a bad flag), no traceback."""
@@ -1046,12 +1046,11 @@ def load_stem(agent, path):
 
 
 def save_checkpoint(agent, args, path, **state):
-    """Atomic (a crash mid-write leaves the previous file whole) and of CPU copies (a GPU's file loads on a CPU):
-    the model and args (model.pt), and with `state` what --resume restores (optimizer, iteration, step, run name)."""
-    to_cpu = lambda v: {k: to_cpu(x) for k, x in v.items()} if isinstance(v, dict) else v.cpu() if torch.is_tensor(v) else v
-    torch.save(
-        to_cpu({"script": os.path.basename(__file__), "model": agent.state_dict(), "args": vars(args), **state}), f"{path}.tmp"
-    )
+    """Atomic (a crash mid-write leaves the previous file whole), of CPU copies of every tensor (a GPU run's loads on
+    a CPU); with `state` (optimizer, run_name, iteration, global_step), one to --resume from."""
+    cpu = lambda x: {k: cpu(v) for k, v in x.items()} if isinstance(x, dict) else x.cpu() if torch.is_tensor(x) else x
+    checkpoint = {"script": os.path.basename(__file__), "model": agent.state_dict(), "args": vars(args), **state}
+    torch.save(cpu(checkpoint), f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
 
 
