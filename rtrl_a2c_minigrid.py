@@ -1,14 +1,13 @@
 """A2C with an element-wise LSTM trained by exact real-time recurrent learning (RTRL) on MiniGrid.
 
-Irie, Gopalakrishnan, Schmidhuber, "Exploring the Promise and Limits of Real-Time Recurrent
-Learning", ICLR 2024 (arXiv 2305.19044). The eLSTM's recurrence is diagonal, so its RTRL
-sensitivities cost O(B N D) per step, like its input projection: the recurrent parameters get
-untruncated gradients from carried sensitivities, with no stored history. MiniGrid's Memory tasks
-(see a cue object, walk a corridor, touch the matching object) test exactly that: a dependency
-that can be longer than the unroll. EnvPool's CartPole-v1 and Acrobot-v1 with their velocities hidden
-run through the same agent (an MLP on the remaining observation), as smaller memory tasks.
+Irie, Gopalakrishnan, Schmidhuber, "Exploring the Promise and Limits of Real-Time Recurrent Learning", ICLR 2024
+(arXiv 2305.19044). The eLSTM's recurrence is diagonal, so its RTRL sensitivities cost O(B N D) per step: untruncated
+gradients with no stored history. MiniGrid's Memory tasks (see a cue, walk a corridor, touch the matching object) test a
+dependency that can be longer than the unroll; EnvPool's CartPole-v1 and Acrobot-v1 with their velocities hidden are
+smaller memory tasks for the same agent (an MLP on the remaining observation).
 
     python rtrl_a2c_minigrid.py --env-id MiniGrid-MemoryS7-v0 --num-steps 2   # --core tbptt | lstm | ff
+    python rtrl_a2c_minigrid.py --resume runs/<run>/checkpoint.pt            # goes on; flags given with it win
 """
 
 import difflib
@@ -17,6 +16,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,6 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
+
+warnings.filterwarnings("ignore", ".*precision lowered by casting to float32")  # gymnasium on EnvPool's CartPole spaces
 
 
 @dataclass
@@ -44,11 +46,9 @@ class Args:
     save_model: bool = False
     """whether to save the model and its args to `runs/{run_name}/model.pt`"""
     checkpoint_every: int = 0
-    """agent steps between checkpoints, written atomically to `runs/{run_name}/checkpoint.pt` (0 = none); one is
-    also written at the end when this is set, and always on Ctrl-C / SIGTERM"""
+    """agent steps between checkpoints to `runs/{run_name}/checkpoint.pt` (0: none; also at the end, and on Ctrl-C)"""
     resume: str = ""
-    """a checkpoint.pt to continue: model, optimizer, LR position, step and RNG states are restored and the run
-    directory's logs go on; every environment starts a new episode with zero recurrent state and sensitivities"""
+    """a checkpoint.pt to continue, with its args as the defaults; every environment starts a new episode"""
 
     # Algorithm specific arguments
     env_id: str = "MiniGrid-MemoryS7-v0"
@@ -80,16 +80,9 @@ class Args:
     hidden_size: int = 128
     """N, the size of the recurrent state (eLSTM c; for lstm, h and c each)"""
     core: Literal["rtrl", "tbptt", "lstm", "ff"] = "rtrl"
-    """rtrl: eLSTM with exact untruncated RTRL gradients; tbptt: the same eLSTM with BPTT cut at each
-    rollout's start; lstm: a standard LSTM with BPTT cut the same way; ff: no memory (the eLSTM with
-    its state zeroed at every step)"""
-    rtrl_impl: Literal["chunked", "step"] = "chunked"
-    """exact RTRL in one GEMM-shaped pass per rollout (chunked) or by the per-step recursion (step): same numbers"""
+    """rtrl: eLSTM, exact RTRL; tbptt: eLSTM, BPTT cut at each rollout; lstm: nn.LSTMCell, cut alike; ff: no memory"""
     eval_episodes: int = 32
-    """greedy evaluation after training: this many fresh environments play one episode each; 0 skips it"""
-    staleness_every: int = 0
-    """diagnostic, 0 = off: every this many updates, compare the eLSTM gradient of the update with the exact
-    gradient of the same loss at the current parameters (BPTT through each episode so far); logs diag/*"""
+    """greedy evaluation after training: this many fresh environments play one episode each (0: none)"""
 
     # to be filled in runtime
     batch_size: int = 0
@@ -98,83 +91,27 @@ class Args:
     """the number of iterations (computed in runtime)"""
 
 
-def fail(message):
-    """User errors: one line on stderr and exit code 2 (as for a bad flag), no traceback."""
-    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def check_args(args):
-    for name in ("total_timesteps", "num_envs", "num_steps", "hidden_size"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("eval_episodes", "staleness_every", "checkpoint_every"):
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}")
-    ranges = {  # inclusive bounds
-        "learning_rate": (0.0, float("inf")),
-        "rms_eps": (0.0, float("inf")),
-        "rms_alpha": (0.0, 1.0),
-        "gamma": (0.0, 1.0),
-        "ent_coef": (0.0, float("inf")),
-        "vf_coef": (0.0, float("inf")),
-    }
-    for name, (low, high) in ranges.items():
-        if not low <= getattr(args, name) <= high:
-            fail(f"--{name.replace('_', '-')} must be in [{low}, {high}], got {getattr(args, name)}")
-    if args.max_grad_norm <= 0:
-        fail(f"--max-grad-norm must be positive, got {args.max_grad_norm}")
-    if args.total_timesteps < args.num_envs * args.num_steps:
-        fail(
-            f"--total-timesteps {args.total_timesteps} is less than one rollout "
-            f"(--num-envs x --num-steps = {args.num_envs * args.num_steps})"
-        )
-    if args.eval_episodes > 1024:
-        fail(f"--eval-episodes opens one environment per episode: at most 1024, got {args.eval_episodes}")
-    if args.run_name and (os.sep in args.run_name or args.run_name in (".", "..")):
-        fail(f"--run-name names one directory under runs/, got {args.run_name!r}")
-    if args.actions == "full" and args.env_id in Envs.MASKED_CLASSIC:
-        fail(f"--actions full is for MiniGrid; {args.env_id} has its own action set")
-    if args.staleness_every and args.core not in ("rtrl", "tbptt"):
-        fail(f"--staleness-every measures the eLSTM's gradient: needs --core rtrl or tbptt, got {args.core}")
-    ids = sorted(k for k, v in envpool.registration.registry.specs.items() if v[0] == "envpool.minigrid")
-    ids += list(Envs.MASKED_CLASSIC)
-    if args.env_id not in ids:
-        close = difflib.get_close_matches(args.env_id, ids, n=3, cutoff=0.5)
-        hint = f"did you mean {', '.join(close)}?" if close else f"valid ids look like {', '.join(ids[:3])}, ..."
-        fail(f"unknown env id {args.env_id!r} (MiniGrid-* or {' / '.join(Envs.MASKED_CLASSIC)}); {hint}")
-
-
 class Envs:
-    """EnvPool MiniGrid, observed as the 7x7x3 symbolic view plus the facing direction; or a masked
-    classic-control task, observed as its positions only (so the velocities must be remembered).
-
-    EnvPool ends episodes here as in Atari (checked in the tests): the step after a `terminated` /
-    `truncated` one returns the next episode's first observation and ignores its action. So the step
-    taking the terminal observation is `dead` (its value bootstraps a truncation, it gets no loss), and
-    the step after it is `first` (state and sensitivities reset). Success: MiniGrid, terminating with
-    a positive reward (the matching object in a Memory task); CartPole, lasting to the time limit;
-    Acrobot, swinging up before it.
-    """
+    """EnvPool MiniGrid's 7x7x3 symbolic view and facing direction, or a classic-control task's positions only (the
+    velocities must be remembered). The step after an episode's end returns the next one's first observation (tested),
+    ignoring its action: the observation before is `terminal_obs` (no loss, its value bootstraps a truncation), the
+    next one `first`. Success: MiniGrid, a positive reward; CartPole, lasting to the time limit; Acrobot, swinging up."""
 
     OBS_SIZE = 7 * 7 * 3 + 1  # MiniGrid: the view's (object, colour, state) ids, flattened, then the direction
     MASKED_CLASSIC = {"CartPole-v1": (0, 2), "Acrobot-v1": (0, 1, 2, 3)}  # the observation entries kept
 
     def __init__(self, env_id, seeds, device, actions="movement"):
         self.envs = envpool.make(env_id, env_type="gymnasium", num_envs=len(seeds), env_seed=[int(s) for s in seeds])
+        self.close = self.envs.close
         self.kept = self.MASKED_CLASSIC.get(env_id)
         self.obs_shape = (self.OBS_SIZE,) if self.kept is None else (len(self.kept),)
-        # MiniGrid's actions 0, 1, 2 are turn left, turn right, move forward
         self.num_actions = 3 if actions == "movement" and self.kept is None else self.envs.action_space.n
         self.success = {"CartPole-v1": "truncated", "Acrobot-v1": "terminated"}.get(env_id, "positive reward")
-        self.device = device
-        n = len(seeds)
-        obs, _ = self.envs.reset()
-        self.obs = self._pack(obs)
-        self.last_reward = torch.zeros(n, device=device)
+        self.device, n = device, len(seeds)
+        self.obs = self._pack(self.envs.reset()[0])
+        self.last_reward, self.episode_return = torch.zeros(n, device=device), np.zeros(n)
         self.first = torch.ones(n, dtype=torch.bool, device=device)
-        self.dead = torch.zeros(n, dtype=torch.bool, device=device)
-        self.episode_return = np.zeros(n)
+        self.terminal_obs = torch.zeros(n, dtype=torch.bool, device=device)
 
     def _pack(self, obs):
         if self.kept is not None:
@@ -186,19 +123,15 @@ class Envs:
         """Returns (reward, terminated) of the step and (env, return, length, success) of episodes that ended."""
         obs, reward, term, trunc, info = self.envs.step(action.cpu().numpy())
         self.episode_return += reward
-        episodes = []
-        for i in np.flatnonzero(term | trunc):
-            success = bool({"truncated": trunc[i], "terminated": term[i]}.get(self.success, term[i] and reward[i] > 0))
-            episodes.append((int(i), self.episode_return[i], int(info["elapsed_step"][i]), success))
-            self.episode_return[i] = 0.0
-        self.first = self.dead  # the step after a dead one returns a new episode's first observation
-        self.dead = torch.as_tensor(term | trunc, device=self.device)
+        ended = np.flatnonzero(term | trunc)
+        success = {"truncated": trunc, "terminated": term}.get(self.success, term & (reward > 0))
+        episodes = [(int(i), self.episode_return[i], int(info["elapsed_step"][i]), bool(success[i])) for i in ended]
+        self.episode_return[ended] = 0.0
+        self.first = self.terminal_obs  # the step after a terminal observation returns a new episode's first one
+        self.terminal_obs = torch.as_tensor(term | trunc, device=self.device)
         self.obs = self._pack(obs)
         self.last_reward = torch.as_tensor(reward, dtype=torch.float32, device=self.device)
         return self.last_reward, torch.as_tensor(term, device=self.device), episodes
-
-    def close(self):
-        self.envs.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,24 +296,20 @@ class LSTM(nn.Module):
         return torch.stack(states)
 
 
-# ---------------------------------------------------------------------------------------------
-# The agent (Method §5, with an MLP on the one-hot symbolic view in place of the IMPALA stem)
-# ---------------------------------------------------------------------------------------------
 VIEW_IDS = (11, 6, 3)  # MiniGrid's object, colour and state ids
 
 
 def one_hot_view(obs, dtype):
-    """uint8 [7x7 (object, colour, state) ids ; direction] -> one-hot per cell and id, flattened (7*7*20 + 4).
-
-    One-hot, not the raw ids: ids are categories, and a Linear layer on one-hots is an embedding per
-    cell and id.
-    """
+    """uint8 [7x7 (object, colour, state) ids ; direction] -> one-hot per cell and id, flattened (7*7*20 + 4): ids are
+    categories, and a Linear layer on one-hots is an embedding per cell and id."""
     cells = obs[..., :-1].long().unflatten(-1, (49, 3))
     view = torch.cat([F.one_hot(cells[..., i].clamp(0, n - 1), n) for i, n in enumerate(VIEW_IDS)], -1).flatten(-2)
     return torch.cat([view, F.one_hot(obs[..., -1].long().clamp(0, 3), 4)], -1).to(dtype)
 
 
 class Agent(nn.Module):
+    """Method §5 with an MLP on the one-hot symbolic view (or the masked vector) in place of the IMPALA stem."""
+
     def __init__(self, obs_shape, num_actions, hidden_size, core="rtrl"):
         super().__init__()
         self.core = core
@@ -388,8 +317,7 @@ class Agent(nn.Module):
         width = 49 * sum(VIEW_IDS) + 4 if self.symbolic else obs_shape[0]
         self.stem = nn.Sequential(nn.Linear(width, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU())
         self.cell = LSTM(128 + 1, hidden_size) if core == "lstm" else ELSTM(128 + 1, hidden_size)
-        # the eLSTM's output gate (Method §1); the LSTM has its own
-        self.gate = None if core == "lstm" else nn.Linear(128 + 1 + hidden_size, hidden_size)
+        self.gate = None if core == "lstm" else nn.Linear(128 + 1 + hidden_size, hidden_size)  # Method §1's output gate
         self.actor = nn.Linear(hidden_size, num_actions)
         self.critic = nn.Linear(hidden_size, 1)
 
@@ -426,39 +354,29 @@ class Rollout:
     obs: torch.Tensor  # T x B x OBS_SIZE, uint8 (MiniGrid), or T x B x kept entries (classic control)
     last_rewards: torch.Tensor  # T x B, the reward input of each step
     firsts: torch.Tensor  # T x B, reset state and sensitivities before the step
-    deads: torch.Tensor  # T x B, the observation is terminal: no loss, its value bootstraps
+    terminal_obs: torch.Tensor  # T x B, the observation is terminal: no loss, its value bootstraps
     actions: torch.Tensor  # T x B
     rewards: torch.Tensor  # T x B
     terms: torch.Tensor  # T x B, the step ended its episode (no bootstrap)
     values: torch.Tensor  # T x B
-    features: torch.Tensor | None = None  # T x B x D with their graph; None: recompute in the update
 
 
 def n_step_returns(rollout, next_value, gamma):
-    """G_t = clip(r_t) + gamma G_{t+1}, cut by terminations; a dead step's G is its value (Method §6:
-    a truncated episode bootstraps from its terminal observation)."""
-    returns = torch.empty_like(rollout.values)
-    g = next_value
+    """G_t = clip(r_t) + gamma G_{t+1}, cut by terminations; a terminal observation's G is its value (Method §6)."""
+    returns, g = torch.empty_like(rollout.values), next_value
     for t in reversed(range(len(returns))):
         g = rollout.rewards[t].clamp(-1, 1) + torch.where(rollout.terms[t], 0.0, gamma * g)
-        g = torch.where(rollout.deads[t], rollout.values[t], g)
+        g = torch.where(rollout.terminal_obs[t], rollout.values[t], g)
         returns[t] = g
     return returns
-
-
-def timer(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # otherwise we would time kernel launches, not work
-    return time.perf_counter()
 
 
 def rollout_loss(agent, rollout, returns, x, c, args):
     """The A2C loss summed over time and batch (Method §5), and its parts for logging."""
     logits, value = agent.heads(x, c)
     dist = torch.distributions.Categorical(logits=logits)
-    live = (~rollout.deads).to(value.dtype)
-    advantages = (returns - value).detach()
-    pg_loss = -(live * dist.log_prob(rollout.actions) * advantages).sum()
+    live = (~rollout.terminal_obs).to(value.dtype)
+    pg_loss = -(live * dist.log_prob(rollout.actions) * (returns - value).detach()).sum()  # advantages: no gradient
     v_loss = 0.5 * (live * (returns - value) ** 2).sum()
     entropy = (live * dist.entropy()).sum()
     loss = pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy
@@ -466,115 +384,38 @@ def rollout_loss(agent, rollout, returns, x, c, args):
 
 
 def compute_gradients(agent, rollout, returns, c0, sens0, args):
-    """Fill every parameter's .grad for one rollout's loss; return (stats, sens_T, seconds in RTRL).
+    """Fill every parameter's .grad for one rollout's loss; return (stats, sens_T).
 
-    rtrl: the eLSTM gets exact untruncated gradients from the carried sensitivities, and the stem its
-    gradient through the cell within the rollout from the same pass (rtrl_scan); stem, gate and heads
-    get backprop (Method §5). tbptt / lstm / ff: autograd within the rollout.
+    The stem runs again here, once over T x B (a small MLP: faster than keeping the rollout's T graphs). rtrl: exact
+    RTRL for the eLSTM and, from the same pass (rtrl_scan), the stem's gradient through the cell (Method §5); else autograd.
     """
     resets = agent.resets(rollout.firsts)
-    x = agent.features(rollout.obs, rollout.last_rewards) if rollout.features is None else rollout.features
+    x = agent.features(rollout.obs, rollout.last_rewards)
     x_leaf = x.detach().requires_grad_()
-    rtrl_time, sens_T = 0.0, sens0
+    sens_T = sens0
     if args.core == "rtrl":
         scan = agent.cell.scan(x_leaf.detach(), c0, resets)
         c_leaf = scan[0].requires_grad_()  # its grad is the local delta_t = dL/dc_t (Method §2)
         loss, stats = rollout_loss(agent, rollout, returns, x_leaf, c_leaf, args)
         loss.backward()
-        start = timer(x.device)
-        grads, sens_T, dl_dx = agent.cell.rtrl_scan(
-            x_leaf.detach(), scan, sens0, c_leaf.grad, args.rtrl_impl, overwrite=True
-        )  # sens0 is not used again
-        rtrl_time = timer(x.device) - start
+        # sens0 is not used again: its B x N x D tensors become sens_T's
+        grads, sens_T, dl_dx = agent.cell.rtrl_scan(x_leaf.detach(), scan, sens0, c_leaf.grad, overwrite=True)
         for name, p in agent.cell.named_parameters():
             p.grad = grads[name]
-        x.backward(x_leaf.grad + dl_dx)
+        dl_dx += x_leaf.grad
     else:
         loss, stats = rollout_loss(agent, rollout, returns, x_leaf, agent.cell(x_leaf, c0, resets), args)
         loss.backward()
-        x.backward(x_leaf.grad)
-    return stats, sens_T, rtrl_time
-
-
-# ---------------------------------------------------------------------------------------------
-# Diagnostics: how far the update's eLSTM gradient is from the exact one at the current parameters
-# ---------------------------------------------------------------------------------------------
-class EpisodeHistory:
-    """Each env's observations since its episode started, up to the current rollout (for --staleness-every)."""
-
-    def __init__(self, num_envs):
-        self.obs, self.last_rewards = [None] * num_envs, [None] * num_envs
-
-    def extend(self, rollout):
-        for b in range(rollout.obs.shape[1]):
-            starts = torch.nonzero(rollout.firsts[:, b]).flatten()
-            keep = slice(int(starts[-1]) if len(starts) else 0, None)
-            old = (self.obs[b], self.last_rewards[b]) if not len(starts) else (None, None)
-            new = (rollout.obs[keep, b], rollout.last_rewards[keep, b])
-            self.obs[b], self.last_rewards[b] = (n if o is None else torch.cat([o, n]) for o, n in zip(old, new))
-
-    def padded(self, rollout):
-        """Every env's episode so far then the rollout, left-padded to one length L + T, and the reset mask."""
-        lengths = [0 if o is None else len(o) for o in self.obs]
-        L = max(lengths)
-        obs = rollout.obs.new_zeros(L, *rollout.obs.shape[1:])
-        last_rewards = rollout.last_rewards.new_zeros(L, rollout.obs.shape[1])
-        firsts = torch.ones(L, rollout.obs.shape[1], dtype=torch.bool, device=rollout.obs.device)
-        for b, n in enumerate(lengths):
-            if n:
-                obs[L - n :, b], last_rewards[L - n :, b], firsts[L - n + 1 :, b] = self.obs[b], self.last_rewards[b], False
-        cat = torch.cat
-        return cat([obs, rollout.obs]), cat([last_rewards, rollout.last_rewards]), cat([firsts, rollout.firsts]), L
-
-
-def gradient_staleness(agent, history, rollout, returns, args):
-    """Cosine and relative error of the update's eLSTM gradient (already in .grad) against the exact
-    gradient of the same rollout loss at the current parameters, by BPTT through each episode so far;
-    also the cosine of the gradient truncated at the rollout's start (TBPTT's), at the same parameters."""
-    obs, last_rewards, firsts, L = history.padded(rollout)
-    params = list(agent.cell.parameters())
-    with torch.no_grad():
-        x = agent.features(obs, last_rewards)
-    c = agent.cell(x, x.new_zeros(x.shape[1], params[0].shape[0]), firsts)
-    c_truncated = agent.cell(x[L:], c[L - 1].detach() if L else c.new_zeros(c.shape[1:]), rollout.firsts)
-    exact, truncated = (
-        torch.cat(
-            [g.flatten() for g in torch.autograd.grad(rollout_loss(agent, rollout, returns, x[L:], cs, args)[0], params)]
-        )
-        for cs in (c[L:], c_truncated)
-    )
-    used = torch.cat([p.grad.flatten() for p in params])
-    cos = lambda a, b: F.cosine_similarity(a, b, dim=0).item()
-    return {
-        "cos_update_exact": cos(used, exact),
-        "relerr_update_exact": ((used - exact).norm() / exact.norm()).item(),
-        "cos_truncated_exact": cos(truncated, exact),
-        "episode_prefix_steps": float(L),
-    }
-
-
-def grad_norms(agent):
-    """Per-group gradient norms before clipping: the untruncated eLSTM gradient can dominate the global norm."""
-    groups = {"stem": [agent.stem], "cell": [agent.cell], "heads": [agent.gate, agent.actor, agent.critic]}
-    norms = {}
-    for name, modules in groups.items():
-        grads = [p.grad for m in modules if m is not None for p in m.parameters() if p.grad is not None]
-        norms[name] = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item() if grads else 0.0
-    return norms
-
-
-def env_seeds(seed, n):
-    """Distinct per-env seeds derived from --seed (Method §6)."""
-    return np.random.default_rng(seed).choice(2**31 - 1, size=n, replace=False)
+        dl_dx = x_leaf.grad
+    x.backward(dl_dx)  # the stem's gradient through the cell, within the rollout
+    return stats, sens_T
 
 
 @torch.no_grad()
 def evaluate(agent, env_id, seeds, device, actions):
-    """Greedy (return, success) of one episode on each of len(seeds) fresh environments: every env plays
-    the same number of episodes, so short episodes do not crowd out long ones."""
+    """Greedy (return, success) of one episode on each of len(seeds) fresh envs: short ones do not crowd out long ones."""
     envs = Envs(env_id, seeds, device, actions)
-    c, _ = agent.cell.initial_state(len(seeds))
-    finished = {}
+    c, finished = agent.cell.initial_state(len(seeds))[0], {}
     while len(finished) < len(seeds):
         action, _, c = agent.act(agent.features(envs.obs, envs.last_reward), c, envs.first, greedy=True)
         for i, episode_return, _, success in envs.step(action)[2]:
@@ -583,304 +424,182 @@ def evaluate(agent, env_id, seeds, device, actions):
     return [finished[i] for i in range(len(seeds))]
 
 
+# ---------------------------------------------------------------------------------------------
+# Infrastructure: argument checks, seeds, the device, checkpoints, the progress line
+# ---------------------------------------------------------------------------------------------
+def fail(message):
+    """User errors: one line on stderr and exit code 2 (as for a bad flag), no traceback."""
+    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def one_line(e):
+    """An exception's message in one line: its first two (load_state_dict's then name the first mismatch)."""
+    return " ".join(line.strip() for line in str(e).strip().splitlines()[:2]) or type(e).__name__
+
+
+def check_args(args):
+    """Only what would otherwise run silently wrong; tyro, torch and EnvPool report the rest."""
+    if args.total_timesteps < args.num_envs * args.num_steps:
+        fail(f"--total-timesteps {args.total_timesteps} is less than one rollout ({args.num_envs} envs x {args.num_steps})")
+    if args.max_grad_norm <= 0:  # clip_grad_norm_ would flip the gradient's sign
+        fail(f"--max-grad-norm must be positive, got {args.max_grad_norm}")
+    if args.run_name and (os.sep in args.run_name or args.run_name in (".", "..")):
+        fail(f"--run-name names one directory under runs/, got {args.run_name!r}")
+    if args.actions == "full" and args.env_id in Envs.MASKED_CLASSIC:
+        fail(f"--actions full is for MiniGrid; {args.env_id} has its own action set")
+    ids = sorted(k for k, v in envpool.registration.registry.specs.items() if v[0] == "envpool.minigrid")
+    ids += list(Envs.MASKED_CLASSIC)
+    if args.env_id not in ids:
+        close = difflib.get_close_matches(args.env_id, ids, n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}?" if close else f"valid ids look like {', '.join(ids[:3])}, ..."
+        fail(f"unknown env id {args.env_id!r} (MiniGrid-* or {' / '.join(Envs.MASKED_CLASSIC)}); {hint}")
+
+
+def env_seeds(seed, n):
+    """Distinct per-env seeds derived from --seed (Method §6)."""
+    return np.random.default_rng(seed).choice(2**31 - 1, size=n, replace=False)
+
+
 def pick_device(args):
-    """The device and the line that names it, printed and logged at start: a fallback to the CPU is never silent
-    (a torch CUDA build that does not match the driver finds no device)."""
-    if args.cuda and torch.cuda.is_available():
-        device = torch.device("cuda:0")
-        return device, f"device: cuda:0 ({torch.cuda.get_device_name(device)}, torch CUDA {torch.version.cuda})"
-    return torch.device("cpu"), ("device: cpu (--cuda: no CUDA device found)" if args.cuda else "device: cpu")
+    """The device and the line that names it, printed and logged at start: a fallback to the CPU is never silent."""
+    if not (args.cuda and torch.cuda.is_available()):
+        return torch.device("cpu"), "device: cpu (--cuda: no CUDA device found)" if args.cuda else "device: cpu"
+    return torch.device("cuda:0"), f"device: cuda:0 ({torch.cuda.get_device_name('cuda:0')}, torch CUDA {torch.version.cuda})"
 
 
-def save_checkpoint(agent, args, path, **extra):
-    """Atomic: a crash mid-write never leaves a truncated file behind, and the previous one stays until the new
-    one is complete. `extra` makes it a checkpoint to resume from (see training_state)."""
-    tmp = f"{path}.tmp"
-    checkpoint = {"script": os.path.basename(__file__), "model": agent.state_dict(), "args": vars(args), **extra}
-    torch.save(to_cpu(checkpoint), tmp)
-    os.replace(tmp, path)
+def save_checkpoint(agent, args, path, **state):
+    """Atomic (a temp file, then a rename), of CPU copies (a GPU's loads on a CPU); with `state`, one to --resume from."""
+    cpu = lambda x: {k: cpu(v) for k, v in x.items()} if isinstance(x, dict) else x.cpu() if torch.is_tensor(x) else x
+    checkpoint = {"script": os.path.basename(__file__), "model": agent.state_dict(), "args": vars(args), **state}
+    torch.save(cpu(checkpoint), f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
 
 
-def to_cpu(obj):
-    """CPU copies of every tensor in a checkpoint (the optimizer state's too): a file written on a GPU loads on a
-    machine without one; loading maps to the CPU and load_state_dict copies onto the agent's device."""
-    if torch.is_tensor(obj):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        out = type(obj)((k, to_cpu(v)) for k, v in obj.items())
-        if hasattr(obj, "_metadata"):  # a state dict's per-module versions
-            out._metadata = obj._metadata
-        return out
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
-
-
-def training_state(optimizer, run_name, iteration, global_step):
-    """What --resume restores besides the model. Not (c, sens) nor the environments: EnvPool cannot snapshot an
-    episode, so a resumed run starts new episodes, and a state belongs only to the episode that made it."""
-    np_state = np.random.get_state()
-    rng = {
-        "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    return dict(optimizer=optimizer.state_dict(), run_name=run_name, iteration=iteration, global_step=global_step, rng=rng)
-
-
-RESUME_KEYS = {"script", "model", "args", "optimizer", "run_name", "iteration", "global_step", "rng"}
-# flags a resumed run may change; any other must equal the checkpoint's
-RESUME_MAY_CHANGE = {
-    "total_timesteps",
-    "checkpoint_every",
-    "resume",
-    "save_model",
-    "eval_episodes",
-    "cuda",
-    "batch_size",
-    "num_iterations",
-}
-
-
-def load_resume(args):
-    """The checkpoint --resume names, checked against this command before anything is made; None without --resume."""
-    if not args.resume:
-        return None
+def parse_args(argv=None):
+    """(args, checkpoint): with --resume, the checkpoint's args are the defaults and the flags given win."""
+    args = tyro.cli(Args, args=argv)
     try:
-        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        fail(f"--resume: no such file {args.resume!r}")
-    except Exception as e:  # truncated, corrupt, or not written by torch.save
-        fail(f"--resume: {args.resume!r} is not a readable checkpoint ({type(e).__name__}: {str(e).split('. ')[0][:120]})")
-    if not isinstance(checkpoint, dict) or not RESUME_KEYS <= set(checkpoint):
-        missing = sorted(RESUME_KEYS - set(checkpoint)) if isinstance(checkpoint, dict) else sorted(RESUME_KEYS)
-        fail(
-            f"--resume: {args.resume!r} is not a checkpoint to resume from (no {', '.join(missing)}; "
-            "model.pt from --save-model holds weights only)"
-        )
-    if checkpoint["script"] != os.path.basename(__file__):
-        fail(f"--resume: {args.resume!r} was written by {checkpoint['script']}, not {os.path.basename(__file__)}")
-    ours, theirs = vars(args), checkpoint["args"]
-    ours = {**ours, "run_name": ours["run_name"] or theirs.get("run_name")}  # left out, it is the checkpoint's
-    differ = [
-        f"--{k.replace('_', '-')} {ours[k]} (checkpoint: {theirs.get(k)})"
-        for k in ours
-        if k not in RESUME_MAY_CHANGE and ours[k] != theirs.get(k)
-    ]
-    if differ:
-        fail(f"--resume: this command differs from the checkpoint's run: {', '.join(differ)}")
-    if args.total_timesteps < checkpoint["global_step"]:
-        fail(f"--resume: --total-timesteps {args.total_timesteps} is below the checkpoint's step {checkpoint['global_step']}")
-    return checkpoint
+        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True) if args.resume else None
+        if checkpoint is not None and "optimizer" not in checkpoint:
+            raise ValueError("a model.pt holds the weights only: resume from a checkpoint.pt")
+        return (tyro.cli(Args, args=argv, default=Args(**checkpoint["args"])) if checkpoint else args), checkpoint
+    except Exception as e:  # no such file, not a checkpoint, another script's
+        fail(f"--resume {args.resume}: {one_line(e)}")
 
 
-def restore(checkpoint, agent, optimizer):
-    """Load what training_state saved (the RNG states last: nothing may draw after them); returns (iteration, step)."""
+def resume(checkpoint, agent, optimizer, args):
+    """The model and the optimizer from the checkpoint (flags given win); RNGs reseeded from (seed, step)."""
     try:
         agent.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        fail(f"--resume: the checkpoint does not fit this agent ({str(e).splitlines()[0][:160]})")
-    rng = checkpoint["rng"]
-    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
-    np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy(), *rng["numpy"][2:]))
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return checkpoint["iteration"], checkpoint["global_step"]
+    except Exception as e:  # another agent's shapes (--hidden-size, another game), a model.pt
+        fail(f"--resume {args.resume}: the checkpoint does not fit: {one_line(e)}")
+    optimizer.param_groups[0].update(lr=args.learning_rate, alpha=args.rms_alpha, eps=args.rms_eps)  # flags win
+    seed = int(np.random.SeedSequence([args.seed, checkpoint["global_step"]]).generate_state(1)[0])
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
 
 
-class Progress:
-    """The progress line's clock, every 10 s: the elapsed time and an ETA from the steps/s of the last minute."""
-
-    def __init__(self, step, total_steps):
-        self.start, self.total_steps, self.last_line = time.time(), total_steps, 0.0
-        self.marks = [(self.start, step)]  # (time, step) at each line; the last 7 span about a minute
-
-    def due(self):
-        return time.time() - self.last_line > 10
-
-    def __call__(self, step):
-        self.last_line = now = time.time()
-        self.marks = (self.marks + [(now, step)])[-7:]
-        (then, step_then), rate = self.marks[0], 0.0
-        if now > then:
-            rate = (step - step_then) / (now - then)
-        left = (self.total_steps - step) / rate if rate > 0 else float("inf")
-        return f"elapsed={duration(now - self.start)} eta={duration(left)}"
-
-
-def duration(seconds):
-    """12s, 4m09s, 10h31m; ? while no step has been timed."""
-    if seconds == float("inf"):
-        return "?"
-    s = round(seconds)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
-
-
-class StopSignals:
-    """Ctrl-C / SIGTERM: recorded, so that the loop can finish its update, checkpoint and exit 128 + signum."""
-
-    def __init__(self):
-        self.signum = None
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self._record)
-
-    def _record(self, signum, frame):
-        self.signum = signum
-
-    def restore(self):
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+def progress(elapsed, steps_done, steps_left):
+    """elapsed=4m09s eta=10h31m: the elapsed time, and an ETA at this process's steps/s so far."""
+    hms = lambda s: f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+    return f"elapsed={hms(round(elapsed))} eta={hms(round(elapsed * steps_left / steps_done))}"
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args, checkpoint = parse_args()
     check_args(args)
     args.batch_size = args.num_envs * args.num_steps
     args.num_iterations = args.total_timesteps // args.batch_size
-    resumed = load_resume(args)
-    if resumed:  # the logs go on in the checkpoint's run directory
-        run_name = resumed["run_name"]
-        writer = SummaryWriter(f"runs/{run_name}", purge_step=resumed["global_step"] + 1)  # drops what came after it
-    else:
-        run_name = (
-            args.run_name or f"{args.env_id}__{args.exp_name}__{args.core}__T{args.num_steps}__{args.seed}__{int(time.time())}"
-        )
-        if os.path.exists(f"runs/{run_name}"):
-            fail(f"runs/{run_name} exists; a run directory is never shared by two runs")
-        writer = SummaryWriter(f"runs/{run_name}")
-    args.run_name = run_name  # saved with the args: a resumed run finds its directory
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
 
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.backends.cuda.matmul.allow_tf32 = False  # with TF32 the cell's sums over T x B lose three digits
     device, device_line = pick_device(args)
     print(device_line, flush=True)
-    writer.add_text("device", device_line)
-    # the float32 agreement of RTRL and BPTT (README) needs full-precision GEMMs: TF32 keeps 10 mantissa bits and
-    # the cell's reductions over T*B lose about three digits. Only matmuls: cuDNN's convolutions may use TF32.
-    torch.backends.cuda.matmul.allow_tf32 = False
 
-    seeds = env_seeds(args.seed, args.num_envs + max(args.eval_episodes, 1))
-    # resumed: new episodes from new seeds, not a replay of the run's start (evaluation keeps the run's own)
-    train_seeds = env_seeds([args.seed, resumed["global_step"]], args.num_envs) if resumed else seeds[: args.num_envs]
-    envs = Envs(args.env_id, train_seeds, device, args.actions)
+    start_iteration, global_step = (checkpoint["iteration"], checkpoint["global_step"]) if checkpoint else (0, 0)
+    # resumed: every environment starts a new episode, from new seeds, and c and the sensitivities from zero
+    seeds = env_seeds([args.seed, global_step], args.num_envs + args.eval_episodes)
+    envs = Envs(args.env_id, seeds[: args.num_envs], device, args.actions)
     agent = Agent(envs.obs_shape, envs.num_actions, args.hidden_size, args.core).to(device)
     optimizer = torch.optim.RMSprop(agent.parameters(), lr=args.learning_rate, alpha=args.rms_alpha, eps=args.rms_eps)
-    start_iteration, global_step = restore(resumed, agent, optimizer) if resumed else (0, 0)
-    if resumed:
-        print(
-            f"resumed runs/{run_name} at global_step={global_step}: every environment starts a new episode, "
-            "recurrent state and sensitivities zero"
-        )
-    checkpoint_path, next_checkpoint = f"runs/{run_name}/checkpoint.pt", global_step + args.checkpoint_every
-    stop = StopSignals()
+    if checkpoint:  # before anything is written: a file that does not fit costs nothing
+        resume(checkpoint, agent, optimizer, args)
+    run_name = f"{args.env_id}__{args.exp_name}__{args.core}__T{args.num_steps}__{args.seed}__{int(time.time())}"
+    run_name = args.run_name = args.run_name or run_name  # saved with the args: a resumed run's is its checkpoint's
+    if not checkpoint and os.path.exists(f"runs/{run_name}"):  # resumed: its logs go on after its step (purge_step)
+        fail(f"runs/{run_name} exists; a run directory is never shared by two runs")
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step + 1 if checkpoint else None)
+    writer.add_text("device", device_line)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
     T, B = args.num_steps, args.num_envs
-    rollout = Rollout(
-        obs=torch.zeros((T, B, *envs.obs_shape), dtype=envs.obs.dtype, device=device),
-        last_rewards=torch.zeros((T, B), device=device),
-        firsts=torch.zeros((T, B), dtype=torch.bool, device=device),
-        deads=torch.zeros((T, B), dtype=torch.bool, device=device),
-        actions=torch.zeros((T, B), dtype=torch.long, device=device),
-        rewards=torch.zeros((T, B), device=device),
-        terms=torch.zeros((T, B), dtype=torch.bool, device=device),
-        values=torch.zeros((T, B), device=device),
-    )
     c, sens = agent.cell.initial_state(B)
-    history = EpisodeHistory(B) if args.staleness_every else None
-    start_step, start_time, recent = global_step, time.time(), []
-    progress = Progress(global_step, args.num_iterations * B * T)
+    start_step, start_time, last_line, recent = global_step, time.time(), 0.0, []
+    checkpoint_path = f"runs/{run_name}/checkpoint.pt"
+    stop = []  # Ctrl-C / SIGTERM: the update is finished, the checkpoint written, and the exit code 128 + signum
+    handlers = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
 
     for iteration in range(start_iteration + 1, args.num_iterations + 1):
+        last = iteration == args.num_iterations
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * args.learning_rate
 
-        c0 = c
-        for step in range(T):
+        c0, steps = c, []
+        for _ in range(T):
             global_step += B
-            rollout.obs[step], rollout.last_rewards[step] = envs.obs, envs.last_reward
-            rollout.firsts[step], rollout.deads[step] = envs.first, envs.dead
-            with torch.no_grad():  # a small stem: one batched forward in the update beats T kept graphs
-                x = agent.features(envs.obs, envs.last_reward)
-            action, rollout.values[step], c = agent.act(x, c, envs.first)
-            rollout.actions[step] = action
-            rollout.rewards[step], rollout.terms[step], episodes = envs.step(action)
+            with torch.no_grad():  # the update runs the stem again, once over T x B
+                action, value, c = agent.act(agent.features(envs.obs, envs.last_reward), c, envs.first)
+            seen = (envs.obs, envs.last_reward, envs.first, envs.terminal_obs)
+            reward, term, episodes = envs.step(action)
+            steps.append((*seen, action, reward, term, value))
             for _, episode_return, episode_length, success in episodes:
                 writer.add_scalar("charts/episodic_return", episode_return, global_step)
                 writer.add_scalar("charts/episodic_length", episode_length, global_step)
                 writer.add_scalar("charts/success", float(success), global_step)
                 recent = (recent + [(episode_return, success)])[-100:]
+        rollout = Rollout(*map(torch.stack, zip(*steps)))
 
-        update_start = timer(device)
         with torch.no_grad():  # c itself moves on in the next rollout
             next_value = agent.act(agent.features(envs.obs, envs.last_reward), c, envs.first)[1]
         returns = n_step_returns(rollout, next_value, args.gamma)
         optimizer.zero_grad()
-        stats, sens, rtrl_time = compute_gradients(agent, rollout, returns, c0, sens, args)
-        if history is not None and iteration % args.staleness_every == 0:
-            for key, value in gradient_staleness(agent, history, rollout, returns, args).items():
-                writer.add_scalar(f"diag/{key}", value, global_step)
-        for key, value in grad_norms(agent).items():
-            writer.add_scalar(f"losses/grad_norm_{key}", value, global_step)
+        stats, sens = compute_gradients(agent, rollout, returns, c0, sens, args)
         grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
         optimizer.step()
-        if history is not None:
-            history.extend(rollout)
-        update_time = timer(device) - update_start
 
-        sps = int((global_step - start_step) / (time.time() - start_time))
+        sps = int((global_step - start_step) / (time.time() - start_time))  # this process's steps only
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
         for key, value in stats.items():
             writer.add_scalar(f"losses/{key}", value, global_step)
         writer.add_scalar("losses/grad_norm", grad_norm.item(), global_step)
-        writer.add_scalar("charts/rtrl_share_of_update", rtrl_time / update_time, global_step)
         writer.add_scalar("charts/SPS", sps, global_step)
-        if progress.due() or iteration == args.num_iterations:
-            summary = (
-                f"{np.mean([r for r, _ in recent]):.3f} success {np.mean([s for _, s in recent]):.2f}" if recent else "n/a"
-            )
+        if time.time() - last_line > 10 or last:
+            last_line, mean = time.time(), np.mean(recent, 0) if recent else (float("nan"),) * 2
+            clock = progress(time.time() - start_time, global_step - start_step, args.num_iterations * B * T - global_step)
             print(
-                f"global_step={global_step} SPS={sps} {progress(global_step)} "
-                f"return(last {len(recent)} episodes)={summary} entropy={stats['entropy'] / (T * B):.3f}",
-                flush=True,
+                f"global_step={global_step} SPS={sps} {clock} return(last 100)={mean[0]:.3f} success={mean[1]:.2f}", flush=True
             )
-        if stop.signum or (args.checkpoint_every and global_step >= next_checkpoint):
-            save_checkpoint(agent, args, checkpoint_path, **training_state(optimizer, run_name, iteration, global_step))
-            next_checkpoint = global_step + args.checkpoint_every
-        if stop.signum:
-            envs.close()
-            writer.close()
-            print(
-                f"stopped by {signal.Signals(stop.signum).name} at global_step={global_step}; checkpoint: "
-                f"{checkpoint_path} (continue with --resume {checkpoint_path})",
-                flush=True,
-            )
-            sys.exit(128 + stop.signum)
+        # a checkpoint at each multiple of --checkpoint-every (one was passed in this update), and at the end
+        if stop or (args.checkpoint_every and (global_step % args.checkpoint_every < B * T or last)):
+            state = dict(optimizer=optimizer.state_dict(), run_name=run_name, iteration=iteration, global_step=global_step)
+            save_checkpoint(agent, args, checkpoint_path, **state)
+        if stop:
+            print(f"stopped by {signal.Signals(stop[0]).name} at global_step={global_step}: --resume {checkpoint_path}")
+            envs.close(), writer.close(), sys.exit(128 + stop[0])
     envs.close()
-    stop.restore()  # Ctrl-C during the evaluation below stops it at once
-    if args.checkpoint_every:
-        final = max(start_iteration, args.num_iterations)
-        save_checkpoint(agent, args, checkpoint_path, **training_state(optimizer, run_name, final, global_step))
+    for signum, handler in handlers.items():  # from here on, Ctrl-C stops at once
+        signal.signal(signum, handler)
 
     if args.save_model:
-        model_path = f"runs/{run_name}/model.pt"
-        save_checkpoint(agent, args, model_path)
-        print(f"model saved to {model_path}")
+        save_checkpoint(agent, args, f"runs/{run_name}/model.pt")
+        print(f"model saved to runs/{run_name}/model.pt")
     if args.eval_episodes > 0:
-        results = evaluate(agent, args.env_id, seeds[args.num_envs :][: args.eval_episodes], device, args.actions)
+        results = evaluate(agent, args.env_id, seeds[args.num_envs :], device, args.actions)
         for i, (eval_return, success) in enumerate(results):
             writer.add_scalar("eval/episodic_return", eval_return, i)
             writer.add_scalar("eval/success", float(success), i)
-        print(
-            f"greedy evaluation over {len(results)} episodes: mean return {np.mean([r for r, _ in results]):.3f}, "
-            f"success {np.mean([s for _, s in results]):.2f}"
-        )
+        mean = np.mean(results, 0)
+        print(f"greedy evaluation over {len(results)} episodes: return {mean[0]:.3f}, success {mean[1]:.2f}")
     writer.close()

@@ -1,23 +1,14 @@
 """A2C with an element-wise LSTM trained by exact real-time recurrent learning (RTRL) on ProcGen.
 
-Irie, Gopalakrishnan, Schmidhuber, "Exploring the Promise and Limits of Real-Time Recurrent
-Learning", ICLR 2024 (arXiv 2305.19044). The eLSTM's recurrence is diagonal, so its RTRL
-sensitivities cost O(B N D) per step, like its input projection: the recurrent parameters
-get untruncated gradients from carried sensitivities, with no stored history. Trained on a
-fixed set of levels, evaluated greedily on those and on held-out levels.
+Irie, Gopalakrishnan, Schmidhuber, "Exploring the Promise and Limits of Real-Time Recurrent Learning", ICLR 2024
+(arXiv 2305.19044). The eLSTM's recurrence is diagonal, so its RTRL sensitivities cost O(B N D) per step, like its
+input projection: the recurrent parameters get untruncated gradients from carried sensitivities, no stored history.
+Trained on a fixed set of levels, evaluated greedily on those and on held-out levels. The default is the paper's main
+ProcGen experiment, Chaser in hard mode on 500 training levels (it compares unrolls 5 and 50: --num-steps).
 
-    python rtrl_a2c_procgen.py --env-id ChaserHard-v0        # --core tbptt | lstm | ff for baselines
-
-The default game is the paper's main ProcGen experiment, Chaser in hard mode on 500 training levels (it
-compares unrolls 5 and 50: --num-steps). The paper's two-stage recipe (its DMLab runs): pretrain the stem
-with TBPTT, then train the recurrent part by RTRL alone on that stem, frozen, so nothing backpropagates
-through time:
-
-    python rtrl_a2c_procgen.py --core tbptt --save-model
-    python rtrl_a2c_procgen.py --core rtrl --init-stem-from runs/<that run>/model.pt --freeze-stem
-
-Long runs: --checkpoint-every N writes runs/<run>/checkpoint.pt every N steps (and on Ctrl-C / SIGTERM); the same
-command with --resume runs/<run>/checkpoint.pt goes on from it, with every environment on a new episode.
+    python rtrl_a2c_procgen.py --checkpoint-every 1000000         # --core tbptt | lstm | ff: the baselines
+    python rtrl_a2c_procgen.py --resume runs/<run>/checkpoint.pt  # goes on; flags given with it win
+    python rtrl_a2c_procgen.py --init-stem-from runs/<tbptt run>/model.pt --freeze-stem  # the paper's DMLab recipe
 """
 
 import ctypes
@@ -72,11 +63,9 @@ class Args:
     save_model: bool = False
     """whether to save the model and its args to `runs/{run_name}/model.pt`"""
     checkpoint_every: int = 0
-    """agent steps between checkpoints, written atomically to `runs/{run_name}/checkpoint.pt` (0 = none); one is
-    also written at the end when this is set, and always on Ctrl-C / SIGTERM"""
+    """agent steps between checkpoints to `runs/{run_name}/checkpoint.pt` (0: none; also at the end, and on Ctrl-C)"""
     resume: str = ""
-    """a checkpoint.pt to continue: model, optimizer, LR position, step and RNG states are restored and the run
-    directory's logs go on; every environment starts a new episode with zero recurrent state and sensitivities"""
+    """a checkpoint.pt to continue, with its args as the defaults; every environment starts a new episode"""
 
     # Algorithm specific arguments
     env_id: str = "ChaserHard-v0"
@@ -114,26 +103,15 @@ class Args:
     hidden_size: int = 256
     """N, the size of the recurrent state (eLSTM c; for lstm, h and c each)"""
     core: Literal["rtrl", "tbptt", "lstm", "ff"] = "rtrl"
-    """rtrl: eLSTM with exact untruncated RTRL gradients; tbptt: the same eLSTM with BPTT cut at each
-    rollout's start; lstm: a standard LSTM (nn.LSTMCell) with BPTT cut the same way; ff: no memory (the
-    eLSTM with its state zeroed at every step)"""
-    stem_in_update: Literal["auto", "on", "off"] = "auto"
-    """on: the rollout runs the stem without autograd and the update runs it again, one batched forward over
-    T x B; off: the rollout keeps each step's small autograd graph of the stem and the update backprops through
-    them (no second forward). auto: on for cuda (T graphs mean many tiny kernels), off for the CPU. Same gradients"""
-    rtrl_impl: Literal["chunked", "step"] = "chunked"
-    """exact RTRL in one GEMM-shaped pass per rollout (chunked) or by the per-step recursion (step): same numbers"""
+    """rtrl: eLSTM, exact RTRL; tbptt: eLSTM, BPTT cut at each rollout; lstm: nn.LSTMCell, cut alike; ff: no memory"""
     eval_episodes: int = 20
-    """greedy evaluation episodes per level set (training levels, each test set), on min(this, num_envs) fresh
-    envs that each play a quota fixed before play (this // envs, one more for the first this % envs); 0 skips it"""
+    """greedy evaluation episodes per level set (training, each test set), on min(this, num_envs) fresh envs (0: none)"""
     eval_every: int = 1_000_000
-    """evaluate every this many agent steps, and at the end"""
+    """evaluate at every multiple of this many agent steps, and at the end"""
     init_stem_from: str = ""
-    """a model.pt of this script (any core): start from its stem, every `stem.*` parameter (the IMPALA ResNet's
-    convolutions and the Linear layer after them); the cell and heads start fresh"""
+    """a model.pt or checkpoint.pt of this script (any core): start from its stem (`stem.*`); the rest starts fresh"""
     freeze_stem: bool = False
-    """the stem gets no gradient and no update, so rtrl backpropagates through no time step at all; without
-    --init-stem-from the stem stays at its random initialization (a random-features baseline)"""
+    """the stem gets no gradient, so rtrl backpropagates through no time step (without --init-stem-from: random)"""
 
     # to be filled in runtime
     batch_size: int = 0
@@ -142,117 +120,35 @@ class Args:
     """the number of iterations (computed in runtime)"""
 
 
-def fail(message):
-    """User errors: one line on stderr and exit code 2 (as for a bad flag), no traceback."""
-    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def require_file(flag, path):
-    """A file the run reads: a missing one is a one-line error before anything is written or any env starts."""
-    if not os.path.isfile(path):
-        fail(f"{flag} {path}: " + ("a directory, not a file" if os.path.isdir(path) else "no such file"))
-
-
-def check_args(args):
-    for name in ("total_timesteps", "num_envs", "num_steps", "hidden_size", "test_num_levels", "eval_every"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("eval_episodes", "num_levels", "start_level"):
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}")
-    ranges = {  # inclusive bounds
-        "learning_rate": (0.0, float("inf")),
-        "rms_eps": (0.0, float("inf")),
-        "rms_alpha": (0.0, 1.0),
-        "gamma": (0.0, 1.0),
-        "ent_coef": (0.0, float("inf")),
-        "vf_coef": (0.0, float("inf")),
-    }
-    for name, (low, high) in ranges.items():
-        if not low <= getattr(args, name) <= high:
-            fail(f"--{name.replace('_', '-')} must be in [{low}, {high}], got {getattr(args, name)}")
-    if args.max_grad_norm <= 0:
-        fail(f"--max-grad-norm must be positive, got {args.max_grad_norm}")
-    if args.total_timesteps < args.num_envs * args.num_steps:
-        fail(
-            f"--total-timesteps {args.total_timesteps} is less than one rollout "
-            f"(--num-envs x --num-steps = {args.num_envs * args.num_steps})"
-        )
-    if args.checkpoint_every < 0:
-        fail(f"--checkpoint-every must be at least 0, got {args.checkpoint_every}")
-    if args.init_stem_from and not args.resume:  # resumed, the stem is the checkpoint's: the file is not read
-        require_file("--init-stem-from", args.init_stem_from)
-    train_end = args.start_level + args.num_levels if args.num_levels > 0 else math.inf  # 0 means every level
-    if train_end != math.inf and train_end > 2**31 - 1:
-        fail(f"training levels [{args.start_level}, {train_end}) are outside ProcGen's [0, 2^31 - 1)")
-    for start in args.test_level_starts:
-        if start < 0 or start + args.test_num_levels > 2**31 - 1:
-            fail(f"test levels [{start}, {start + args.test_num_levels}) are outside ProcGen's [0, 2^31 - 1)")
-        if start < train_end and args.start_level < start + args.test_num_levels:
-            fail(
-                f"test levels [{start}, {start + args.test_num_levels}) overlap the training levels "
-                f"[{args.start_level}, {train_end}): held-out levels must be unseen"
-            )
-    procgen_ids = sorted(k for k, v in envpool.registration.registry.specs.items() if v[0] == "envpool.procgen")
-    if args.env_id not in procgen_ids:
-        close = difflib.get_close_matches(args.env_id, procgen_ids, n=3, cutoff=0.6)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        fail(f"unknown ProcGen env id {args.env_id!r}; {hint}valid ids: {', '.join(procgen_ids)}")
-    try:
-        envpool.make_spec(args.env_id)
-    except ImportError:  # EnvPool's ProcGen found no libQt5Core/libQt5Gui
-        fail(
-            "EnvPool ProcGen needs the Qt5 runtime: `pip install PyQt5-Qt5` (in requirements.txt) "
-            "or a system Qt5 (`apt install libqt5gui5`)"
-        )
-
-
 class ProcgenEnvs:
-    """EnvPool ProcGen on a range of levels (64x64 RGB, 15 actions, Method §5) and the agent's view of episode ends.
-
-    EnvPool answers the step after an episode ends with the next episode's first observation and
-    ignores that step's action. So the observation that follows a `terminated`/`truncated` is the
-    terminal one: the step taking it is `dead` (its value bootstraps a truncation, it gets no loss),
-    and the step after it is `first` (state and sensitivities reset). Levels are drawn from
-    [start_level, start_level + num_levels) by each env's own seed.
-    """
+    """EnvPool ProcGen (64x64 RGB, 15 actions, Method §5) on levels [start_level, start_level + num_levels), drawn by
+    each env's seed. EnvPool answers the step after an episode's end with the next episode's first observation,
+    ignoring its action: the observation before is `terminal_obs` (no loss, its value bootstraps a truncation), the
+    next one `first` (state and sensitivities reset)."""
 
     def __init__(self, env_id, seeds, start_level, num_levels, device):
-        self.envs = envpool.make(
-            env_id,
-            env_type="gymnasium",
-            num_envs=len(seeds),
-            env_seed=[int(s) for s in seeds],
-            start_level=start_level,
-            num_levels=num_levels,
-        )
-        self.num_actions = self.envs.action_space.n
-        self.device = device
-        n = len(seeds)
-        obs, _ = self.envs.reset()
-        self.obs = torch.as_tensor(obs, device=device)
-        self.last_reward = torch.zeros(n, device=device)
+        seeds = [int(s) for s in seeds]
+        kwargs = dict(num_envs=len(seeds), env_seed=seeds, start_level=start_level, num_levels=num_levels)
+        self.envs = envpool.make(env_id, env_type="gymnasium", **kwargs)
+        self.close = self.envs.close
+        self.device, n = device, len(seeds)
+        self.obs = torch.as_tensor(self.envs.reset()[0], device=device)
+        self.last_reward, self.episode_return = torch.zeros(n, device=device), np.zeros(n)
         self.first = torch.ones(n, dtype=torch.bool, device=device)
-        self.dead = torch.zeros(n, dtype=torch.bool, device=device)
-        self.episode_return = np.zeros(n)
+        self.terminal_obs = torch.zeros(n, dtype=torch.bool, device=device)
 
     def step(self, action):
         """Returns (reward, terminated) of the step and (env, return, length, level seed) of episodes that ended."""
         obs, reward, term, trunc, info = self.envs.step(action.cpu().numpy())
         self.episode_return += reward
-        episodes = []
-        for i in np.flatnonzero(term | trunc):
-            episodes.append((i, self.episode_return[i], int(info["elapsed_step"][i]), int(info["level_seed"][i])))
-            self.episode_return[i] = 0.0
-        self.first = self.dead  # the step after a dead one returns a new episode's first observation
-        self.dead = torch.as_tensor(term | trunc, device=self.device)
+        ended = np.flatnonzero(term | trunc)
+        episodes = [(i, self.episode_return[i], int(info["elapsed_step"][i]), int(info["level_seed"][i])) for i in ended]
+        self.episode_return[ended] = 0.0
+        self.first = self.terminal_obs  # the step after a terminal observation returns a new episode's first one
+        self.terminal_obs = torch.as_tensor(term | trunc, device=self.device)
         self.obs = torch.as_tensor(obs, device=self.device)
         self.last_reward = torch.as_tensor(reward, dtype=torch.float32, device=self.device)
         return self.last_reward, torch.as_tensor(term, device=self.device), episodes
-
-    def close(self):
-        self.envs.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,9 +313,6 @@ class LSTM(nn.Module):
         return torch.stack(states)
 
 
-# ---------------------------------------------------------------------------------------------
-# The agent (Method §5): IMPALA ResNet stem -> [features ; clipped last reward] -> eLSTM (or LSTM) -> heads
-# ---------------------------------------------------------------------------------------------
 class ResidualBlock(nn.Module):
     def __init__(self, channels):
         super().__init__()
@@ -431,15 +324,13 @@ class ResidualBlock(nn.Module):
 
 
 def conv_sequence(in_channels, out_channels):
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
-        nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
-        ResidualBlock(out_channels),
-        ResidualBlock(out_channels),
-    )
+    conv, pool = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1), nn.MaxPool2d(3, stride=2, padding=1)
+    return nn.Sequential(conv, pool, ResidualBlock(out_channels), ResidualBlock(out_channels))
 
 
 class Agent(nn.Module):
+    """Method §5: IMPALA ResNet stem -> [features ; clipped last reward] -> eLSTM (or LSTM) -> heads."""
+
     def __init__(self, obs_shape, num_actions, hidden_size, core="rtrl", freeze_stem=False):
         super().__init__()
         self.core = core
@@ -451,8 +342,7 @@ class Agent(nn.Module):
         self.stem.to(memory_format=torch.channels_last)  # NHWC: CPU (oneDNN) convolutions run ~1.6x faster
         self.stem.requires_grad_(not freeze_stem)  # frozen: its output has no graph, so nothing flows back into it
         self.cell = LSTM(256 + 1, hidden_size) if core == "lstm" else ELSTM(256 + 1, hidden_size)
-        # the eLSTM's output gate (Method §1); the LSTM has its own
-        self.gate = None if core == "lstm" else nn.Linear(256 + 1 + hidden_size, hidden_size)
+        self.gate = None if core == "lstm" else nn.Linear(256 + 1 + hidden_size, hidden_size)  # Method §1's output gate
         self.actor = nn.Linear(hidden_size, num_actions)
         self.critic = nn.Linear(hidden_size, 1)
 
@@ -489,129 +379,76 @@ class Rollout:
     obs: torch.Tensor  # T x B x 3 x 64 x 64, uint8
     last_rewards: torch.Tensor  # T x B, the reward input of each step
     firsts: torch.Tensor  # T x B, reset state and sensitivities before the step
-    deads: torch.Tensor  # T x B, the observation is terminal: no loss, its value bootstraps
+    terminal_obs: torch.Tensor  # T x B, the observation is terminal: no loss, its value bootstraps
     actions: torch.Tensor  # T x B
     rewards: torch.Tensor  # T x B
     terms: torch.Tensor  # T x B, the step ended its episode (no bootstrap)
     values: torch.Tensor  # T x B
-    features: torch.Tensor | None = None  # T x B x D, the stem's outputs with their graph; None: recompute
 
 
 def n_step_returns(rollout, next_value, gamma):
-    """G_t = clip(r_t) + gamma G_{t+1}, cut by terminations; a dead step's G is its value (Method §6:
-    a truncated episode bootstraps from its terminal observation)."""
-    returns = torch.empty_like(rollout.values)
-    g = next_value
+    """G_t = clip(r_t) + gamma G_{t+1}, cut by terminations; a terminal observation's G is its value (Method §6)."""
+    returns, g = torch.empty_like(rollout.values), next_value
     for t in reversed(range(len(returns))):
         g = rollout.rewards[t].clamp(-1, 1) + torch.where(rollout.terms[t], 0.0, gamma * g)
-        g = torch.where(rollout.deads[t], rollout.values[t], g)
+        g = torch.where(rollout.terminal_obs[t], rollout.values[t], g)
         returns[t] = g
     return returns
-
-
-def timer(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # otherwise we would time kernel launches, not work
-    return time.perf_counter()
 
 
 def rollout_loss(agent, rollout, returns, x, c, args):
     """The A2C loss summed over time and batch (Method §5), and its parts for logging."""
     logits, value = agent.heads(x, c)
     dist = torch.distributions.Categorical(logits=logits)
-    live = (~rollout.deads).to(value.dtype)
-    advantages = (returns - value).detach()
-    pg_loss = -(live * dist.log_prob(rollout.actions) * advantages).sum()
+    live = (~rollout.terminal_obs).to(value.dtype)
+    pg_loss = -(live * dist.log_prob(rollout.actions) * (returns - value).detach()).sum()  # advantages: no gradient
     v_loss = 0.5 * (live * (returns - value) ** 2).sum()
     entropy = (live * dist.entropy()).sum()
     loss = pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy
     return loss, {"policy_loss": pg_loss.item(), "value_loss": v_loss.item(), "entropy": entropy.item()}
 
 
-def compute_gradients(agent, rollout, returns, c0, sens0, args):
-    """Fill every parameter's .grad for one rollout's loss; return (stats, sens_T, seconds in RTRL).
+def compute_gradients(agent, rollout, x, returns, c0, sens0, args):
+    """Fill every parameter's .grad for one rollout's loss; return (stats, sens_T).
 
-    rtrl: the eLSTM gets exact untruncated gradients from the carried sensitivities, and the stem its
-    gradient through the cell within the rollout from the same pass (rtrl_scan); stem, gate and heads
-    get backprop (Method §5). tbptt / lstm / ff: autograd within the rollout.
-
-    A frozen stem (its features have no graph) gets nothing: no stem backward, and for rtrl the only
-    backward pass is the heads' (per step, from leaves x_t and c_t); rtrl_scan's dL/dx goes unused.
+    x: the features with the stem's graphs as the rollout kept them (on the CPU faster than a second forward). rtrl: exact
+    RTRL for the eLSTM and, from the same pass (rtrl_scan), the stem's gradient through the cell (Method §5); else autograd.
     """
     resets = agent.resets(rollout.firsts)
-    x = agent.features(rollout.obs, rollout.last_rewards) if rollout.features is None else rollout.features
-    train_stem = x.requires_grad  # False with --freeze-stem
-    x_leaf = x.detach().requires_grad_(train_stem)
-    rtrl_time, sens_T = 0.0, sens0
+    x_leaf = x.detach().requires_grad_()
+    sens_T = sens0
     if args.core == "rtrl":
         scan = agent.cell.scan(x_leaf.detach(), c0, resets)
         c_leaf = scan[0].requires_grad_()  # its grad is the local delta_t = dL/dc_t (Method §2)
         loss, stats = rollout_loss(agent, rollout, returns, x_leaf, c_leaf, args)
         loss.backward()
-        start = timer(x.device)
-        grads, sens_T, dl_dx = agent.cell.rtrl_scan(
-            x_leaf.detach(), scan, sens0, c_leaf.grad, args.rtrl_impl, overwrite=True
-        )  # sens0 is not used again
-        rtrl_time = timer(x.device) - start
+        # sens0 is not used again: its B x N x D tensors become sens_T's
+        grads, sens_T, dl_dx = agent.cell.rtrl_scan(x_leaf.detach(), scan, sens0, c_leaf.grad, overwrite=True)
         for name, p in agent.cell.named_parameters():
             p.grad = grads[name]
-        if train_stem:
-            x.backward(x_leaf.grad + dl_dx)
+        dl_dx += x_leaf.grad
     else:
         loss, stats = rollout_loss(agent, rollout, returns, x_leaf, agent.cell(x_leaf, c0, resets), args)
         loss.backward()
-        if train_stem:
-            x.backward(x_leaf.grad)
-    return stats, sens_T, rtrl_time
-
-
-def rollout_features(agent, obs, last_reward, stem_in_update):
-    """One step's features for the policy. Without stem_in_update they keep the stem's autograd graph, and the
-    update backprops through the T kept graphs (no second forward); with it, the update recomputes them."""
-    if stem_in_update:
-        with torch.no_grad():
-            return agent.features(obs, last_reward)
-    return agent.features(obs, last_reward)
-
-
-def pick_device(args):
-    """The device and the line that names it, printed and logged at start: a fallback to the CPU is never silent
-    (a torch CUDA build that does not match the driver finds no device)."""
-    if args.cuda and torch.cuda.is_available():
-        device = torch.device("cuda:0")
-        return device, f"device: cuda:0 ({torch.cuda.get_device_name(device)}, torch CUDA {torch.version.cuda})"
-    return torch.device("cpu"), ("device: cpu (--cuda: no CUDA device found)" if args.cuda else "device: cpu")
-
-
-def env_seeds(seed, n):
-    """Distinct per-env seeds derived from --seed (Method §6)."""
-    return np.random.default_rng(seed).choice(2**31 - 1, size=n, replace=False)
+        dl_dx = x_leaf.grad
+    if x.requires_grad:  # a stem that trains: its gradient through the cell, within the rollout
+        x.backward(dl_dx)
+    return stats, sens_T
 
 
 @torch.no_grad()
 def greedy_episodes(agent, envs, num_episodes):
-    """Greedy play until each of the n envs has ended its quota of episodes, num_episodes // n, plus one for
-    the first num_episodes % n envs. The quotas are fixed before play, so short episodes do not crowd out
-    long ones (keeping the first num_episodes to end would). Each kept episode's tuple without the env, env by env."""
+    """Greedy play until env i of n has ended its quota (num_episodes // n, +1 for i < num_episodes % n), fixed before
+    play so that short episodes do not crowd out long ones; each episode's tuple without the env, env by env."""
     n = len(envs.first)
     quotas = [num_episodes // n + (i < num_episodes % n) for i in range(n)]
-    c, _ = agent.cell.initial_state(n)
-    finished = [[] for _ in range(n)]
+    c, finished = agent.cell.initial_state(n)[0], [[] for _ in range(n)]
     while any(len(episodes) < quota for episodes, quota in zip(finished, quotas)):
         action, _, c = agent.act(agent.features(envs.obs, envs.last_reward), c, envs.first, greedy=True)
         for i, *episode in envs.step(action)[2]:
             if len(finished[i]) < quotas[i]:
                 finished[i].append(tuple(episode))
     return [episode for episodes in finished for episode in episodes]
-
-
-def evaluate(agent, env_id, seeds, start_level, num_levels, num_episodes, device):
-    """Greedy (return, level seed) of `num_episodes` episodes on levels [start_level, start_level + num_levels),
-    on len(seeds) fresh environments, each playing its quota."""
-    envs = ProcgenEnvs(env_id, seeds, start_level, num_levels, device)
-    episodes = greedy_episodes(agent, envs, num_episodes)
-    envs.close()
-    return [(episode_return, level_seed) for episode_return, _, level_seed in episodes]
 
 
 def level_sets(args):
@@ -621,349 +458,211 @@ def level_sets(args):
 
 
 def evaluate_level_sets(agent, args, seeds, device, writer, global_step):
-    """Greedy returns on every level set; logs eval/train_levels_return and eval/test_levels_return."""
-    results = {
-        name: evaluate(agent, args.env_id, seeds, start, num, args.eval_episodes, device)
-        for name, (start, num) in level_sets(args).items()
-    }
-    test_returns = [r for name, episodes in results.items() if name != "train" for r, _ in episodes]
-    writer.add_scalar("eval/train_levels_return", np.mean([r for r, _ in results["train"]]), global_step)
+    """Greedy (return, level seed) of --eval-episodes episodes on each level set, on len(seeds) fresh envs each playing
+    its quota; the returns logged (eval/train_levels_return, eval/test_levels_return) and printed."""
+    sets, results = level_sets(args), {}
+    for name, (start, num) in sets.items():
+        envs = ProcgenEnvs(args.env_id, seeds, start, num, device)
+        results[name] = [(r, level_seed) for r, _, level_seed in greedy_episodes(agent, envs, args.eval_episodes)]
+        envs.close()
+    returns = {name: [r for r, _ in episodes] for name, episodes in results.items()}
+    test_returns = [r for name, rs in returns.items() if name != "train" for r in rs]
+    writer.add_scalar("eval/train_levels_return", np.mean(returns["train"]), global_step)
     if test_returns:
         writer.add_scalar("eval/test_levels_return", np.mean(test_returns), global_step)
+        returns["test (all)"] = test_returns
+    levels = lambda name: "" if name not in sets else f" [{sets[name][0]}, {sum(sets[name]) if sets[name][1] else 'inf'})"
+    summary = ", ".join(f"{name}{levels(name)} {np.mean(rs):.2f} ± {np.std(rs):.2f}" for name, rs in returns.items())
+    print(f"global_step={global_step} greedy eval, mean ± std of {args.eval_episodes} episodes: {summary}", flush=True)
     return results
 
 
-def save_checkpoint(agent, args, path, **extra):
-    """Atomic: a crash mid-write never leaves a truncated file behind, and the previous one stays until the new
-    one is complete. `extra` makes it a checkpoint to resume from (see training_state)."""
-    tmp = f"{path}.tmp"
-    checkpoint = {"script": os.path.basename(__file__), "model": agent.state_dict(), "args": vars(args), **extra}
-    torch.save(to_cpu(checkpoint), tmp)
-    os.replace(tmp, path)
+# ---------------------------------------------------------------------------------------------
+# Infrastructure: argument checks, seeds, the device, a stem from a file, checkpoints, the progress line
+# ---------------------------------------------------------------------------------------------
+def fail(message):
+    """User errors: one line on stderr and exit code 2 (as for a bad flag), no traceback."""
+    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
-def to_cpu(obj):
-    """Every tensor of a checkpoint (model, optimizer state) on the CPU: one saved on a GPU loads on any machine."""
-    if isinstance(obj, torch.Tensor):
-        return obj.cpu()
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
+def one_line(e):
+    """An exception's message in one line: its first two (load_state_dict's then name the first mismatch)."""
+    return " ".join(line.strip() for line in str(e).strip().splitlines()[:2]) or type(e).__name__
 
 
-def training_state(optimizer, run_name, iteration, global_step):
-    """What --resume restores besides the model. Not (c, sens) nor the environments: EnvPool cannot snapshot an
-    episode, so a resumed run starts new episodes, and a state belongs only to the episode that made it."""
-    np_state = np.random.get_state()
-    rng = {
-        "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    return dict(optimizer=optimizer.state_dict(), run_name=run_name, iteration=iteration, global_step=global_step, rng=rng)
-
-
-RESUME_KEYS = {"script", "model", "args", "optimizer", "run_name", "iteration", "global_step", "rng"}
-# flags a resumed run may change; any other must equal the checkpoint's
-RESUME_MAY_CHANGE = {
-    "total_timesteps",
-    "checkpoint_every",
-    "resume",
-    "save_model",
-    "eval_episodes",
-    "cuda",
-    "stem_in_update",
-    "batch_size",
-    "num_iterations",
-}
-
-
-def load_resume(args):
-    """The checkpoint --resume names, checked against this command before anything is made; None without --resume."""
-    if not args.resume:
-        return None
-    try:
-        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        fail(f"--resume: no such file {args.resume!r}")
-    except Exception as e:  # truncated, corrupt, or not written by torch.save
-        fail(f"--resume: {args.resume!r} is not a readable checkpoint ({type(e).__name__}: {str(e).split('. ')[0][:120]})")
-    if not isinstance(checkpoint, dict) or not RESUME_KEYS <= set(checkpoint):
-        missing = sorted(RESUME_KEYS - set(checkpoint)) if isinstance(checkpoint, dict) else sorted(RESUME_KEYS)
+def check_args(args):
+    """Only what would otherwise run silently wrong; tyro, torch and EnvPool report the rest."""
+    if args.total_timesteps < args.num_envs * args.num_steps:
+        fail(f"--total-timesteps {args.total_timesteps} is less than one rollout ({args.num_envs} envs x {args.num_steps})")
+    if args.max_grad_norm <= 0:  # clip_grad_norm_ would flip the gradient's sign
+        fail(f"--max-grad-norm must be positive, got {args.max_grad_norm}")
+    train = (args.start_level, args.start_level + args.num_levels if args.num_levels > 0 else math.inf)  # 0: every level
+    for test in ((start, start + args.test_num_levels) for start in args.test_level_starts):  # held out: unseen
+        if test[0] < train[1] and train[0] < test[1]:
+            fail(f"test levels [{test[0]}, {test[1]}) overlap the training levels [{train[0]}, {train[1]})")
+    ids = sorted(k for k, v in envpool.registration.registry.specs.items() if v[0] == "envpool.procgen")
+    if args.env_id not in ids:
+        close = difflib.get_close_matches(args.env_id, ids, n=3, cutoff=0.6)
         fail(
-            f"--resume: {args.resume!r} is not a checkpoint to resume from (no {', '.join(missing)}; "
-            "model.pt from --save-model holds weights only)"
+            f"unknown ProcGen env id {args.env_id!r}; " + (f"did you mean {', '.join(close)}?" if close else f"e.g. {ids[0]}")
         )
-    if checkpoint["script"] != os.path.basename(__file__):
-        fail(f"--resume: {args.resume!r} was written by {checkpoint['script']}, not {os.path.basename(__file__)}")
-    ours, theirs = vars(args), checkpoint["args"]
-    differ = [
-        f"--{k.replace('_', '-')} {ours[k]} (checkpoint: {theirs.get(k)})"
-        for k in ours
-        if k not in RESUME_MAY_CHANGE and ours[k] != theirs.get(k)
-    ]
-    if differ:
-        fail(f"--resume: this command differs from the checkpoint's run: {', '.join(differ)}")
-    if args.total_timesteps < checkpoint["global_step"]:
-        fail(f"--resume: --total-timesteps {args.total_timesteps} is below the checkpoint's step {checkpoint['global_step']}")
-    return checkpoint
-
-
-def restore(checkpoint, agent, optimizer):
-    """Load what training_state saved (the RNG states last: nothing may draw after them); returns (iteration, step)."""
     try:
-        agent.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        rng = checkpoint["rng"]
-        random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
-        np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy(), *rng["numpy"][2:]))
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        fail(f"--resume: the checkpoint does not fit this agent ({first_line})")
-    return checkpoint["iteration"], checkpoint["global_step"]
+        envpool.make_spec(args.env_id)
+    except ImportError:  # EnvPool's ProcGen found no libQt5Core/libQt5Gui
+        fail("EnvPool ProcGen needs the Qt5 runtime: `pip install PyQt5-Qt5` (in requirements.txt) or a system Qt5")
 
 
-class Progress:
-    """The progress line's clock, every 10 s: the elapsed time and an ETA from the steps/s of the last minute."""
-
-    def __init__(self, step, total_steps):
-        self.start, self.total_steps, self.last_line = time.time(), total_steps, 0.0
-        self.marks = [(self.start, step)]  # (time, step) at each line; the last 7 span about a minute
-
-    def due(self):
-        return time.time() - self.last_line > 10
-
-    def __call__(self, step):
-        self.last_line = now = time.time()
-        self.marks = (self.marks + [(now, step)])[-7:]
-        (then, step_then), rate = self.marks[0], 0.0
-        if now > then:
-            rate = (step - step_then) / (now - then)
-        left = (self.total_steps - step) / rate if rate > 0 else float("inf")
-        return f"elapsed={duration(now - self.start)} eta={duration(left)}"
+def env_seeds(seed, n):
+    """Distinct per-env seeds derived from --seed (Method §6)."""
+    return np.random.default_rng(seed).choice(2**31 - 1, size=n, replace=False)
 
 
-def duration(seconds):
-    """12s, 4m09s, 10h31m; ? while no step has been timed."""
-    if seconds == float("inf"):
-        return "?"
-    s = round(seconds)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
-
-
-class StopSignals:
-    """Ctrl-C / SIGTERM: recorded, so that the loop can finish its update, checkpoint and exit 128 + signum."""
-
-    def __init__(self):
-        self.signum = None
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self._record)
-
-    def _record(self, signum, frame):
-        self.signum = signum
-
-    def restore(self):
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+def pick_device(args):
+    """The device and the line that names it, printed and logged at start: a fallback to the CPU is never silent."""
+    if not (args.cuda and torch.cuda.is_available()):
+        return torch.device("cpu"), "device: cpu (--cuda: no CUDA device found)" if args.cuda else "device: cpu"
+    return torch.device("cuda:0"), f"device: cuda:0 ({torch.cuda.get_device_name('cuda:0')}, torch CUDA {torch.version.cuda})"
 
 
 def load_stem(agent, path):
-    """--init-stem-from: copy every `stem.*` parameter from a model.pt of this script (any core). A file that is
-    not one, or whose stem does not fit (another script's, another observation shape), is a one-line error."""
-    require_file("--init-stem-from", path)
+    """--init-stem-from: every `stem.*` parameter of a model.pt or checkpoint.pt of this script (any core)."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, truncated, or pickled objects other than tensors
-        fail(f"--init-stem-from {path}: not a checkpoint ({(str(e).strip().splitlines() or [type(e).__name__])[0]})")
-    model = checkpoint.get("model") if isinstance(checkpoint, dict) else None
-    if not isinstance(model, dict):
-        fail(f"--init-stem-from {path}: not a checkpoint (no model state dict)")
-    writer = checkpoint.get("script", os.path.basename(__file__))  # older checkpoints: their stem's shapes decide
-    if writer != os.path.basename(__file__):
-        fail(f"--init-stem-from {path}: written by {writer}; the stem must come from {os.path.basename(__file__)}")
-    stem = {k.removeprefix("stem."): v for k, v in model.items() if isinstance(k, str) and k.startswith("stem.")}
-    own = agent.stem.state_dict()
-    shape = lambda t: "x".join(map(str, t.shape)) if isinstance(t, torch.Tensor) else "missing"
-    for name in sorted(set(own) | set(stem)):
-        if shape(stem.get(name)) != shape(own.get(name)):
-            fail(
-                f"--init-stem-from {path}: its stem does not fit this agent's (stem.{name} is {shape(stem.get(name))} "
-                f"there, {shape(own.get(name))} here): another script's checkpoint, or another observation shape"
-            )
-    agent.stem.load_state_dict(stem)
+        model = torch.load(path, map_location="cpu", weights_only=True)["model"]
+        agent.stem.load_state_dict({k.removeprefix("stem."): v for k, v in model.items() if k.startswith("stem.")})
+    except Exception as e:  # no such file, not a checkpoint, a stem of another observation shape
+        fail(f"--init-stem-from {path}: {one_line(e)}")
+
+
+def save_checkpoint(agent, args, path, **state):
+    """Atomic (a temp file, then a rename), of CPU copies (a GPU's loads on a CPU); with `state`, one to --resume from."""
+    cpu = lambda x: {k: cpu(v) for k, v in x.items()} if isinstance(x, dict) else x.cpu() if torch.is_tensor(x) else x
+    checkpoint = {"script": os.path.basename(__file__), "model": agent.state_dict(), "args": vars(args), **state}
+    torch.save(cpu(checkpoint), f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
+def parse_args(argv=None):
+    """(args, checkpoint): with --resume, the checkpoint's args are the defaults and the flags given win."""
+    args = tyro.cli(Args, args=argv)
+    try:
+        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True) if args.resume else None
+        if checkpoint is not None and "optimizer" not in checkpoint:
+            raise ValueError("a model.pt holds the weights only: resume from a checkpoint.pt")
+        return (tyro.cli(Args, args=argv, default=Args(**checkpoint["args"])) if checkpoint else args), checkpoint
+    except Exception as e:  # no such file, not a checkpoint, another script's
+        fail(f"--resume {args.resume}: {one_line(e)}")
+
+
+def resume(checkpoint, agent, optimizer, args):
+    """The model and the optimizer from the checkpoint (flags given win); RNGs reseeded from (seed, step)."""
+    try:
+        agent.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except Exception as e:  # another agent's shapes (--hidden-size, another game), a model.pt
+        fail(f"--resume {args.resume}: the checkpoint does not fit: {one_line(e)}")
+    optimizer.param_groups[0].update(lr=args.learning_rate, alpha=args.rms_alpha, eps=args.rms_eps)  # flags win
+    seed = int(np.random.SeedSequence([args.seed, checkpoint["global_step"]]).generate_state(1)[0])
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+
+
+def progress(elapsed, steps_done, steps_left):
+    """elapsed=4m09s eta=10h31m: the elapsed time, and an ETA at this process's steps/s so far."""
+    hms = lambda s: f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+    return f"elapsed={hms(round(elapsed))} eta={hms(round(elapsed * steps_left / steps_done))}"
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args, checkpoint = parse_args()
     check_args(args)
-    resumed = load_resume(args)  # before anything is made or written: a wrong file costs nothing
     args.batch_size = args.num_envs * args.num_steps
     args.num_iterations = args.total_timesteps // args.batch_size
-    if resumed:  # the logs go on in the checkpoint's run directory
-        run_name = resumed["run_name"]
-    else:
-        # the core and unroll are in the name: runs of a sweep started in the same second never share a directory
-        run_name = f"{args.env_id}__{args.exp_name}__{args.core}__T{args.num_steps}__{args.seed}__{int(time.time())}"
-        if os.path.exists(f"runs/{run_name}"):
-            fail(f"runs/{run_name} exists; a run directory is never shared by two runs")
 
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    # full float32 matmuls: with TF32 (a common global setting) the cell's sums over T x B lose three digits and
-    # the float32 RTRL/BPTT agreement (README) is gone; cuDNN convolutions (the stem) may keep TF32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False  # with TF32 the cell's sums over T x B lose three digits
     device, device_line = pick_device(args)
     print(device_line, flush=True)
-    # on the CPU the T kept graphs were faster than a second forward (README); on a GPU they are many tiny kernels
-    stem_in_update = args.stem_in_update == "on" or (args.stem_in_update == "auto" and device.type == "cuda")
 
     spec = envpool.make_spec(args.env_id)
-    obs_shape = tuple(spec.observation_space.shape)
-    agent = Agent(obs_shape, spec.action_space.n, args.hidden_size, args.core, args.freeze_stem).to(device)
-    if args.init_stem_from and not resumed:  # before anything is written or any env starts: a wrong file costs nothing
+    agent = Agent(spec.observation_space.shape, spec.action_space.n, args.hidden_size, args.core, args.freeze_stem).to(device)
+    params = [p for p in agent.parameters() if p.requires_grad]  # a frozen stem's get no optimizer state either
+    optimizer = torch.optim.RMSprop(params, lr=args.learning_rate, alpha=args.rms_alpha, eps=args.rms_eps)
+    start_iteration, global_step = (checkpoint["iteration"], checkpoint["global_step"]) if checkpoint else (0, 0)
+    if checkpoint:  # before anything is written: a file that does not fit costs nothing
+        resume(checkpoint, agent, optimizer, args)
+    elif args.init_stem_from:
         load_stem(agent, args.init_stem_from)
-    elif args.freeze_stem and not resumed:
-        print("--freeze-stem without --init-stem-from: the stem stays at its random initialization")
-    # a frozen stem's parameters get no gradient, and no optimizer state either
-    optimizer = torch.optim.RMSprop(
-        [p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate, alpha=args.rms_alpha, eps=args.rms_eps
-    )
-    # still before anything is written: a checkpoint that does not fit is refused with the run directory untouched
-    start_iteration, global_step = restore(resumed, agent, optimizer) if resumed else (0, 0)
-
-    # resumed: TensorBoard drops what an interrupted run logged after its checkpoint, and the event files go on
-    writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step + 1 if resumed else None)
+    run_name = f"{args.env_id}__{args.exp_name}__{args.core}__T{args.num_steps}__{args.seed}__{int(time.time())}"
+    run_name = checkpoint["run_name"] if checkpoint else run_name  # resumed: its logs go on after its step (purge_step)
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step + 1 if checkpoint else None)
     writer.add_text("device", device_line)
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
-    num_eval_envs = max(1, min(args.eval_episodes, args.num_envs))
-    seeds = env_seeds(args.seed, args.num_envs + num_eval_envs)
-    if resumed:
-        print(
-            f"resumed runs/{run_name} at global_step={global_step}: every environment starts a new episode, "
-            "recurrent state and sensitivities zero"
-        )
-    # resumed: new episodes from new seeds, not a replay of the run's start (evaluation keeps the run's own)
-    train_seeds = env_seeds([args.seed, global_step], args.num_envs) if resumed else seeds[: args.num_envs]
-    eval_seeds = seeds[args.num_envs :]
-    envs = ProcgenEnvs(args.env_id, train_seeds, args.start_level, args.num_levels, device)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    # resumed: every environment starts a new episode, from new seeds, and c and the sensitivities from zero
+    seeds = env_seeds([args.seed, global_step], args.num_envs + min(args.eval_episodes, args.num_envs))
+    envs = ProcgenEnvs(args.env_id, seeds[: args.num_envs], args.start_level, args.num_levels, device)
 
     T, B = args.num_steps, args.num_envs
-    rollout = Rollout(
-        obs=torch.zeros((T, B, *obs_shape), dtype=torch.uint8, device=device),
-        last_rewards=torch.zeros((T, B), device=device),
-        firsts=torch.zeros((T, B), dtype=torch.bool, device=device),
-        deads=torch.zeros((T, B), dtype=torch.bool, device=device),
-        actions=torch.zeros((T, B), dtype=torch.long, device=device),
-        rewards=torch.zeros((T, B), device=device),
-        terms=torch.zeros((T, B), dtype=torch.bool, device=device),
-        values=torch.zeros((T, B), device=device),
-    )
-    # a resumed run's episodes are new ones: they start from zero state and sensitivities, as every episode does
     c, sens = agent.cell.initial_state(B)
-    start_step, start_time, recent_returns = global_step, time.time(), []
-    progress = Progress(global_step, args.num_iterations * B * T)
-    eval_time, next_eval, results = 0.0, global_step + args.eval_every, {}
-    checkpoint_path, next_checkpoint = f"runs/{run_name}/checkpoint.pt", global_step + args.checkpoint_every
-    stop = StopSignals()
+    start_step, start_time, last_line, recent_returns, eval_time = global_step, time.time(), 0.0, [], 0.0
+    checkpoint_path = f"runs/{run_name}/checkpoint.pt"
+    stop = []  # Ctrl-C / SIGTERM: the update is finished, the checkpoint written, and the exit code 128 + signum
+    handlers = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
 
     for iteration in range(start_iteration + 1, args.num_iterations + 1):
+        last = iteration == args.num_iterations
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * args.learning_rate
 
-        c0, features = c, []
-        for step in range(T):
+        c0, features, steps = c, [], []
+        for _ in range(T):
             global_step += B
-            rollout.obs[step], rollout.last_rewards[step] = envs.obs, envs.last_reward
-            rollout.firsts[step], rollout.deads[step] = envs.first, envs.dead
-            features.append(rollout_features(agent, envs.obs, envs.last_reward, stem_in_update))
-            action, rollout.values[step], c = agent.act(features[-1], c, envs.first)
-            rollout.actions[step] = action
-            rollout.rewards[step], rollout.terms[step], episodes = envs.step(action)
+            features.append(agent.features(envs.obs, envs.last_reward))  # with the stem's graph, for the update
+            action, value, c = agent.act(features[-1], c, envs.first)
+            seen = (envs.obs, envs.last_reward, envs.first, envs.terminal_obs)
+            reward, term, episodes = envs.step(action)
+            steps.append((*seen, action, reward, term, value))
             for _, episode_return, episode_length, _ in episodes:
                 writer.add_scalar("charts/episodic_return", episode_return, global_step)
                 writer.add_scalar("charts/episodic_length", episode_length, global_step)
                 recent_returns = (recent_returns + [episode_return])[-20:]
+        rollout = Rollout(*map(torch.stack, zip(*steps)))
 
-        update_start = timer(device)
         with torch.no_grad():  # c itself moves on in the next rollout
             next_value = agent.act(agent.features(envs.obs, envs.last_reward), c, envs.first)[1]
-        rollout.features = None if stem_in_update else torch.stack(features)  # None: compute_gradients recomputes
         returns = n_step_returns(rollout, next_value, args.gamma)
         optimizer.zero_grad()
-        stats, sens, rtrl_time = compute_gradients(agent, rollout, returns, c0, sens, args)
+        stats, sens = compute_gradients(agent, rollout, torch.stack(features), returns, c0, sens, args)
         grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
         optimizer.step()
-        update_time = timer(device) - update_start
 
         sps = int((global_step - start_step) / (time.time() - start_time - eval_time))  # this process's steps only
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
         for key, value in stats.items():
             writer.add_scalar(f"losses/{key}", value, global_step)
         writer.add_scalar("losses/grad_norm", grad_norm.item(), global_step)
-        writer.add_scalar("charts/rtrl_share_of_update", rtrl_time / update_time, global_step)
         writer.add_scalar("charts/SPS", sps, global_step)
-        if progress.due() or iteration == args.num_iterations:
-            mean_return = f"{np.mean(recent_returns):.2f}" if recent_returns else "n/a"
-            print(
-                f"global_step={global_step} SPS={sps} {progress(global_step)} "
-                f"return(last {len(recent_returns)} episodes)={mean_return} "
-                f"entropy={stats['entropy'] / (T * B):.3f} rtrl_share={rtrl_time / update_time:.3f}",
-                flush=True,
-            )
-
-        # stopping (Ctrl-C / SIGTERM): no evaluation is started, the checkpoint comes first
-        due = global_step >= next_eval or iteration == args.num_iterations
-        if args.eval_episodes > 0 and due and not stop.signum:
-            eval_start, next_eval = time.time(), global_step + args.eval_every
-            results = evaluate_level_sets(agent, args, eval_seeds, device, writer, global_step)
+        if time.time() - last_line > 10 or last:
+            last_line, mean_return = time.time(), f"{np.mean(recent_returns):.2f}" if recent_returns else "n/a"
+            clock = progress(time.time() - start_time, global_step - start_step, args.num_iterations * B * T - global_step)
+            print(f"global_step={global_step} SPS={sps} {clock} return(last 20 episodes)={mean_return}", flush=True)
+        # an evaluation at each multiple of --eval-every (not when stopping: the checkpoint comes first), and at the end
+        if args.eval_episodes > 0 and (global_step % args.eval_every < B * T or last) and not stop:
+            eval_start = time.time()
+            evaluate_level_sets(agent, args, seeds[args.num_envs :], device, writer, global_step)
             eval_time += time.time() - eval_start
-            print(
-                f"global_step={global_step} greedy eval: "
-                + ", ".join(f"{name} {np.mean([r for r, _ in episodes]):.2f}" for name, episodes in results.items()),
-                flush=True,
-            )
-
-        if stop.signum or (args.checkpoint_every and global_step >= next_checkpoint):
-            save_checkpoint(agent, args, checkpoint_path, **training_state(optimizer, run_name, iteration, global_step))
-            next_checkpoint = global_step + args.checkpoint_every
-        if stop.signum:
-            envs.close()
-            writer.close()
-            print(
-                f"stopped by {signal.Signals(stop.signum).name} at global_step={global_step}; checkpoint: "
-                f"{checkpoint_path} (continue with --resume {checkpoint_path})",
-                flush=True,
-            )
-            sys.exit(128 + stop.signum)
+        # a checkpoint at each multiple of --checkpoint-every (one was passed in this update), and at the end
+        if stop or (args.checkpoint_every and (global_step % args.checkpoint_every < B * T or last)):
+            state = dict(optimizer=optimizer.state_dict(), run_name=run_name, iteration=iteration, global_step=global_step)
+            save_checkpoint(agent, args, checkpoint_path, **state)
+        if stop:
+            print(f"stopped by {signal.Signals(stop[0]).name} at global_step={global_step}: --resume {checkpoint_path}")
+            envs.close(), writer.close(), sys.exit(128 + stop[0])
     envs.close()
-    stop.restore()  # from here on Ctrl-C stops at once
-    if args.checkpoint_every:  # the end of training (a resumed run with no step left to train: as it was loaded)
-        final = max(start_iteration, args.num_iterations)
-        save_checkpoint(agent, args, checkpoint_path, **training_state(optimizer, run_name, final, global_step))
+    for signum, handler in handlers.items():  # from here on, Ctrl-C stops at once
+        signal.signal(signum, handler)
 
     if args.save_model:
-        model_path = f"runs/{run_name}/model.pt"
-        save_checkpoint(agent, args, model_path)
-        print(f"model saved to {model_path}")
-    if results:
-        print(f"\ngreedy evaluation at step {global_step}, {args.eval_episodes} episodes per level set:")
-        print(f"{'level set':<12}{'levels':<22}{'mean return':>12}{'std':>8}")
-        for name, (start, num) in level_sets(args).items():
-            levels = f"[{start}, {start + num})" if num > 0 else f"[{start}, inf)"
-            episode_returns = [r for r, _ in results[name]]
-            print(f"{name:<12}{levels:<22}{np.mean(episode_returns):>12.2f}{np.std(episode_returns):>8.2f}")
-        test_returns = [r for name, episodes in results.items() if name != "train" for r, _ in episodes]
-        if test_returns:
-            print(f"{'test (all)':<34}{np.mean(test_returns):>12.2f}{np.std(test_returns):>8.2f}")
+        save_checkpoint(agent, args, f"runs/{run_name}/model.pt")
+        print(f"model saved to runs/{run_name}/model.pt")
     writer.close()

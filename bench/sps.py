@@ -160,7 +160,7 @@ def fake_rollout(script, obs_shape, num_actions, T, B, g, device):
         obs=torch.randint(0, high, (T, B, *obs_shape), generator=g, dtype=torch.uint8),
         last_rewards=torch.randn(T, B, generator=g),
         firsts=torch.rand(T, B, generator=g) < 0.01,
-        deads=torch.rand(T, B, generator=g) < 0.01,
+        terminal_obs=torch.rand(T, B, generator=g) < 0.01,
         actions=torch.randint(0, num_actions, (T, B), generator=g),
         rewards=torch.randn(T, B, generator=g),
         terms=torch.rand(T, B, generator=g) < 0.01,
@@ -233,12 +233,13 @@ def iteration_split(script, core, args, device):
 
         timed("update: grad clip + RMSprop", optimizer_step)
 
-        # the script's own update on the same rollout (stem graphs kept as in the rollout, if they are), as a check
+        # the script's own update on the same rollout (given the stem's graphs as the rollout keeps them, if it does)
+        features = []
         if known["keeps_stem_graphs"]:
-            rollout.features = torch.stack([agent.features(rollout.obs[t], rollout.last_rewards[t]) for t in range(T)])
+            features = [torch.stack([agent.features(rollout.obs[t], rollout.last_rewards[t]) for t in range(T)])]
         optimizer.zero_grad()
         update, sens = script.compute_gradients, copy(sens0)
-        timed(CHECK, lambda: update(agent, rollout, returns, c0, sens, cfg))
+        timed(CHECK, lambda: update(agent, rollout, *features, returns, c0, sens, cfg))
         for part, s in seconds.items():
             best[part] = min(best[part], s)
     return best

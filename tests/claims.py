@@ -8,6 +8,7 @@ tests reuse the references.
 
 import dataclasses
 import glob
+import inspect
 import os
 
 import torch
@@ -190,16 +191,21 @@ class VectorMLP(Vector):
         return agent.stem(obs.double())
 
 
-def dead_steps(script):
-    """Whether the script's episodes end with a step on the terminal observation (EnvPool's), marked `deads`; without
-    one (bsuite's, reset at once), the step after a termination starts the next episode."""
-    return "deads" in {f.name for f in dataclasses.fields(script.Rollout)}
+def terminal_obs_steps(script):
+    """Whether the script's episodes end with a step on the terminal observation (EnvPool's), marked `terminal_obs`;
+    without one (bsuite's, reset at once), the step after a termination starts the next episode."""
+    return "terminal_obs" in {f.name for f in dataclasses.fields(script.Rollout)}
+
+
+def terminal_obs(r):
+    """A rollout's terminal-observation flags (T x B), or None if its episodes have no such step."""
+    return getattr(r, "terminal_obs", None)
 
 
 def random_rollouts(script, num, steps, batch, seed=2, obs_kind=Pixels):
     g = torch.Generator().manual_seed(seed)
-    if dead_steps(script):
-        terms, deads, firsts = episode_flags(num * steps, batch, g)
+    if terminal_obs_steps(script):
+        terms, terminal, firsts = episode_flags(num * steps, batch, g)
     else:
         terms = torch.rand(num * steps, batch, generator=g) < 0.25
         firsts = torch.cat([torch.ones(1, batch, dtype=torch.bool), terms[:-1]])
@@ -211,7 +217,7 @@ def random_rollouts(script, num, steps, batch, seed=2, obs_kind=Pixels):
                 obs=obs_kind.sample(steps, batch, g),
                 last_rewards=3 * torch.randn(steps, batch, generator=g, dtype=torch.float64),
                 firsts=firsts[span],
-                **({"deads": deads[span]} if dead_steps(script) else {}),
+                **({"terminal_obs": terminal[span]} if terminal_obs_steps(script) else {}),
                 terms=terms[span],
                 actions=torch.randint(0, NUM_ACTIONS, (steps, batch), generator=g),
                 rewards=3 * torch.randn(steps, batch, generator=g, dtype=torch.float64),
@@ -232,7 +238,7 @@ def reference_returns(r, next_value, gamma):
                 if s == steps:
                     g += discount * next_value[b]
                     break
-                if hasattr(r, "deads") and r.deads[s, b]:  # a terminal observation: its value bootstraps
+                if terminal_obs(r) is not None and terminal_obs(r)[s, b]:  # a terminal observation: its value bootstraps
                     g += discount * r.values[s, b]
                     break
                 g += discount * r.rewards[s, b].clamp(-1, 1)
@@ -245,7 +251,8 @@ def reference_returns(r, next_value, gamma):
 
 def check_returns_bootstrap_truncations_and_cut_terminations(script):
     (r,) = random_rollouts(script, 1, 12, 4)
-    assert r.terms.any() and (not dead_steps(script) or (r.deads[1:] & ~r.terms[:-1]).any()), "needs both kinds of end"
+    ends = not terminal_obs_steps(script) or (r.terminal_obs[1:] & ~r.terms[:-1]).any()
+    assert r.terms.any() and ends, "needs both kinds of end"
     next_value = torch.randn(4, dtype=torch.float64)
     torch.testing.assert_close(script.n_step_returns(r, next_value, 0.9), reference_returns(r, next_value, 0.9))
 
@@ -284,7 +291,7 @@ def reference_rollout_loss(agent, rollouts, returns, core, args, obs_kind=Pixels
     h = cs[..., :HIDDEN] if core == "lstm" else torch.sigmoid(agent.gate(torch.cat([x, cs], -1))) * cs
     logp = torch.log_softmax(agent.actor(h), -1)
     value = agent.critic(h)[..., 0]
-    live = (~r.deads).double() if hasattr(r, "deads") else torch.ones_like(returns)
+    live = torch.ones_like(returns) if terminal_obs(r) is None else (~terminal_obs(r)).double()
     adv = (returns - value).detach()
     pg = -(live * logp.gather(-1, r.actions[..., None])[..., 0] * adv).sum()
     ent = -(live * (logp.exp() * logp).sum(-1)).sum()
@@ -292,11 +299,14 @@ def reference_rollout_loss(agent, rollouts, returns, core, args, obs_kind=Pixels
 
 
 def script_grads(script, agent, rollouts, returns, args):
-    """The script's update over consecutive rollouts with the carried c and sensitivities (no step)."""
+    """The script's update over consecutive rollouts with the carried c and sensitivities (no step). A script whose
+    update takes the rollout's features (`x`) gets them as its rollout keeps them: step by step, with the stem's graph."""
     c, sens = agent.cell.initial_state(rollouts[0].obs.shape[1])
+    takes_features = "x" in inspect.signature(script.compute_gradients).parameters
     for r in rollouts:
         agent.zero_grad(set_to_none=True)
-        sens = script.compute_gradients(agent, r, returns, c, sens, args)[1]
+        x = [torch.stack([agent.features(o, lr) for o, lr in zip(r.obs, r.last_rewards)])] if takes_features else []
+        sens = script.compute_gradients(agent, r, *x, returns, c, sens, args)[1]
         with torch.no_grad():
             c = agent.cell(agent.features(r.obs, r.last_rewards), c, agent.resets(r.firsts))[-1]
     return {k: p.grad for k, p in agent.named_parameters()}
@@ -337,7 +347,6 @@ UPDATE_SCALARS = (
     "losses/value_loss",
     "losses/entropy",
     "losses/grad_norm",
-    "charts/rtrl_share_of_update",
 )
 
 
@@ -432,7 +441,7 @@ def check_frozen_stem_gets_nothing_and_the_rest_is_exact(script, core, impl):
     heads'); the stem gets no gradient and so no update; every other gradient equals the float64 reference."""
     torch.manual_seed(0)
     agent = script.Agent(Pixels.shape, NUM_ACTIONS, HIDDEN, core, freeze_stem=True).double()
-    args = script.Args(core=core, rtrl_impl=impl, freeze_stem=True)
+    args = script.Args(core=core, freeze_stem=True, **({"rtrl_impl": impl} if hasattr(script.Args, "rtrl_impl") else {}))
     rollouts = random_rollouts(script, 3, 5, 3)
     returns = torch.randn(5, 3, dtype=torch.float64)
     stem_before = {k: v.clone() for k, v in agent.stem.state_dict().items()}
@@ -453,9 +462,21 @@ def check_frozen_stem_gets_nothing_and_the_rest_is_exact(script, core, impl):
     assert all(torch.equal(v, stem_before[k]) for k, v in agent.stem.state_dict().items())
 
 
-def check_init_stem_from(script, tmp_path, capsys, obs_shape, other_obs_shape):
-    """--init-stem-from copies exactly the stem of a checkpoint written with another core; a missing file, a
-    file that is not a checkpoint, another script's or another observation shape's is a one-line error, exit 2."""
+INIT_STEM_ERRORS = {  # a file of each kind below, and what the one-line error says of it (rtrl_impala_dmlab.py's)
+    "missing.pt": "no such file",
+    ".": "a directory, not a file",  # a run directory given for its model.pt
+    "text.pt": "not a checkpoint",
+    "list.pt": "not a checkpoint",
+    "other.pt": "written by other_script.py",
+    "mlp.pt": "its stem does not fit",
+    "shape.pt": "its stem does not fit",
+}
+
+
+def check_init_stem_from(script, tmp_path, capsys, obs_shape, other_obs_shape, errors=INIT_STEM_ERRORS):
+    """--init-stem-from copies exactly the stem of a checkpoint written with another core; each file of `errors` (a
+    missing file, a directory, a file that is not a checkpoint, another script's or another observation shape's) is
+    a one-line error, exit 2, that names the flag and the file and says what `errors` says (case aside)."""
     torch.manual_seed(0)
     source = script.Agent(obs_shape, NUM_ACTIONS, HIDDEN, "tbptt")
     script.save_checkpoint(source, script.Args(core="tbptt"), str(tmp_path / "tbptt.pt"))
@@ -473,17 +494,8 @@ def check_init_stem_from(script, tmp_path, capsys, obs_shape, other_obs_shape):
     torch.save({"model": mlp_stem, "args": {}}, tmp_path / "mlp.pt")
     torch.save([1, 2], tmp_path / "list.pt")
     (tmp_path / "text.pt").write_text("not a checkpoint\n")
-    cases = {
-        "missing.pt": "no such file",
-        ".": "a directory, not a file",  # a run directory given for its model.pt
-        "text.pt": "not a checkpoint",
-        "list.pt": "not a checkpoint",
-        "other.pt": "written by other_script.py",
-        "mlp.pt": "its stem does not fit",
-        "shape.pt": "its stem does not fit",
-    }
     capsys.readouterr()
-    for name, message in cases.items():
+    for name, message in errors.items():
         try:
             script.load_stem(agent, str(tmp_path / name))
         except SystemExit as e:
@@ -491,7 +503,8 @@ def check_init_stem_from(script, tmp_path, capsys, obs_shape, other_obs_shape):
         else:
             raise AssertionError(f"{name} was accepted")
         err = capsys.readouterr().err
-        assert message in err and len(err.strip().splitlines()) == 1, (name, err)
+        assert f"--init-stem-from {tmp_path / name}: " in err and len(err.strip().splitlines()) == 1, (name, err)
+        assert message.lower() in err.lower(), (name, err)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,8 +539,8 @@ def all_tensors(obj):
 
 def check_checkpoint_holds_cpu_copies(script, make_agent, tmp_path, monkeypatch):
     """No GPU here, so a tensor's .cpu() is marked instead: every tensor the script's save_checkpoint writes (model,
-    optimizer state, RNG states) must have come out of .cpu(), which on a GPU is the copy a CPU-only machine can
-    load; the file loads with map_location="cpu" and restore() gives back the same bits."""
+    optimizer state) must have come out of .cpu(), which on a GPU is the copy a CPU-only machine can load; the file
+    loads with map_location="cpu" and resume() gives back the same bits."""
     agent = make_agent()
     optimizer = torch.optim.RMSprop(agent.parameters())
     sum(p.sum() for p in agent.parameters()).backward()
@@ -542,7 +555,8 @@ def check_checkpoint_holds_cpu_copies(script, make_agent, tmp_path, monkeypatch)
     monkeypatch.setattr(torch.Tensor, "cpu", marked_cpu)
     monkeypatch.setattr(torch, "save", lambda obj, f: (written.append(obj), save(obj, f)))
     path = str(tmp_path / "checkpoint.pt")
-    script.save_checkpoint(agent, script.Args(), path, **script.training_state(optimizer, "r", 1, 10))
+    state = dict(optimizer=optimizer.state_dict(), run_name="r", iteration=1, global_step=10)
+    script.save_checkpoint(agent, script.Args(), path, **state)
     tensors = all_tensors(written[0])
     assert len(tensors) > 2 * len(agent.state_dict()) and all(id(t) in moved for t in tensors)
     monkeypatch.undo()
@@ -550,6 +564,6 @@ def check_checkpoint_holds_cpu_copies(script, make_agent, tmp_path, monkeypatch)
     assert all(t.device.type == "cpu" for t in all_tensors(loaded))
     again = make_agent()
     again_optimizer = torch.optim.RMSprop(again.parameters())
-    script.restore(loaded, again, again_optimizer)
+    script.resume(loaded, again, again_optimizer, script.Args(learning_rate=0.01, rms_alpha=0.99, rms_eps=1e-8))
     assert same_tensors(again.state_dict(), agent.state_dict())
     assert same_tensors(again_optimizer.state_dict(), optimizer.state_dict())

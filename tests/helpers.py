@@ -21,9 +21,9 @@ def run_script(script, cwd, *flags, env=None):
 
 def episode_flags(steps, batch, g):
     """Flags as the scripts' env wrappers make them, env by env: episodes of random length whose last step returns
-    terminated (half of them) or truncated; the next step takes the terminal observation (dead), the one after
-    starts anew (first)."""
-    terms, deads, firsts = (torch.zeros(steps, batch, dtype=torch.bool) for _ in range(3))
+    terminated (half of them) or truncated; the next step takes the terminal observation (terminal_obs), the one
+    after starts anew (first)."""
+    terms, terminal_obs, firsts = (torch.zeros(steps, batch, dtype=torch.bool) for _ in range(3))
     for b in range(batch):
         start = 0
         while start < steps:
@@ -31,9 +31,9 @@ def episode_flags(steps, batch, g):
             last = start + int(torch.randint(0, 4, (1,), generator=g))
             if last + 1 < steps:
                 terms[last, b] = bool(torch.rand(1, generator=g) < 0.5)
-                deads[last + 1, b] = True
+                terminal_obs[last + 1, b] = True
             start = last + 2
-    return terms, deads, firsts
+    return terms, terminal_obs, firsts
 
 
 def child_pids(pid):
