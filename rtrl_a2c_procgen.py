@@ -1,10 +1,9 @@
 """A2C with an element-wise LSTM trained by exact real-time recurrent learning (RTRL) on ProcGen.
 
 Irie, Gopalakrishnan, Schmidhuber, "Exploring the Promise and Limits of Real-Time Recurrent Learning", ICLR 2024
-(arXiv 2305.19044). The eLSTM's recurrence is diagonal, so its RTRL sensitivities cost O(B N D) per step, like its
-input projection: the recurrent parameters get untruncated gradients from carried sensitivities, no stored history.
-Trained on a fixed set of levels, evaluated greedily on those and on held-out levels. The default is the paper's main
-ProcGen experiment, Chaser in hard mode on 500 training levels (it compares unrolls 5 and 50: --num-steps).
+(arXiv 2305.19044). The eLSTM's recurrence is diagonal, so its RTRL sensitivities cost O(B N D) per step: untruncated
+gradients with no stored history. Trained on a fixed set of levels, evaluated greedily on those and on held-out ones;
+the default is the paper's main ProcGen run, Chaser in hard mode on 500 levels (it compares --num-steps 5 and 50).
 
     python rtrl_a2c_procgen.py --checkpoint-every 1000000         # --core tbptt | lstm | ff: the baselines
     python rtrl_a2c_procgen.py --resume runs/<run>/checkpoint.pt  # goes on; flags given with it win
@@ -127,8 +126,7 @@ class ProcgenEnvs:
     next one `first` (state and sensitivities reset)."""
 
     def __init__(self, env_id, seeds, start_level, num_levels, device):
-        seeds = [int(s) for s in seeds]
-        kwargs = dict(num_envs=len(seeds), env_seed=seeds, start_level=start_level, num_levels=num_levels)
+        kwargs = dict(num_envs=len(seeds), env_seed=[int(s) for s in seeds], start_level=start_level, num_levels=num_levels)
         self.envs = envpool.make(env_id, env_type="gymnasium", **kwargs)
         self.close = self.envs.close
         self.device, n = device, len(seeds)
