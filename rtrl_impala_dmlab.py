@@ -1074,6 +1074,8 @@ def resume(checkpoint, agent, optimizer, args):
         optimizer.load_state_dict(checkpoint["optimizer"])
     except Exception as e:  # another agent's shapes (--hidden-size, --core), --freeze-stem on or off
         fail(f"--resume {args.resume}: the checkpoint does not fit: {one_line(e)}")
+    if checkpoint["args"]["world_size"] != args.world_size:  # an update's batch, so its steps and LR schedule, would change
+        fail(f"--resume {args.resume}: its run had {checkpoint['args']['world_size']} learners, this one {args.world_size}")
     optimizer.param_groups[0].update(lr=args.learning_rate, alpha=args.rms_alpha, eps=args.rms_eps)  # flags win
     seed = int(np.random.SeedSequence([args.seed, checkpoint["global_step"]]).generate_state(1)[0])
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)

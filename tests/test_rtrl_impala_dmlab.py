@@ -722,6 +722,7 @@ def test_a_resumed_run_goes_on_from_its_step_with_new_episodes_from_zero_state(s
         (None, ["--resume", "missing.pt"], "--resume missing.pt: [Errno 2] No such file or directory: 'missing.pt'"),
         ("truncate", [], "PytorchStreamReader failed"),
         ("weights only", [], "a model.pt holds the weights only: resume from a checkpoint.pt"),
+        ("two learners", [], "its run had 2 learners, this one 1"),  # torchrun's WORLD_SIZE: each update's batch
         (None, ["--hidden-size", "64"], "does not fit: Error(s) in loading state_dict for Agent: size mismatch for cell.w_z"),
         (
             None,
@@ -742,10 +743,15 @@ def test_a_checkpoint_that_does_not_fit_is_a_one_line_error(stopped, tmp_path, m
     if change == "truncate":
         path.write_bytes((run.dir / "runs" / run.name / "checkpoint.pt").read_bytes()[:3000])
     else:
-        torch.save({"model": run.saved["model"], "args": run.saved["args"]} if change else run.saved, path)
+        edited = {
+            "weights only": {"model": run.saved["model"], "args": run.saved["args"]},
+            "two learners": {**run.saved, "args": {**run.saved["args"], "world_size": 2}},
+        }
+        torch.save(edited.get(change, run.saved), path)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        run_in_process(tmp_path, ["--resume", str(path), *flags], monkeypatch)
+        short = ["--total-timesteps", "20", "--eval-episodes", "0"]  # were it accepted: an update at most
+        run_in_process(tmp_path, ["--resume", str(path), *short, *flags], monkeypatch)
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "runs").exists()
