@@ -446,6 +446,12 @@ def pick_device(args):
     return torch.device("cpu"), ("device: cpu (--cuda: no CUDA device found)" if args.cuda else "device: cpu")
 
 
+def progress(elapsed, steps_done, steps_left):
+    """elapsed=4m09s eta=10h31m: the elapsed time, and an ETA at this process's rate so far."""
+    hms = lambda s: f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+    return f"elapsed={hms(round(elapsed))} eta={hms(round(elapsed * steps_left / steps_done)) if steps_done else '?'}"
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_args(args)
@@ -513,10 +519,10 @@ if __name__ == "__main__":
         writer.add_scalar("losses/grad_norm", grad_norm.item(), global_step)
         writer.add_scalar("charts/SPS", sps, global_step)
         if time.time() - last_line > 10 or len(successes) >= args.num_episodes:
-            last_line, elapsed, done = time.time(), time.time() - start_time, len(successes)
-            eta = f"{elapsed * (args.num_episodes - done) / done:.0f}s" if done else "?"
+            last_line, done = time.time(), len(successes)
             print(
-                f"global_step={global_step} episodes={done} SPS={sps} elapsed={elapsed:.0f}s eta={eta} "
+                f"global_step={global_step} episodes={done} SPS={sps} "
+                f"{progress(time.time() - start_time, done, args.num_episodes - done)} "
                 f"success(last 100)={np.mean(successes[-100:]) if successes else float('nan'):.2f}",
                 flush=True,
             )

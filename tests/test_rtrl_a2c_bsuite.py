@@ -157,6 +157,10 @@ def test_bad_input_is_a_one_line_error(flags, message, capsys):
     helpers.bad_input_in_process(lambda argv: bs.check_args(tyro.cli(bs.Args, args=argv)), flags, message, capsys)
 
 
+def test_the_progress_line_has_no_eta_before_the_first_episode_ends():
+    assert bs.progress(3.2, 0, 10_000) == "elapsed=3s eta=?"
+
+
 def test_the_script_checks_its_input_before_it_starts(tmp_path):
     proc = helpers.run_script(SCRIPT, tmp_path, "--env-id", "memory_len/30")
     checks.check_bad_input_is_a_one_line_error(proc, "unknown bsuite memory id 'memory_len/30'", tmp_path)
