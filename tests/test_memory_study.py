@@ -34,7 +34,8 @@ def test_quick_study_runs_every_config_and_reports_bsuites_verdicts(quick):
         right = {str(study.LENGTHS["memory_len"][r["config"]["setting"]]): 1 - r["metrics"]["wrong_fraction"] for r in mine}
         assert {k: v["right"]["values"] for k, v in row["lengths"].items()} == {k: [v] for k, v in right.items()}
     table = (out / "report" / "table.md").read_text()
-    assert "| **score** |" in table and "| 4 |" in table and "actor_critic_rnn: 0.65" in table
+    assert "| configuration | score | 1 | 4 |" in table and "actor_critic_rnn: 0.65" in table
+    assert sum(line.startswith(("| `rtrl:4` | **", "| `tbptt:4` | **")) for line in table.splitlines()) == 2
     assert (out / "report" / "memory_memory_len.png").stat().st_size > 0
 
 
