@@ -270,8 +270,11 @@ def plot(results, path):
         ax.plot(xs, [np.mean(v) for v in values], "o-", color=f"C{k % 10}", markersize=3, label=r["config"])
         ax.fill_between(xs, [min(v) for v in values], [max(v) for v in values], color=f"C{k % 10}", alpha=0.15)
         seeds = list(r["scores"].values())
-        bx.bar(k, np.mean(seeds) if seeds else 0, color=f"C{k % 10}", alpha=0.7)
-        bx.scatter([k] * len(seeds), seeds, color="black", s=10, zorder=3)
+        if seeds:  # a configuration run on some settings only has no score
+            bx.bar(k, np.mean(seeds), color=f"C{k % 10}", alpha=0.7)
+            bx.scatter([k] * len(seeds), seeds, color="black", s=10, zorder=3)
+        else:
+            bx.text(k, 0.02, "some\nlengths\nonly", ha="center", fontsize=7)
     ax.axhline(LEARNED_RIGHT, color="gray", linestyle="--", linewidth=1, label="bsuite: learned above")
     ax.set_xscale("log")
     ax.set_xlabel("memory length" if experiment == "memory_len" else "bits")
