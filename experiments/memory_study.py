@@ -22,7 +22,6 @@ import os
 import re
 import shlex
 import sys
-import tempfile
 from dataclasses import dataclass, replace
 from typing import Annotated
 
@@ -32,7 +31,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import unroll_study as runner  # noqa: E402 (the resumable runner this study shares)
-from unroll_study import ROOT, fail, finished, parse_flags, parse_sets, plt, save_figure, save_text, spread  # noqa: E402
+from unroll_study import ROOT, fail, finished, parse_sets, plt, save_figure, save_text, spread  # noqa: E402
 
 NUM_EPISODES = 10_000  # bsuite's sweep.NUM_EPISODES: the episodes it scores
 LEARNED_RIGHT = 0.625  # bsuite's threshold, regret ratio < 0.75, as a fraction of right answers: 1 - 0.75 / 2
@@ -92,17 +91,7 @@ def parse_config(spec):
 
 
 def parse_args(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    for i in range(len(argv) - 1):  # tyro would read the value "--flags ..." of --extra as a flag
-        if argv[i] == "--extra":
-            argv[i : i + 2] = [f"--extra={argv[i + 1]}"]
-            break
-    args = tyro.cli(Args, args=argv)
-    chosen = QUICK if args.quick else DEFAULTS
-    args = replace(args, **{k: v for k, v in chosen.items() if getattr(args, k) is None})  # explicit flags win
-    extra = parse_flags(args.extra)
-    if args.quick:
-        extra = {**parse_flags(QUICK["extra"]), **extra}
+    args, extra = runner.read_flags(Args, argv, DEFAULTS, QUICK)
     if args.experiment not in LENGTHS:
         fail(f"--experiment must be one of {', '.join(LENGTHS)}, got {args.experiment!r}")
     if args.settings is None:
@@ -115,12 +104,7 @@ def parse_args(argv=None):
     for flag in [*extra, *(f"--{name}" for name in sets)]:
         if flag in GRID_FLAGS:
             fail(f"{flag} is set by the runner (use --settings, --configs, --seeds)")
-    if not args.report_only and not os.path.isfile(args.script):
-        fail(f"the training script {args.script} does not exist (see --script)")
-    if args.out_dir is None:
-        args.out_dir = tempfile.mkdtemp(prefix="memory_study_") if args.quick else f"{ROOT}/docs/memory_study"
-    if args.work_dir is None:
-        args.work_dir = tempfile.mkdtemp(prefix="memory_work_") if args.quick else f"{ROOT}/experiments/work"
+    runner.place(args, "memory_study")
     return args, [token for flag, values in extra.items() for token in (flag, *values)], configs, sets
 
 

@@ -144,18 +144,33 @@ def parse_sets(specs):
     return sets
 
 
-def parse_args(argv=None):
+def read_flags(cls, argv, defaults, quick):
+    """(args, --extra's flags) for this runner and its siblings: the fields left out (None) take `quick`'s values
+    with --quick, else `defaults`'; --extra adds to --quick's extra flags and wins over them."""
     argv, i = list(sys.argv[1:] if argv is None else argv), 0
     while i < len(argv) - 1:  # tyro would read the value "--flags ..." of --extra as a flag: hand it `--extra=...`
         if argv[i] == "--extra":
             argv[i : i + 2] = [f"--extra={argv[i + 1]}"]
         i += 1
-    args = tyro.cli(Args, args=argv)
-    chosen = QUICK if args.quick else DEFAULTS
+    args = tyro.cli(cls, args=argv)
+    chosen = quick if args.quick else defaults
     args = replace(args, **{k: v for k, v in chosen.items() if getattr(args, k) is None})  # explicit flags win
     extra = parse_flags(args.extra)
-    if args.quick:
-        extra = {**parse_flags(QUICK["extra"]), **extra}
+    return args, ({**parse_flags(quick["extra"]), **extra} if args.quick else extra)
+
+
+def place(args, name):
+    """The training script checked; out_dir and work_dir by default in the repo, or new temp dirs with --quick."""
+    if not args.report_only and not os.path.isfile(args.script):
+        fail(f"the training script {args.script} does not exist (see --script)")
+    if args.out_dir is None:
+        args.out_dir = tempfile.mkdtemp(prefix=f"{name}_") if args.quick else f"{ROOT}/docs/{name}"
+    if args.work_dir is None:
+        args.work_dir = tempfile.mkdtemp(prefix=f"{name}_work_") if args.quick else f"{ROOT}/experiments/work"
+
+
+def parse_args(argv=None):
+    args, extra = read_flags(Args, argv, DEFAULTS, QUICK)
 
     for name in ("env_ids", "cores", "num_steps", "seeds"):
         values, flag = getattr(args, name), f"--{name.replace('_', '-')}"
@@ -181,12 +196,7 @@ def parse_args(argv=None):
     for name in sets:
         if f"--{name}" in GRID_FLAGS:
             fail(f"--set may not sweep --{name}: it is a grid flag of its own")
-    if not args.report_only and not os.path.isfile(args.script):
-        fail(f"the training script {args.script} does not exist (see --script)")
-    if args.out_dir is None:
-        args.out_dir = tempfile.mkdtemp(prefix="unroll_study_") if args.quick else f"{ROOT}/docs/unroll_study"
-    if args.work_dir is None:
-        args.work_dir = tempfile.mkdtemp(prefix="unroll_work_") if args.quick else f"{ROOT}/experiments/work"
+    place(args, "unroll_study")
     extra = [token for flag, values in extra.items() for token in (flag, *values)]
     return args, extra, sets
 
