@@ -500,7 +500,7 @@ if __name__ == "__main__":
             action, rollout.values[step], c = agent.act(agent.features(envs.obs, envs.last_reward), c, envs.first)
             rollout.actions[step] = action
             rollout.rewards[step], rollout.terms[step], ended = envs.step(action)
-            for success in ended:
+            for success in ended:  # by episode, as bsuite counts; MemoryChain's return is its last reward, +-1
                 writer.add_scalar("charts/episodic_return", 1.0 if success else -1.0, len(successes))
                 writer.add_scalar("charts/success", float(success), len(successes))
                 successes.append(success)
