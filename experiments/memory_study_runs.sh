@@ -7,9 +7,10 @@ study() { python experiments/memory_study.py --extra "--forget-bias 3 --learning
 study --configs rtrl:4 tbptt:4 lstm:32 --seeds 1                    # 23 lengths each
 study --configs rtrl:4 --seeds 2 3
 study --configs rtrl:4:stem=mlp --settings 3 5 9 13                 # where RTRL's exactness ends
-study --configs tbptt:4 lstm:32 --seeds 2 3
+study --configs tbptt:4 lstm:32 --seeds 2
 study --configs rtrl:4:forget-bias=4 --seeds 1                      # after the diagnosis (docs/memory_study/limits_bias)
 study --configs lstm:4 ff:4 --seeds 1
 study --configs lstm:32:forget-bias=2:learning-rate=1e-3 --seeds 1 # the baseline at its own best in the sweep
+study --configs tbptt:4 lstm:32 --seeds 3
 study --configs rtrl:1 --seeds 1 --settings 4 9 13 17               # fully online, four lengths
 study --configs rtrl:4:forget-bias=4 lstm:4 ff:4 --seeds 2 3
