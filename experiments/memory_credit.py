@@ -8,7 +8,7 @@ own policy and reports that product's distribution over units and episodes: for 
 biases (what learning starts from), and for the trained agents the study saved (`--save-model`), at their length.
 
     python experiments/memory_credit.py                                  # into docs/memory_study/credit.md
-    python experiments/memory_credit.py --models 'experiments/work/runs/memory_len_*__rtrl_4__s1/model.pt'
+    python experiments/memory_credit.py --models 'experiments/work/runs/memory_len_*__rtrl_4__s2/model.pt'
 """
 
 import glob
@@ -31,8 +31,12 @@ class Args:
     """memory lengths for the fresh agents (bsuite memory_len settings)"""
     forget_biases: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0)
     """--forget-bias values of the fresh agents"""
-    models: str = "experiments/work/runs/memory_len_*__rtrl_4__s*/model.pt"
-    """a glob of trained agents' model.pt (their own length); none found: fresh agents only"""
+    models: tuple[str, ...] = (
+        "experiments/work/runs/memory_len_*__rtrl_4__s1/model.pt",
+        "experiments/work/runs/memory_len_2[02]__rtrl_4_forget-bias=4__s1/model.pt",
+        "experiments/work/runs/memory_len_*__rtrl_4_stem=mlp__s1/model.pt",
+    )
+    """globs of trained agents' model.pt (saved by the study's runs, measured at their own length)"""
     episodes: int = 64
     """episodes per measurement, played in parallel"""
     hidden_size: int = 128
@@ -87,7 +91,7 @@ def main(argv=None):
         agent = bs.Agent((3,), 2, args.hidden_size, "rtrl", "none", bias)
         fresh[bias] = {length: summary(credit(agent, length, args.episodes)) for length in args.lengths}
     trained = []
-    for path in sorted(glob.glob(args.models)):
+    for path in sorted({path for pattern in args.models for path in glob.glob(pattern)}):
         saved = torch.load(path, weights_only=True)
         a = saved["args"]
         agent = bs.Agent((3,), 2, a["hidden_size"], a["core"], a["stem"])
@@ -95,7 +99,7 @@ def main(argv=None):
         length = bs.sweep.SETTINGS[a["env_id"]]["memory_length"]
         run = os.path.basename(os.path.dirname(path))
         trained.append(dict(run=run, length=length, seed=a["seed"], **summary(credit(agent, length, args.episodes))))
-    trained.sort(key=lambda r: (r["length"], r["seed"]))
+    trained.sort(key=lambda r: (r["run"].split("__")[1], r["length"], r["seed"]))
 
     lines = [
         "# Credit from the context to the query: prod_{t=2..L} |J_t| per eLSTM unit",
