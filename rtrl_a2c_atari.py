@@ -435,8 +435,10 @@ def check_args(args):
     """Only what would otherwise run silently wrong; tyro, torch and EnvPool report the rest."""
     if args.total_timesteps < args.num_envs * args.num_steps:
         fail(f"--total-timesteps {args.total_timesteps} is less than one rollout ({args.num_envs} envs x {args.num_steps})")
-    if args.max_grad_norm <= 0:  # clip_grad_norm_ would flip the gradient's sign
-        fail(f"--max-grad-norm must be positive, got {args.max_grad_norm}")
+    if not (args.learning_rate > 0 and args.max_grad_norm > 0):  # clip_grad_norm_ would flip the gradient's sign
+        fail(f"--learning-rate and --max-grad-norm must be positive, got {args.learning_rate}, {args.max_grad_norm}")
+    if not (args.rms_eps >= 0 and 0 <= args.rms_alpha <= 1 and 0 <= args.gamma <= 1):  # would run, wrongly
+        fail(f"--rms-eps must be >= 0, --rms-alpha and --gamma in [0, 1], got {args.rms_eps}, {args.rms_alpha}, {args.gamma}")
     ids = sorted(k for k, v in envpool.registration.registry.specs.items() if v[0] == "envpool.atari")
     if args.env_id not in ids:
         close = difflib.get_close_matches(args.env_id, ids, n=3, cutoff=0.5)

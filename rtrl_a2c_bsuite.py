@@ -425,6 +425,10 @@ def check_args(args):
         close = difflib.get_close_matches(args.env_id, ids, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         fail(f"unknown bsuite memory id {args.env_id!r} (memory_len/0-22, memory_size/0-16){hint}")
+    if not (args.learning_rate > 0 and args.max_grad_norm > 0):  # clip_grad_norm_ would flip the gradient's sign
+        fail(f"--learning-rate and --max-grad-norm must be positive, got {args.learning_rate}, {args.max_grad_norm}")
+    if not (args.rms_eps >= 0 and 0 <= args.rms_alpha <= 1 and 0 <= args.gamma <= 1):  # would run, wrongly
+        fail(f"--rms-eps must be >= 0, --rms-alpha and --gamma in [0, 1], got {args.rms_eps}, {args.rms_alpha}, {args.gamma}")
     for name in ("num_episodes", "num_envs", "num_steps", "hidden_size"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")

@@ -442,8 +442,10 @@ def check_args(args):
     """Only what would otherwise run silently wrong; tyro, torch and EnvPool report the rest."""
     if args.total_timesteps < args.num_envs * args.num_steps:
         fail(f"--total-timesteps {args.total_timesteps} is less than one rollout ({args.num_envs} envs x {args.num_steps})")
-    if args.max_grad_norm <= 0:  # clip_grad_norm_ would flip the gradient's sign
-        fail(f"--max-grad-norm must be positive, got {args.max_grad_norm}")
+    if not (args.learning_rate > 0 and args.max_grad_norm > 0):  # clip_grad_norm_ would flip the gradient's sign
+        fail(f"--learning-rate and --max-grad-norm must be positive, got {args.learning_rate}, {args.max_grad_norm}")
+    if not (args.rms_eps >= 0 and 0 <= args.rms_alpha <= 1 and 0 <= args.gamma <= 1):  # would run, wrongly
+        fail(f"--rms-eps must be >= 0, --rms-alpha and --gamma in [0, 1], got {args.rms_eps}, {args.rms_alpha}, {args.gamma}")
     if args.run_name and (os.sep in args.run_name or args.run_name in (".", "..")):
         fail(f"--run-name names one directory under runs/, got {args.run_name!r}")
     if args.actions == "full" and args.env_id in Envs.MASKED_CLASSIC:

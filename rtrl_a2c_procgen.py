@@ -493,8 +493,10 @@ def check_args(args):
     """Only what would otherwise run silently wrong; tyro, torch and EnvPool report the rest."""
     if args.total_timesteps < args.num_envs * args.num_steps:
         fail(f"--total-timesteps {args.total_timesteps} is less than one rollout ({args.num_envs} envs x {args.num_steps})")
-    if args.max_grad_norm <= 0:  # clip_grad_norm_ would flip the gradient's sign
-        fail(f"--max-grad-norm must be positive, got {args.max_grad_norm}")
+    if not (args.learning_rate > 0 and args.max_grad_norm > 0):  # clip_grad_norm_ would flip the gradient's sign
+        fail(f"--learning-rate and --max-grad-norm must be positive, got {args.learning_rate}, {args.max_grad_norm}")
+    if not (args.rms_eps >= 0 and 0 <= args.rms_alpha <= 1 and 0 <= args.gamma <= 1):  # would run, wrongly
+        fail(f"--rms-eps must be >= 0, --rms-alpha and --gamma in [0, 1], got {args.rms_eps}, {args.rms_alpha}, {args.gamma}")
     train = (args.start_level, args.start_level + args.num_levels if args.num_levels > 0 else math.inf)  # 0: every level
     for test in ((start, start + args.test_num_levels) for start in args.test_level_starts):  # held out: unseen
         if test[0] < train[1] and train[0] < test[1]:

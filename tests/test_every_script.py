@@ -4,11 +4,13 @@ tests/long_runs.py; what differs between the scripts is in the tables below. Eac
 only it has (its environments, its bad input, its runs as a user starts them)."""
 
 import ast
+import dataclasses
 import importlib
 import os
 from dataclasses import dataclass
 
 import claims as checks
+import helpers
 import long_runs
 import pytest
 import torch
@@ -123,6 +125,19 @@ def test_frozen_stem_gets_no_gradient_nor_backward_pass_and_the_rest_equals_auto
     if impl == "step" and not hasattr(script.Args, "rtrl_impl"):
         pytest.skip("one RTRL path in the update (ELSTM.rtrl's impl='step' is checked above)")
     checks.check_frozen_stem_gets_nothing_and_the_rest_is_exact(script, core, impl)
+
+
+@only(*A2C)
+@pytest.mark.parametrize(
+    "name,value",
+    [("learning_rate", -1e-3), ("learning_rate", 0.0), ("max_grad_norm", 0.0), ("rms_eps", -0.01)]
+    + [("rms_alpha", 1.5), ("gamma", -0.5), ("gamma", 1.01), ("gamma", float("nan"))],
+)
+def test_an_optimiser_or_return_flag_out_of_range_is_a_one_line_error(script, name, value, capsys):
+    """torch's own check is a traceback (a negative learning rate) or nothing (alpha or gamma over 1)."""
+    script.check_args(script.Args())  # the defaults pass
+    args = dataclasses.replace(script.Args(), **{name: value})
+    helpers.bad_input_in_process(lambda _: script.check_args(args), [], f"--{name.replace('_', '-')}", capsys)
 
 
 # ---------------------------------------------------------------------------------------------
