@@ -242,16 +242,17 @@ def results_csv(records):
 
 
 def plot(results, path):
-    """Left: fraction right against the length (log x), one line per configuration, mean over seeds with the seeds'
-    range shaded, bsuite's threshold dashed. Right: each configuration's bsuite score, seeds as points, against the
-    published actor_critic_rnn."""
+    """Left: fraction right against the length (log x), one line per configuration (variants dashed), mean over
+    seeds with the seeds' range shaded, bsuite's threshold dashed. Right: each configuration's bsuite score, seeds as
+    points, against the published actor_critic_rnn."""
     experiment, rows = results["experiment"], results["rows"]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw=dict(width_ratios=(2, 1)))
     for k, r in enumerate(rows):
         points = sorted((int(length), c) for length, c in r["lengths"].items())
         xs = [x for x, _ in points]
         values = [c["right"]["values"] for _, c in points]
-        ax.plot(xs, [np.mean(v) for v in values], "o-", color=f"C{k % 10}", markersize=3, label=r["config"])
+        style = "o--" if r["config"].count(":") > 1 else "o-"  # dashed: a variant, one flag set apart
+        ax.plot(xs, [np.mean(v) for v in values], style, color=f"C{k % 10}", markersize=3, label=r["config"])
         ax.fill_between(xs, [min(v) for v in values], [max(v) for v in values], color=f"C{k % 10}", alpha=0.15)
         seeds = list(r["scores"].values())
         if seeds:  # a configuration run on some settings only has no score
