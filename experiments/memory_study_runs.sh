@@ -16,5 +16,5 @@ study --configs rtrl:1 --seeds 1 2 3                                # fully onli
 study --configs tbptt:4 lstm:32 --seeds 3
 study --configs rtrl:4:forget-bias=4 lstm:4 ff:4 --seeds 2 3
 study --experiment memory_size --configs rtrl:4 tbptt:4 lstm:32 --seeds 1   # 17 numbers of bits, memory length 2
-study --configs rtrl:4:learning-rate=1e-3 rtrl:4:num-envs=64 --settings 20 22 --seeds 1 \
+study --configs rtrl:4:learning-rate=1e-3 rtrl:4:num-envs=4 rtrl:4:num-envs=64 --settings 20 22 --seeds 1 \
   --out-dir docs/memory_study/limits_other                           # the learning rate and the number of envs
