@@ -94,7 +94,6 @@ class AtariEnvs:
 
     def __init__(self, env_id, seeds, device):
         # EnvPool's defaults are the paper's preprocessing but for episodic life (84x84 gray, frame skip 4, stack 4, ...)
-        seeds = [int(s) for s in seeds]
         self.envs = envpool.make(env_id, env_type="gymnasium", num_envs=len(seeds), env_seed=seeds, episodic_life=True)
         self.close = self.envs.close
         self.device, n = device, len(seeds)
@@ -447,7 +446,7 @@ def check_args(args):
 
 def env_seeds(seed, n):
     """Distinct per-env seeds derived from --seed (Method §6)."""
-    return np.random.default_rng(seed).choice(2**31 - 1, size=n, replace=False)
+    return np.random.default_rng(seed).choice(2**31 - 1, size=n, replace=False).tolist()  # Python ints, for EnvPool
 
 
 def pick_device(args):
@@ -570,9 +569,8 @@ if __name__ == "__main__":
 
         sps = int((global_step - start_step) / (time.time() - start_time))  # this process's steps only
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-        for key, value in stats.items():
+        for key, value in {**stats, "grad_norm": grad_norm.item()}.items():
             writer.add_scalar(f"losses/{key}", value, global_step)
-        writer.add_scalar("losses/grad_norm", grad_norm.item(), global_step)
         writer.add_scalar("charts/SPS", sps, global_step)
         if time.time() - last_line > 10 or last:
             last_line, mean_return = time.time(), f"{np.mean(recent_returns):.2f}" if recent_returns else "n/a"
