@@ -42,6 +42,17 @@ SCRIPTS = {
     "rtrl_a2c_minigrid.py": dict(obs_shape=(7 * 7 * 3 + 1,), num_actions=3, keeps_stem_graphs=False, iterations=200, rounds=3),
 }
 CLEANRL = os.path.join("cleanrl", "ppo_atari_lstm.py")  # in a CleanRL checkout
+# runs CleanRL's script (argv[1]) as `python script flags` would, after importing ale_py if it is there: ale-py 0.9
+# registers the Atari envs on import, no longer through the entry point gymnasium 0.29 reads, and the script does not
+CLEANRL_LAUNCH = """import os, runpy, sys
+try:
+    import ale_py
+except ImportError:
+    pass
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 PARTS = (
     "rollout: stem forward",
     "rollout: cell, heads, sampling",
@@ -150,7 +161,7 @@ def cleanrl_run(path, args):
     root = os.path.dirname(os.path.dirname(path))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     hint = " (--cleanrl-python: a Python with CleanRL's requirements)"
-    return run_and_measure([args.cleanrl_python, path, *map(str, flags)], env, hint)
+    return run_and_measure([args.cleanrl_python, "-c", CLEANRL_LAUNCH, path, *map(str, flags)], env, hint)
 
 
 def fake_rollout(script, obs_shape, num_actions, T, B, g, device):
