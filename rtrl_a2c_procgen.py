@@ -156,34 +156,38 @@ class ELSTM(nn.Module):
     """c_t = f_t * c_{t-1} + (1 - f_t) * z_t, with z, f reading c_{t-1} only element-wise (Method §1).
 
     The output gate lives outside (Agent.heads): it is feed-forward and needs no sensitivities.
+    A population (num_agents=K) puts an agent dim first on every parameter and before the batch dim of every
+    tensor (x: T x K x B x D, c: K x B x N); each agent's numbers are those of a lone ELSTM with its parameters.
     """
 
     MATRICES = ("w_z", "w_f")  # sensitivities B x N x D; the rest are vectors, B x N
 
-    def __init__(self, input_size, hidden_size):
+    def __init__(self, input_size, hidden_size, num_agents=None):
         super().__init__()
-        n, d = hidden_size, input_size
-        self.w_z, self.w_f = (nn.Parameter(0.1 * torch.randn(n, d)) for _ in range(2))
-        self.v_z, self.v_f, self.b_z, self.b_f = (nn.Parameter(0.1 * torch.randn(n)) for _ in range(4))
+        n, d, k = hidden_size, input_size, () if num_agents is None else (num_agents,)
+        self.w_z, self.w_f = (nn.Parameter(0.1 * torch.randn(*k, n, d)) for _ in range(2))
+        self.v_z, self.v_f, self.b_z, self.b_f = (nn.Parameter(0.1 * torch.randn(*k, n)) for _ in range(4))
 
     def initial_state(self, batch_size):
         """(c, sens): zero state and zero sensitivities dc/dtheta, one B x shape(theta) tensor per parameter."""
-        p = self.w_z
-        c = p.new_zeros(batch_size, p.shape[0])
-        sens = {name: p.new_zeros(batch_size, *q.shape) for name, q in self.named_parameters()}
+        k = self.b_z.shape[:-1]  # a population's agent dim, or none
+        c = self.b_z.new_zeros(*k, batch_size, self.b_z.shape[-1])
+        sens = {name: q.new_zeros(*k, batch_size, *q.shape[len(k) :]) for name, q in self.named_parameters()}
         return c, sens
 
     def _scan(self, x, c0, done):
         """The recurrence over T steps; x: T x B x D, c0: B x N, done: T x B (reset before step t)."""
-        pre_z = F.linear(x, self.w_z, self.b_z)  # all steps' input projections in one GEMM
-        pre_f = F.linear(x, self.w_f, self.b_f)
+        # all steps' input projections in one GEMM (one per agent); the vectors broadcast over the batch
+        pre_z = torch.matmul(x, self.w_z.mT) + self.b_z.unsqueeze(-2)
+        pre_f = torch.matmul(x, self.w_f.mT) + self.b_f.unsqueeze(-2)
+        v_z, v_f = self.v_z.unsqueeze(-2), self.v_f.unsqueeze(-2)
         notdone = (~done.bool()).unsqueeze(-1).to(x.dtype)
         c, cs, c_prevs, zs, fs = c0, [], [], [], []
         # unbind, not pre_z[t]: backprop then assembles one T x B x N gradient, not one per step
         for pre_z_t, pre_f_t, notdone_t in zip(pre_z.unbind(), pre_f.unbind(), notdone.unbind()):
             c_prev = c * notdone_t
-            z = torch.tanh(torch.addcmul(pre_z_t, self.v_z, c_prev))
-            f = torch.sigmoid(torch.addcmul(pre_f_t, self.v_f, c_prev))
+            z = torch.tanh(torch.addcmul(pre_z_t, v_z, c_prev))
+            f = torch.sigmoid(torch.addcmul(pre_f_t, v_f, c_prev))
             c = torch.lerp(z, c_prev, f)  # f * c_prev + (1 - f) * z, in one op
             cs.append(c), c_prevs.append(c_prev), zs.append(z), fs.append(f)
         return cs, c_prevs, zs, fs, notdone  # lists of B x N tensors: callers stack what they need
@@ -215,77 +219,78 @@ class ELSTM(nn.Module):
         become sens_T's): no new tensor of that size and one pass fewer over it. The caller gives them up.
         """
         _, c_prev, z, f, notdone = scan
-        T, B, N = c_prev.shape
         # u = (alpha_t, beta_t), T x B x 2 x N: the increments of W_z's and W_f's sensitivities (times x_t)
         # and of b_z's and b_f's; v_z's and v_f's are these times c_{t-1}. One tensor, so that W_z and W_f
         # share every GEMM below.
-        u = c_prev.new_empty(T, B, 2, N)
-        alpha, beta = u.unbind(2)
+        u = c_prev.new_empty(*c_prev.shape[:-1], 2, c_prev.shape[-1])
+        alpha, beta = u.unbind(-2)
         one_minus_f = 1 - f
         torch.addcmul(f.new_ones(()), z, z, value=-1, out=alpha).mul_(one_minus_f)  # dc_t / d pre-activation of z
         torch.sub(c_prev, z, out=beta).mul_(f).mul_(one_minus_f)  # dc_t / d pre-activation of f
-        a = torch.addcmul(f, alpha, self.v_z).addcmul_(beta, self.v_f).mul_(notdone)  # J_t, zeroed across resets
+        a = torch.addcmul(f, alpha, self.v_z.unsqueeze(-2)).addcmul_(beta, self.v_f.unsqueeze(-2)).mul_(notdone)  # J_t
         # R_s = delta_s + a_{s+1} R_{s+1}: what step s's sensitivity is worth to the chunk's loss;
         # P_s = a_{s+1} P_{s+1}: how much of step s's increment survives to T
         R, P = torch.empty_like(dl_dc), torch.empty_like(a)
         R[-1], P[-1] = dl_dc[-1], 1.0
-        for t in range(T - 2, -1, -1):
+        for t in range(len(a) - 2, -1, -1):
             torch.addcmul(dl_dc[t], a[t + 1], R[t + 1], out=R[t])
             torch.mul(a[t + 1], P[t + 1], out=P[t])
-        uR = u * R[:, :, None]  # (alpha_t R_t, beta_t R_t)
+        uR = u * R.unsqueeze(-2)  # (alpha_t R_t, beta_t R_t)
         if impl == "chunked":
             grads, sens_T = self._rtrl_chunked(x, c_prev, a, u, uR, R, P, sens, overwrite)
         else:
             grads, sens_T = self._rtrl_step(x, c_prev, a, u, sens, dl_dc)
-        dl_dx = torch.mm(uR.view(T * B, 2 * N), torch.cat([self.w_z, self.w_f])).view(T, B, -1)
+        dl_dx = torch.matmul(uR.flatten(-2), torch.cat([self.w_z, self.w_f], -2))
         return grads, sens_T, dl_dx
 
     def _rtrl_step(self, x, c_prev, a, u, sens, dl_dc):
         """Method §2: S_t = J_t * S_{t-1} + u_t (x) x_t;  grad += sum_b delta_t * S_t."""
-        alpha, beta = u.unbind(2)
+        alpha, beta = u.unbind(-2)
         u = {"w_z": alpha, "w_f": beta, "v_z": alpha * c_prev, "v_f": beta * c_prev, "b_z": alpha, "b_f": beta}
         grads = {k: torch.zeros_like(p) for k, p in self.named_parameters()}
         sens = dict(sens)
         for t in range(x.shape[0]):
             for k in grads:
                 if k in self.MATRICES:
-                    sens[k] = a[t, :, :, None] * sens[k] + u[k][t, :, :, None] * x[t, :, None, :]
-                    grads[k] += torch.einsum("bn,bnd->nd", dl_dc[t], sens[k])
+                    sens[k] = a[t, ..., None] * sens[k] + u[k][t, ..., None] * x[t, ..., None, :]
+                    grads[k] += torch.einsum("...bn,...bnd->...nd", dl_dc[t], sens[k])
                 else:
                     sens[k] = a[t] * sens[k] + u[k][t]
-                    grads[k] += (dl_dc[t] * sens[k]).sum(0)
+                    grads[k] += (dl_dc[t] * sens[k]).sum(-2)
         return grads, sens
 
     def _rtrl_chunked(self, x, c_prev, a, u, uR, R, P, sens, overwrite):
         """Method §3: the same numbers, reading S_0 once and turning the rest into matrix products."""
-        T, B, _, N = u.shape
+        T, N = u.shape[0], u.shape[-1]
         aR0, aP0 = a[0] * R[0], a[0] * P[0]
         # (alpha_t P_t, beta_t P_t), stored B x T x 2 x N: each batch row's N x T factor of S_T is a plain matrix
-        uP = torch.mul(u, P[:, :, None], out=u.new_empty(B, T, 2, N).transpose(0, 1)).transpose(0, 1)
+        uP = torch.mul(u, P.unsqueeze(-2), out=u.new_empty(*u.shape[1:-2], T, 2, N).movedim(-3, 0)).movedim(0, -3)
         # the chunk's own terms: sum_{t,b} (u_t R_t) x_t^T for W_z and W_f in one GEMM (2N x D), and the vectors'
-        w = torch.mm(uR.view(T * B, 2 * N).T, x.flatten(0, 1))
-        b, v = uR.sum((0, 1)), (uR * c_prev[:, :, None]).sum((0, 1))  # 2 x N: (b_z, b_f), (v_z, v_f)
-        sb, sv = uP.sum(1), (uP * c_prev.transpose(0, 1)[:, :, None]).sum(1)  # B x 2 x N, for S_T
+        rows = lambda y: y.movedim(0, -3).flatten(-3, -2)  # T x B x F -> TB x F, agent by agent
+        w = torch.matmul(rows(uR.flatten(-2)).mT, rows(x))
+        b, v = uR.sum((0, -3)), (uR * c_prev.unsqueeze(-2)).sum((0, -3))  # 2 x N: (b_z, b_f), (v_z, v_f)
+        sb, sv = uP.sum(-3), (uP * c_prev.movedim(0, -2).unsqueeze(-2)).sum(-3)  # B x 2 x N, for S_T
         chunk = {
-            "w_z": (w[:N], uP[:, :, 0]),
-            "w_f": (w[N:], uP[:, :, 1]),
-            "v_z": (v[0], sv[:, 0]),
-            "v_f": (v[1], sv[:, 1]),
-            "b_z": (b[0], sb[:, 0]),
-            "b_f": (b[1], sb[:, 1]),
+            "w_z": (w[..., :N, :], uP[..., 0, :]),
+            "w_f": (w[..., N:, :], uP[..., 1, :]),
+            "v_z": (v[..., 0, :], sv[..., 0, :]),
+            "v_f": (v[..., 1, :], sv[..., 1, :]),
+            "b_z": (b[..., 0, :], sb[..., 0, :]),
+            "b_f": (b[..., 1, :], sb[..., 1, :]),
         }
         # N x 1 x B, contiguous: then sum_b (a_1 R_1) * S_0 is one batched GEMM that reads S_0 where it lies
-        aR0_n1b = aR0.T.contiguous().unsqueeze(1)
-        x_bt = x.transpose(0, 1)  # B x T x D
+        aR0_n1b = aR0.mT.contiguous().unsqueeze(-2)
+        x_bt = x.movedim(0, -2).flatten(0, -3)  # B x T x D (an agent's batch rows after another's)
         grads, sens_T = {}, {}
         for k, s0 in sens.items():
             g, s = chunk[k]
             if k in self.MATRICES:
-                grads[k] = torch.bmm(aR0_n1b, s0.transpose(0, 1)).squeeze(1).add_(g)
-                scaled = s0.mul_(aP0[:, :, None]) if overwrite else s0 * aP0[:, :, None]
-                sens_T[k] = scaled.baddbmm_(s.transpose(1, 2), x_bt)  # + sum_t (u_t P_t) x_t^T, batch row by row
+                grads[k] = torch.matmul(aR0_n1b, s0.transpose(-3, -2)).squeeze(-2).add_(g)
+                sens_T[k] = s0.mul_(aP0[..., None]) if overwrite else s0 * aP0[..., None]
+                # + sum_t (u_t P_t) x_t^T, batch row by batch row, in place
+                sens_T[k].flatten(0, -3).baddbmm_(s.flatten(0, -3).mT, x_bt)
             else:
-                grads[k] = (aR0 * s0).sum(0).add_(g)
+                grads[k] = (aR0 * s0).sum(-2).add_(g)
                 sens_T[k] = torch.addcmul(s, aP0, s0)
         return grads, sens_T
 
