@@ -10,6 +10,11 @@ with a trainable stem below the cell (`--stem mlp`) what must be remembered acro
 truncated gradient, as in TBPTT.
 
     python rtrl_a2c_bsuite.py --env-id memory_len/17     # L = 50; --core tbptt | lstm | ff, --stem mlp
+    python rtrl_a2c_bsuite.py --num-seeds 10             # 10 agents (seeds 1-10) in one process, a run dir each
+
+`--num-seeds K` trains K independent agents in lockstep: every parameter has a leading agent dim, so one op serves K
+agents (the model is tiny, and its time is per-op overhead, not arithmetic). Each agent's parameters, environments,
+optimizer state, gradient clip, sensitivities and episodes are those of its single run; K = 1 is the single run.
 """
 
 import difflib
@@ -25,7 +30,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import tyro
 from bsuite import sweep
 from bsuite.experiments.memory_len import analysis as memory_len_analysis
@@ -40,7 +44,10 @@ class Args:
     run_name: str = ""
     """the run directory under runs/ (default: env__exp__core__unroll__seed__time); an existing one is refused"""
     seed: int = 1
-    """seed of the experiment"""
+    """seed of the experiment (of the first agent: the K agents of --num-seeds have seeds seed, ..., seed + K - 1)"""
+    num_seeds: int = 1
+    """K, the number of independent agents trained together in this process, each into its own run directory
+    (with --run-name NAME and K > 1: NAME__s<seed>)"""
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
@@ -87,8 +94,8 @@ class Args:
 
 
 class Envs:
-    """B bsuite environments stepped together, their observations flattened (MemoryChain: [time left, query,
-    context bits]).
+    """bsuite environments stepped together, one per seed, shaped as `seeds` (K x B for a population), their
+    observations flattened (MemoryChain: [time left, query, context bits]).
 
     A step that ends an episode (dm_env's LAST) resets that environment at once: its terminal observation is never
     acted on, the next step is `first` (state and sensitivities zeroed, Method §6) with last reward 0 (dm_env's
@@ -97,31 +104,32 @@ class Envs:
     """
 
     def __init__(self, env_id, seeds, device):
-        experiment = env_id.split("/")[0]
-        self.envs = [bsuite.load(experiment, {**sweep.SETTINGS[env_id], "seed": int(s)}) for s in seeds]
+        experiment, self.shape = env_id.split("/")[0], np.shape(seeds)
+        self.envs = [bsuite.load(experiment, {**sweep.SETTINGS[env_id], "seed": int(s)}) for s in np.ravel(seeds)]
         self.obs_shape = (int(np.prod(self.envs[0].observation_spec().shape)),)
         self.num_actions = self.envs[0].action_spec().num_values
         self.device = device
         self.obs = self._pack([env.reset().observation for env in self.envs])
-        self.last_reward = torch.zeros(len(seeds), device=device)
-        self.first = torch.ones(len(seeds), dtype=torch.bool, device=device)
+        self.last_reward = torch.zeros(self.shape, device=device)
+        self.first = torch.ones(self.shape, dtype=torch.bool, device=device)
 
     def _pack(self, observations):
-        return torch.as_tensor(np.stack(observations).reshape(len(observations), -1), device=self.device)
+        return torch.as_tensor(np.array(observations).reshape(*self.shape, -1), device=self.device)
 
     def step(self, action):
-        """Returns (reward, terminated) of the step and the successes of the episodes that ended, env by env."""
+        """Returns (reward, terminated) of the step and (env index, success) of the episodes that ended, in env order
+        (env index: in the flattened `seeds`)."""
         obs, reward, last = [], [], []
-        for env, a in zip(self.envs, action.tolist()):
+        for env, a in zip(self.envs, action.flatten().tolist()):
             timestep = env.step(a)
             reward.append(timestep.reward)
             last.append(timestep.last())
             obs.append(env.reset().observation if timestep.last() else timestep.observation)
         self.obs = self._pack(obs)
-        reward = torch.tensor(reward, dtype=torch.float32, device=self.device)
-        self.first = torch.tensor(last, device=self.device)
+        reward = torch.tensor(reward, dtype=torch.float32, device=self.device).view(self.shape)
+        self.first = torch.tensor(last, device=self.device).view(self.shape)
         self.last_reward = torch.where(self.first, 0.0, reward)
-        return reward, self.first, [r > 0 for r, done in zip(reward.tolist(), last) if done]
+        return reward, self.first, [(i, r > 0) for i, (r, done) in enumerate(zip(reward.flatten().tolist(), last)) if done]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,34 +139,38 @@ class ELSTM(nn.Module):
     """c_t = f_t * c_{t-1} + (1 - f_t) * z_t, with z, f reading c_{t-1} only element-wise (Method §1).
 
     The output gate lives outside (Agent.heads): it is feed-forward and needs no sensitivities.
+    A population (num_agents=K) puts an agent dim first on every parameter and before the batch dim of every
+    tensor (x: T x K x B x D, c: K x B x N); each agent's numbers are those of a lone ELSTM with its parameters.
     """
 
     MATRICES = ("w_z", "w_f")  # sensitivities B x N x D; the rest are vectors, B x N
 
-    def __init__(self, input_size, hidden_size):
+    def __init__(self, input_size, hidden_size, num_agents=None):
         super().__init__()
-        n, d = hidden_size, input_size
-        self.w_z, self.w_f = (nn.Parameter(0.1 * torch.randn(n, d)) for _ in range(2))
-        self.v_z, self.v_f, self.b_z, self.b_f = (nn.Parameter(0.1 * torch.randn(n)) for _ in range(4))
+        n, d, k = hidden_size, input_size, () if num_agents is None else (num_agents,)
+        self.w_z, self.w_f = (nn.Parameter(0.1 * torch.randn(*k, n, d)) for _ in range(2))
+        self.v_z, self.v_f, self.b_z, self.b_f = (nn.Parameter(0.1 * torch.randn(*k, n)) for _ in range(4))
 
     def initial_state(self, batch_size):
         """(c, sens): zero state and zero sensitivities dc/dtheta, one B x shape(theta) tensor per parameter."""
-        p = self.w_z
-        c = p.new_zeros(batch_size, p.shape[0])
-        sens = {name: p.new_zeros(batch_size, *q.shape) for name, q in self.named_parameters()}
+        k = self.b_z.shape[:-1]  # a population's agent dim, or none
+        c = self.b_z.new_zeros(*k, batch_size, self.b_z.shape[-1])
+        sens = {name: q.new_zeros(*k, batch_size, *q.shape[len(k) :]) for name, q in self.named_parameters()}
         return c, sens
 
     def _scan(self, x, c0, done):
         """The recurrence over T steps; x: T x B x D, c0: B x N, done: T x B (reset before step t)."""
-        pre_z = F.linear(x, self.w_z, self.b_z)  # all steps' input projections in one GEMM
-        pre_f = F.linear(x, self.w_f, self.b_f)
+        # all steps' input projections in one GEMM (one per agent); the vectors broadcast over the batch
+        pre_z = torch.matmul(x, self.w_z.mT) + self.b_z.unsqueeze(-2)
+        pre_f = torch.matmul(x, self.w_f.mT) + self.b_f.unsqueeze(-2)
+        v_z, v_f = self.v_z.unsqueeze(-2), self.v_f.unsqueeze(-2)
         notdone = (~done.bool()).unsqueeze(-1).to(x.dtype)
         c, cs, c_prevs, zs, fs = c0, [], [], [], []
         # unbind, not pre_z[t]: backprop then assembles one T x B x N gradient, not one per step
         for pre_z_t, pre_f_t, notdone_t in zip(pre_z.unbind(), pre_f.unbind(), notdone.unbind()):
             c_prev = c * notdone_t
-            z = torch.tanh(torch.addcmul(pre_z_t, self.v_z, c_prev))
-            f = torch.sigmoid(torch.addcmul(pre_f_t, self.v_f, c_prev))
+            z = torch.tanh(torch.addcmul(pre_z_t, v_z, c_prev))
+            f = torch.sigmoid(torch.addcmul(pre_f_t, v_f, c_prev))
             c = torch.lerp(z, c_prev, f)  # f * c_prev + (1 - f) * z, in one op
             cs.append(c), c_prevs.append(c_prev), zs.append(z), fs.append(f)
         return cs, c_prevs, zs, fs, notdone  # lists of B x N tensors: callers stack what they need
@@ -190,98 +202,118 @@ class ELSTM(nn.Module):
         become sens_T's): no new tensor of that size and one pass fewer over it. The caller gives them up.
         """
         _, c_prev, z, f, notdone = scan
-        T, B, N = c_prev.shape
         # u = (alpha_t, beta_t), T x B x 2 x N: the increments of W_z's and W_f's sensitivities (times x_t)
         # and of b_z's and b_f's; v_z's and v_f's are these times c_{t-1}. One tensor, so that W_z and W_f
         # share every GEMM below.
-        u = c_prev.new_empty(T, B, 2, N)
-        alpha, beta = u.unbind(2)
+        u = c_prev.new_empty(*c_prev.shape[:-1], 2, c_prev.shape[-1])
+        alpha, beta = u.unbind(-2)
         one_minus_f = 1 - f
         torch.addcmul(f.new_ones(()), z, z, value=-1, out=alpha).mul_(one_minus_f)  # dc_t / d pre-activation of z
         torch.sub(c_prev, z, out=beta).mul_(f).mul_(one_minus_f)  # dc_t / d pre-activation of f
-        a = torch.addcmul(f, alpha, self.v_z).addcmul_(beta, self.v_f).mul_(notdone)  # J_t, zeroed across resets
+        a = torch.addcmul(f, alpha, self.v_z.unsqueeze(-2)).addcmul_(beta, self.v_f.unsqueeze(-2)).mul_(notdone)  # J_t
         # R_s = delta_s + a_{s+1} R_{s+1}: what step s's sensitivity is worth to the chunk's loss;
         # P_s = a_{s+1} P_{s+1}: how much of step s's increment survives to T
         R, P = torch.empty_like(dl_dc), torch.empty_like(a)
         R[-1], P[-1] = dl_dc[-1], 1.0
-        for t in range(T - 2, -1, -1):
+        for t in range(len(a) - 2, -1, -1):
             torch.addcmul(dl_dc[t], a[t + 1], R[t + 1], out=R[t])
             torch.mul(a[t + 1], P[t + 1], out=P[t])
-        uR = u * R[:, :, None]  # (alpha_t R_t, beta_t R_t)
+        uR = u * R.unsqueeze(-2)  # (alpha_t R_t, beta_t R_t)
         if impl == "chunked":
             grads, sens_T = self._rtrl_chunked(x, c_prev, a, u, uR, R, P, sens, overwrite)
         else:
             grads, sens_T = self._rtrl_step(x, c_prev, a, u, sens, dl_dc)
-        dl_dx = torch.mm(uR.view(T * B, 2 * N), torch.cat([self.w_z, self.w_f])).view(T, B, -1)
+        dl_dx = torch.matmul(uR.flatten(-2), torch.cat([self.w_z, self.w_f], -2))
         return grads, sens_T, dl_dx
 
     def _rtrl_step(self, x, c_prev, a, u, sens, dl_dc):
         """Method §2: S_t = J_t * S_{t-1} + u_t (x) x_t;  grad += sum_b delta_t * S_t."""
-        alpha, beta = u.unbind(2)
+        alpha, beta = u.unbind(-2)
         u = {"w_z": alpha, "w_f": beta, "v_z": alpha * c_prev, "v_f": beta * c_prev, "b_z": alpha, "b_f": beta}
         grads = {k: torch.zeros_like(p) for k, p in self.named_parameters()}
         sens = dict(sens)
         for t in range(x.shape[0]):
             for k in grads:
                 if k in self.MATRICES:
-                    sens[k] = a[t, :, :, None] * sens[k] + u[k][t, :, :, None] * x[t, :, None, :]
-                    grads[k] += torch.einsum("bn,bnd->nd", dl_dc[t], sens[k])
+                    sens[k] = a[t, ..., None] * sens[k] + u[k][t, ..., None] * x[t, ..., None, :]
+                    grads[k] += torch.einsum("...bn,...bnd->...nd", dl_dc[t], sens[k])
                 else:
                     sens[k] = a[t] * sens[k] + u[k][t]
-                    grads[k] += (dl_dc[t] * sens[k]).sum(0)
+                    grads[k] += (dl_dc[t] * sens[k]).sum(-2)
         return grads, sens
 
     def _rtrl_chunked(self, x, c_prev, a, u, uR, R, P, sens, overwrite):
         """Method §3: the same numbers, reading S_0 once and turning the rest into matrix products."""
-        T, B, _, N = u.shape
+        T, N = u.shape[0], u.shape[-1]
         aR0, aP0 = a[0] * R[0], a[0] * P[0]
         # (alpha_t P_t, beta_t P_t), stored B x T x 2 x N: each batch row's N x T factor of S_T is a plain matrix
-        uP = torch.mul(u, P[:, :, None], out=u.new_empty(B, T, 2, N).transpose(0, 1)).transpose(0, 1)
+        uP = torch.mul(u, P.unsqueeze(-2), out=u.new_empty(*u.shape[1:-2], T, 2, N).movedim(-3, 0)).movedim(0, -3)
         # the chunk's own terms: sum_{t,b} (u_t R_t) x_t^T for W_z and W_f in one GEMM (2N x D), and the vectors'
-        w = torch.mm(uR.view(T * B, 2 * N).T, x.flatten(0, 1))
-        b, v = uR.sum((0, 1)), (uR * c_prev[:, :, None]).sum((0, 1))  # 2 x N: (b_z, b_f), (v_z, v_f)
-        sb, sv = uP.sum(1), (uP * c_prev.transpose(0, 1)[:, :, None]).sum(1)  # B x 2 x N, for S_T
+        rows = lambda y: y.movedim(0, -3).flatten(-3, -2)  # T x B x F -> TB x F, agent by agent
+        w = torch.matmul(rows(uR.flatten(-2)).mT, rows(x))
+        b, v = uR.sum((0, -3)), (uR * c_prev.unsqueeze(-2)).sum((0, -3))  # 2 x N: (b_z, b_f), (v_z, v_f)
+        sb, sv = uP.sum(-3), (uP * c_prev.movedim(0, -2).unsqueeze(-2)).sum(-3)  # B x 2 x N, for S_T
         chunk = {
-            "w_z": (w[:N], uP[:, :, 0]),
-            "w_f": (w[N:], uP[:, :, 1]),
-            "v_z": (v[0], sv[:, 0]),
-            "v_f": (v[1], sv[:, 1]),
-            "b_z": (b[0], sb[:, 0]),
-            "b_f": (b[1], sb[:, 1]),
+            "w_z": (w[..., :N, :], uP[..., 0, :]),
+            "w_f": (w[..., N:, :], uP[..., 1, :]),
+            "v_z": (v[..., 0, :], sv[..., 0, :]),
+            "v_f": (v[..., 1, :], sv[..., 1, :]),
+            "b_z": (b[..., 0, :], sb[..., 0, :]),
+            "b_f": (b[..., 1, :], sb[..., 1, :]),
         }
         # N x 1 x B, contiguous: then sum_b (a_1 R_1) * S_0 is one batched GEMM that reads S_0 where it lies
-        aR0_n1b = aR0.T.contiguous().unsqueeze(1)
-        x_bt = x.transpose(0, 1)  # B x T x D
+        aR0_n1b = aR0.mT.contiguous().unsqueeze(-2)
+        x_bt = x.movedim(0, -2).flatten(0, -3)  # B x T x D (an agent's batch rows after another's)
         grads, sens_T = {}, {}
         for k, s0 in sens.items():
             g, s = chunk[k]
             if k in self.MATRICES:
-                grads[k] = torch.bmm(aR0_n1b, s0.transpose(0, 1)).squeeze(1).add_(g)
-                scaled = s0.mul_(aP0[:, :, None]) if overwrite else s0 * aP0[:, :, None]
-                sens_T[k] = scaled.baddbmm_(s.transpose(1, 2), x_bt)  # + sum_t (u_t P_t) x_t^T, batch row by row
+                grads[k] = torch.matmul(aR0_n1b, s0.transpose(-3, -2)).squeeze(-2).add_(g)
+                sens_T[k] = s0.mul_(aP0[..., None]) if overwrite else s0 * aP0[..., None]
+                # + sum_t (u_t P_t) x_t^T, batch row by batch row, in place
+                sens_T[k].flatten(0, -3).baddbmm_(s.flatten(0, -3).mT, x_bt)
             else:
-                grads[k] = (aR0 * s0).sum(0).add_(g)
+                grads[k] = (aR0 * s0).sum(-2).add_(g)
                 sens_T[k] = torch.addcmul(s, aP0, s0)
         return grads, sens_T
 
 
-class LSTM(nn.Module):
-    """The conventional baseline (`--core lstm`): a standard LSTM, its state [h ; c] kept as one B x 2N
-    tensor so that it travels through the loop like the eLSTM's c, reset where `done` is set."""
+class Linear(nn.Linear):
+    """nn.Linear, with a leading agent dim on its weight and bias in a population (x: ... x K x B x in)."""
 
-    def __init__(self, input_size, hidden_size):
+    def __init__(self, in_features, out_features, num_agents=None):
+        super().__init__(in_features, out_features)
+        if num_agents is not None:  # the values are set by population(), from K single agents
+            self.weight = nn.Parameter(self.weight.expand(num_agents, -1, -1).clone())
+            self.bias = nn.Parameter(self.bias.expand(num_agents, -1).clone())
+
+    def forward(self, x):
+        # einsum, not matmul: matmul would copy the weight for every leading dim of x that it lacks (time)
+        return torch.einsum("...bi,...oi->...bo", x, self.weight) + self.bias.unsqueeze(-2)
+
+
+class LSTM(nn.Module):
+    """The conventional baseline (`--core lstm`): a standard LSTM (nn.LSTMCell's equations, gates i, f, g, o, and
+    its init), its state [h ; c] kept as one B x 2N tensor so that it travels through the loop like the eLSTM's c,
+    reset where `done` is set."""
+
+    def __init__(self, input_size, hidden_size, num_agents=None):
         super().__init__()
-        self.cell = nn.LSTMCell(input_size, hidden_size)
+        self.ih, self.hh = Linear(input_size, 4 * hidden_size, num_agents), Linear(hidden_size, 4 * hidden_size, num_agents)
+        for p in self.parameters():
+            nn.init.uniform_(p, -(hidden_size**-0.5), hidden_size**-0.5)
 
     def initial_state(self, batch_size):
-        return self.cell.weight_hh.new_zeros(batch_size, 2 * self.cell.hidden_size), {}
+        return self.hh.bias.new_zeros(*self.hh.bias.shape[:-1], batch_size, self.hh.in_features * 2), {}
 
     def forward(self, x, state0, done):
         notdone = (~done.bool()).unsqueeze(-1).to(x.dtype)
-        state, states = state0, []
-        for x_t, notdone_t in zip(x.unbind(), notdone.unbind()):
+        state, states, gates_x = state0, [], self.ih(x)  # every step's input projection in one GEMM
+        for gates_x_t, notdone_t in zip(gates_x.unbind(), notdone.unbind()):
             h, c = (state * notdone_t).chunk(2, -1)
-            state = torch.cat(self.cell(x_t, (h, c)), -1)
+            i, f, g, o = (gates_x_t + self.hh(h)).chunk(4, -1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            state = torch.cat([torch.sigmoid(o) * torch.tanh(c), c], -1)
             states.append(state)
         return torch.stack(states)
 
@@ -290,23 +322,26 @@ class LSTM(nn.Module):
 # The agent (Method §5, with no stem: the cell reads the observation)
 # ---------------------------------------------------------------------------------------------
 class Agent(nn.Module):
-    def __init__(self, obs_shape, num_actions, hidden_size, core="rtrl", stem="none", forget_bias=0.0):
+    """One agent (x: T x B x D), or K of them with num_agents=K: each parameter gets a leading agent dim, each tensor
+    an agent dim before its batch dim (T x K x B x D). Make a population with population()."""
+
+    def __init__(self, obs_shape, num_actions, hidden_size, core="rtrl", stem="none", forget_bias=0.0, num_agents=None):
         super().__init__()
-        self.core = core
+        self.core, k = core, num_agents
         obs_size = int(np.prod(obs_shape))
         # a linear embedding below the cell would fold into W_z and W_f: `none` loses nothing a linear stem has
-        self.stem = nn.Sequential(nn.Linear(obs_size, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU())
+        self.stem = nn.Sequential(Linear(obs_size, 256, k), nn.ReLU(), Linear(256, 128, k), nn.ReLU())
         if stem == "none":
             self.stem = nn.Identity()
         width = (obs_size if stem == "none" else 128) + 1
-        self.cell = LSTM(width, hidden_size) if core == "lstm" else ELSTM(width, hidden_size)
+        self.cell = LSTM(width, hidden_size, k) if core == "lstm" else ELSTM(width, hidden_size, k)
         with torch.no_grad():  # as the official RTRLQuasiLSTMlayer(forget_bias=...); the LSTM's gates are i, f, g, o
-            forget = self.cell.cell.bias_ih[hidden_size : 2 * hidden_size] if core == "lstm" else self.cell.b_f
+            forget = self.cell.ih.bias[..., hidden_size : 2 * hidden_size] if core == "lstm" else self.cell.b_f
             forget += forget_bias
         # the eLSTM's output gate (Method §1); the LSTM has its own
-        self.gate = None if core == "lstm" else nn.Linear(width + hidden_size, hidden_size)
-        self.actor = nn.Linear(hidden_size, num_actions)
-        self.critic = nn.Linear(hidden_size, 1)
+        self.gate = None if core == "lstm" else Linear(width + hidden_size, hidden_size, k)
+        self.actor = Linear(hidden_size, num_actions, k)
+        self.critic = Linear(hidden_size, 1, k)
 
     def features(self, obs, last_reward):
         """x = [stem(observation) ; clip(last reward)], for any leading dims of obs."""
@@ -330,14 +365,26 @@ class Agent(nn.Module):
         """One environment step of the policy from the step's features x: (action, value, next c)."""
         c = self.cell(x[None], c, self.resets(first)[None])[0]
         logits, value = self.heads(x, c)
-        return torch.multinomial(logits.softmax(-1), 1).squeeze(-1), value, c
+        return torch.multinomial(logits.softmax(-1).flatten(0, -2), 1).view(value.shape), value, c
+
+
+def population(seeds, *agent_args):
+    """K agents stacked on a leading dim; agent k starts from the parameters of the single run with seed seeds[k]
+    (the global RNG is left as that run's after its init)."""
+    agent = Agent(*agent_args, num_agents=len(seeds))
+    singles = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        singles.append(Agent(*agent_args).state_dict())
+    agent.load_state_dict({name: torch.stack([single[name] for single in singles]) for name in singles[0]})
+    return agent
 
 
 @dataclass
 class Rollout:
     """What one rollout of T steps x B envs keeps for the update (the CleanRL storage)."""
 
-    obs: torch.Tensor  # T x B x observation size
+    obs: torch.Tensor  # T x B x observation size (T x K x B x ... for a population, here and below)
     last_rewards: torch.Tensor  # T x B, the reward input of each step
     firsts: torch.Tensor  # T x B, reset state and sensitivities before the step
     actions: torch.Tensor  # T x B
@@ -357,15 +404,17 @@ def n_step_returns(rollout, next_value, gamma):
 
 
 def rollout_loss(agent, rollout, returns, x, c, args):
-    """The A2C loss summed over time and batch (Method §5), and its parts for logging."""
+    """The A2C loss summed over time and batch (Method §5; over agents too: each agent's parameters see only its
+    own), and its parts for logging, agent by agent."""
     logits, value = agent.heads(x, c)
     logp = logits.log_softmax(-1)
     advantages = (returns - value).detach()
-    pg_loss = -(logp.gather(-1, rollout.actions.unsqueeze(-1)).squeeze(-1) * advantages).sum()
-    v_loss = 0.5 * ((returns - value) ** 2).sum()
-    entropy = -(logp.exp() * logp).sum()
-    loss = pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy
-    return loss, {"policy_loss": pg_loss.item(), "value_loss": v_loss.item(), "entropy": entropy.item()}
+    per_agent = lambda y: y.sum((0, -1))  # over time and batch: T x [K x] B -> [K]
+    pg_loss = -per_agent(logp.gather(-1, rollout.actions.unsqueeze(-1)).squeeze(-1) * advantages)
+    v_loss = 0.5 * per_agent((returns - value) ** 2)
+    entropy = -per_agent((logp.exp() * logp).sum(-1))
+    loss = (pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy).sum()
+    return loss, {"policy_loss": pg_loss.detach(), "value_loss": v_loss.detach(), "entropy": entropy.detach()}
 
 
 def compute_gradients(agent, rollout, returns, c0, sens0, args):
@@ -395,6 +444,17 @@ def compute_gradients(agent, rollout, returns, c0, sens0, args):
     if x.requires_grad:  # a stem: its gradient through the cell, within the rollout
         x.backward(dl_dx)
     return stats, sens_T
+
+
+def clip_grad_norms_(parameters, max_norm):
+    """nn.utils.clip_grad_norm_ agent by agent: each agent's global norm over its own gradients (the leading dim of
+    every .grad), clipped to max_norm; returns the K norms before clipping."""
+    grads = [p.grad for p in parameters]
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads]).norm(dim=0)
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.view(-1, *[1] * (g.dim() - 1)))
+    return norms
 
 
 def bsuite_result(env_id, successes):
@@ -429,11 +489,19 @@ def check_args(args):
         fail(f"--learning-rate and --max-grad-norm must be positive, got {args.learning_rate}, {args.max_grad_norm}")
     if not (args.rms_eps >= 0 and 0 <= args.rms_alpha <= 1 and 0 <= args.gamma <= 1):  # would run, wrongly
         fail(f"--rms-eps must be >= 0, --rms-alpha and --gamma in [0, 1], got {args.rms_eps}, {args.rms_alpha}, {args.gamma}")
-    for name in ("num_episodes", "num_envs", "num_steps", "hidden_size"):
+    for name in ("num_episodes", "num_envs", "num_steps", "hidden_size", "num_seeds"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.run_name and (os.sep in args.run_name or args.run_name in (".", "..")):
         fail(f"--run-name names one directory under runs/, got {args.run_name!r}")
+
+
+def run_names(args, seeds):
+    """Each agent's run directory under runs/: --run-name (NAME__s<seed> for K > 1), or env__exp__core__unroll__seed__time."""
+    if args.run_name:
+        return [args.run_name] if len(seeds) == 1 else [f"{args.run_name}__s{seed}" for seed in seeds]
+    stem = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.core}__T{args.num_steps}"
+    return [f"{stem}__{seed}__{int(time.time())}" for seed in seeds]
 
 
 def env_seeds(seed, n):
@@ -459,16 +527,15 @@ def progress(elapsed, steps_done, steps_left):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_args(args)
-    run_name = args.run_name or (
-        f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.core}__T{args.num_steps}__{args.seed}__{int(time.time())}"
-    )
-    if os.path.exists(f"runs/{run_name}"):
-        fail(f"runs/{run_name} exists; a run directory is never shared by two runs")
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
+    seeds = list(range(args.seed, args.seed + args.num_seeds))
+    names = run_names(args, seeds)
+    for name in names:  # all checked before any is written
+        if os.path.exists(f"runs/{name}"):
+            fail(f"runs/{name} exists; a run directory is never shared by two runs")
+    writers = [SummaryWriter(f"runs/{name}") for name in names]
+    for writer, seed in zip(writers, seeds):  # each agent's args are its single run's, with its seed
+        table = "\n".join([f"|{key}|{value}|" for key, value in {**vars(args), "seed": seed}.items()])
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -476,74 +543,81 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device, device_line = pick_device(args)
     print(device_line, flush=True)
-    writer.add_text("device", device_line)
+    for writer in writers:
+        writer.add_text("device", device_line)
     torch.backends.cuda.matmul.allow_tf32 = False  # RTRL = BPTT in float32 needs full-precision GEMMs
 
-    envs = Envs(args.env_id, env_seeds(args.seed, args.num_envs), device)
-    agent = Agent(envs.obs_shape, envs.num_actions, args.hidden_size, args.core, args.stem, args.forget_bias).to(device)
+    T, K, B = args.num_steps, args.num_seeds, args.num_envs
+    envs = Envs(args.env_id, np.stack([env_seeds(seed, B) for seed in seeds]), device)  # K x B, agent by agent
+    agent_args = (envs.obs_shape, envs.num_actions, args.hidden_size, args.core, args.stem, args.forget_bias)
+    agent = population(seeds, *agent_args).to(device)
+    # RMSprop is element-wise: on stacked parameters it is K independent optimizers
     optimizer = torch.optim.RMSprop(agent.parameters(), lr=args.learning_rate, alpha=args.rms_alpha, eps=args.rms_eps)
 
-    T, B = args.num_steps, args.num_envs
     rollout = Rollout(
-        obs=torch.zeros((T, B, *envs.obs_shape), dtype=envs.obs.dtype, device=device),
-        last_rewards=torch.zeros((T, B), device=device),
-        firsts=torch.zeros((T, B), dtype=torch.bool, device=device),
-        actions=torch.zeros((T, B), dtype=torch.long, device=device),
-        rewards=torch.zeros((T, B), device=device),
-        terms=torch.zeros((T, B), dtype=torch.bool, device=device),
-        values=torch.zeros((T, B), device=device),
+        obs=torch.zeros((T, K, B, *envs.obs_shape), dtype=envs.obs.dtype, device=device),
+        last_rewards=torch.zeros((T, K, B), device=device),
+        firsts=torch.zeros((T, K, B), dtype=torch.bool, device=device),
+        actions=torch.zeros((T, K, B), dtype=torch.long, device=device),
+        rewards=torch.zeros((T, K, B), device=device),
+        terms=torch.zeros((T, K, B), dtype=torch.bool, device=device),
+        values=torch.zeros((T, K, B), device=device),
     )
     c, sens = agent.cell.initial_state(B)
-    successes, global_step, start_time, last_line = [], 0, time.time(), 0.0
+    successes, global_step, update, start_time, last_line = [[] for _ in seeds], 0, 0, time.time(), 0.0
 
-    while len(successes) < args.num_episodes:
+    while min(map(len, successes)) < args.num_episodes:  # MemoryChain's episodes have one length: all end together
         c0 = c
         for step in range(T):
-            global_step += B
+            global_step += B  # each agent's environment steps
             rollout.obs[step], rollout.last_rewards[step], rollout.firsts[step] = envs.obs, envs.last_reward, envs.first
             action, rollout.values[step], c = agent.act(agent.features(envs.obs, envs.last_reward), c, envs.first)
             rollout.actions[step] = action
             rollout.rewards[step], rollout.terms[step], ended = envs.step(action)
-            for success in ended:  # by episode, as bsuite counts; MemoryChain's return is its last reward, +-1
-                writer.add_scalar("charts/episodic_return", 1.0 if success else -1.0, len(successes))
-                writer.add_scalar("charts/success", float(success), len(successes))
-                successes.append(success)
+            for i, success in ended:  # by episode, as bsuite counts; MemoryChain's return is its last reward, +-1
+                k = i // B
+                writers[k].add_scalar("charts/episodic_return", 1.0 if success else -1.0, len(successes[k]))
+                writers[k].add_scalar("charts/success", float(success), len(successes[k]))
+                successes[k].append(success)
 
         with torch.no_grad():  # c itself moves on in the next rollout
             next_value = agent.act(agent.features(envs.obs, envs.last_reward), c, envs.first)[1]
         returns = n_step_returns(rollout, next_value, args.gamma)
         optimizer.zero_grad()
         stats, sens = compute_gradients(agent, rollout, returns, c0, sens, args)
-        grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+        stats["grad_norm"] = clip_grad_norms_(list(agent.parameters()), args.max_grad_norm)  # each its own clip
         optimizer.step()
 
-        sps = int(global_step / (time.time() - start_time))
-        for key, value in stats.items():
-            writer.add_scalar(f"losses/{key}", value, global_step)
-        writer.add_scalar("losses/grad_norm", grad_norm.item(), global_step)
-        writer.add_scalar("charts/SPS", sps, global_step)
-        if time.time() - last_line > 10 or len(successes) >= args.num_episodes:
-            last_line, done = time.time(), len(successes)
+        update, done = update + 1, min(map(len, successes))
+        sps = int(global_step / (time.time() - start_time))  # an agent's; the process makes K times as many
+        if update % 10 == 1 or done >= args.num_episodes:  # thousands of updates: TensorBoard shows ~1,000 points
+            for writer, values in zip(writers, torch.stack(list(stats.values()), 1).tolist()):  # one host sync
+                for key, value in zip(stats, values):
+                    writer.add_scalar(f"losses/{key}", value, global_step)
+                writer.add_scalar("charts/SPS", sps, global_step)
+        if time.time() - last_line > 10 or done >= args.num_episodes:
+            last_line = time.time()
             print(
-                f"global_step={global_step} episodes={done} SPS={sps} "
+                f"global_step={global_step} episodes={done} SPS={sps}{f' x {K} agents' if K > 1 else ''} "
                 f"{progress(time.time() - start_time, done, args.num_episodes - done)} "
-                f"success(last 100)={np.mean(successes[-100:]) if successes else float('nan'):.2f}",
+                f"success(last 100)={np.mean([np.mean(s[-100:]) for s in successes]) if done else float('nan'):.2f}",
                 flush=True,
             )
 
-    wrong, regret_ratio, learned = bsuite_result(args.env_id, successes)
-    line = (
-        f"bsuite {args.env_id} {sweep.SETTINGS[args.env_id]}: {wrong:.3f} of the first {min(len(successes), 10_000)} "
-        f"answers wrong, regret ratio {regret_ratio:.3f} ({'<' if learned else '>='} 0.75): "
-        f"{'learned' if learned else 'not learned'}"
-    )
-    print(line, flush=True)
-    writer.add_text("bsuite", line)
-    writer.add_scalar("bsuite/wrong_fraction", wrong, 0)
-    writer.add_scalar("bsuite/regret_ratio", regret_ratio, 0)
-    writer.add_scalar("bsuite/learned", float(learned), 0)
-    if args.save_model:
-        model_path = f"runs/{run_name}/model.pt"
-        torch.save({"model": {k: v.cpu() for k, v in agent.state_dict().items()}, "args": vars(args)}, model_path)
-        print(f"model saved to {model_path}")
-    writer.close()
+    for k, (seed, name, writer) in enumerate(zip(seeds, names, writers)):
+        wrong, regret_ratio, learned = bsuite_result(args.env_id, successes[k])
+        line = (
+            f"bsuite {args.env_id} {sweep.SETTINGS[args.env_id]}, seed {seed}: {wrong:.3f} of the first "
+            f"{min(len(successes[k]), 10_000)} answers wrong, regret ratio {regret_ratio:.3f} "
+            f"({'<' if learned else '>='} 0.75): {'learned' if learned else 'not learned'}"
+        )
+        print(line, flush=True)
+        writer.add_text("bsuite", line)
+        writer.add_scalar("bsuite/wrong_fraction", wrong, 0)
+        writer.add_scalar("bsuite/regret_ratio", regret_ratio, 0)
+        writer.add_scalar("bsuite/learned", float(learned), 0)
+        if args.save_model:  # the single agent's parameters, as its single run saves them
+            model = {key: value[k].cpu() for key, value in agent.state_dict().items()}
+            torch.save({"model": model, "args": {**vars(args), "seed": seed}}, f"runs/{name}/model.pt")
+            print(f"model saved to runs/{name}/model.pt")
+        writer.close()

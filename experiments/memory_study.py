@@ -2,7 +2,9 @@
 bsuite's own analysis, collected into a report.
 
 Each run is one bsuite id (10,000 episodes by default) and ends by printing and logging bsuite's result for it; a
-configuration's bsuite score is the fraction of the settings it learned, per seed. The runner is unroll_study.py's
+configuration's bsuite score is the fraction of the settings it learned, per seed. One process trains every seed of a
+configuration and setting together (`--num-seeds`, a population; one per run of consecutive seeds), each seed into its
+own run directory and record; a process stopped before all its seeds finished runs again whole. The runner is unroll_study.py's
 (resumable: runs.jsonl records each finished run and a restart skips it; `--report-only` launches nothing), with the
 grid, the metrics and the report of this study. Hyperparameters are the same for every configuration: pick them with
 a sweep on one middle length (`--set`), then pass them to the study with `--extra`.
@@ -40,12 +42,12 @@ LENGTHS = {
     "memory_len": (*range(1, 11), 12, 14, 17, 20, 25, *range(30, 105, 10)),  # bsuite's memory_len sweep.SETTINGS
     "memory_size": (*range(1, 11), 12, 14, 17, 20, 25, 30, 40),  # memory_size's: bits
 }
-GRID_FLAGS = ("--env-id", "--core", "--num-steps", "--seed", "--run-name")  # set by the runner
+GRID_FLAGS = ("--env-id", "--core", "--num-steps", "--seed", "--num-seeds", "--run-name")  # set by the runner
 CURVE_BINS = 20  # the recorded learning curve: fraction right in 20 bins of 500 episodes
 DEFAULTS = dict(
     settings=None,  # all of the experiment's
     configs=("rtrl:4", "tbptt:4", "lstm:4", "lstm:32", "ff:4", "rtrl:1"),
-    seeds=(1, 2, 3),
+    seeds=tuple(range(1, 11)),
     extra="",
 )
 QUICK = dict(settings=(0, 3), configs=("rtrl:4", "tbptt:4"), seeds=(1,), extra="--num-episodes 48 --hidden-size 8")
@@ -61,7 +63,7 @@ class Args:
     """configurations CORE:UNROLL[:FLAG=VALUE...], e.g. rtrl:4 lstm:32 rtrl:4:stem=mlp (default: rtrl:4 tbptt:4
     lstm:4 lstm:32 ff:4 rtrl:1; --quick: rtrl:4 tbptt:4)"""
     seeds: tuple[int, ...] | None = None
-    """--seed values (default: 1 2 3; --quick: 1)"""
+    """--seed values (default: 1-10; --quick: 1); one process trains each run of consecutive seeds together"""
     extra: str | None = None
     """further flags of every run, e.g. "--forget-bias 3" (with --quick, added to its flags and winning over them)"""
     set: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
@@ -108,16 +110,34 @@ def parse_args(argv=None):
     return args, [token for flag, values in extra.items() for token in (flag, *values)], configs, sets
 
 
+def populations(seeds):
+    """(1, 2, 3, 7) -> [[1, 2, 3], [7]]: the runs of consecutive seeds, one process each (--seed, --num-seeds)."""
+    runs = []
+    for seed in sorted(set(seeds)):
+        if runs and seed == runs[-1][-1] + 1:
+            runs[-1].append(seed)
+        else:
+            runs.append([seed])
+    return runs
+
+
 def grid(args, configs, sets):
-    """Every run: seed outermost (a study stopped early has whole sweeps for its first seeds), then configuration,
-    then the longest settings first (the two jobs end together)."""
+    """Every process: its seeds outermost (a study stopped early has whole sweeps for its first seeds), then
+    configuration, then the longest settings first (the two jobs end together)."""
     swept = [dict(zip(sets, values)) for values in itertools.product(*sets.values())]
     return [
-        dict(env_id=f"{args.experiment}/{i}", setting=i, core=core, num_steps=unroll, seed=seed, sets={**flags, **combo})
-        for seed, (core, unroll, flags), combo, i in itertools.product(
-            args.seeds, configs, swept, sorted(args.settings, reverse=True)
+        dict(env_id=f"{args.experiment}/{i}", setting=i, core=core, num_steps=unroll, seeds=seeds, sets={**flags, **combo})
+        for seeds, (core, unroll, flags), combo, i in itertools.product(
+            populations(args.seeds), configs, swept, sorted(args.settings, reverse=True)
         )
     ]
+
+
+def members(job):
+    """A process's seeds as runs of their own: (key, config, run directory suffix: the script's __s<seed> for K > 1)."""
+    single = lambda seed: {**{k: v for k, v in job.items() if k != "seeds"}, "seed": seed}
+    suffix = lambda seed: f"__s{seed}" if len(job["seeds"]) > 1 else ""
+    return [(run_key(single(seed)), single(seed), suffix(seed)) for seed in job["seeds"]]
 
 
 def label(config):
@@ -125,13 +145,15 @@ def label(config):
 
 
 def run_key(config):
-    name = f"{config['env_id']}__{label(config)}__s{config['seed']}"
+    """A run's name, or a process's: its seed, or its seeds' range."""
+    seeds = config.get("seeds", [config.get("seed")])
+    name = f"{config['env_id']}__{label(config)}__s{seeds[0]}" + (f"-{seeds[-1]}" if len(seeds) > 1 else "")
     return re.sub(r"[^A-Za-z0-9._=+-]", "_", name)
 
 
 def script_flags(config, fixed):
     flags = ["--env-id", config["env_id"], "--core", config["core"], "--num-steps", str(config["num_steps"])]
-    flags += ["--seed", str(config["seed"]), *fixed["extra"]]
+    flags += ["--seed", str(config["seeds"][0]), "--num-seeds", str(len(config["seeds"])), *fixed["extra"]]
     return flags + [token for name, value in config["sets"].items() for token in (f"--{name}", value)]
 
 
@@ -295,7 +317,7 @@ def main(argv=None):
     args, extra, configs, sets = parse_args(argv)
     command = shlex.join(["python", *sys.argv]) if argv is None else shlex.join(["python", __file__, *argv])
     fixed = dict(script=os.path.basename(args.script), extra=extra)
-    launcher = runner.Launcher(args, fixed, command, run_key, script_flags, summarize)
+    launcher = runner.Launcher(args, fixed, command, run_key, script_flags, summarize, members)
     report = lambda records, fixed, command: write_report(args.out_dir, records, fixed, command)
     return runner.study(args, fixed, command, grid(args, configs, sets), launcher, report, describe)
 

@@ -297,22 +297,26 @@ def log_tail(path, lines=15):
 class Launcher:
     """Starts runs as subprocesses and stops them all on a stop; one instance per study invocation."""
 
-    def __init__(self, args, fixed, study_command, key=run_key, flags=script_flags, summarize=None):
+    def __init__(self, args, fixed, study_command, key=run_key, flags=script_flags, summarize=None, members=None):
         """key(config) names a run, flags(config, fixed) gives its flags, summarize(run_dir) its (metrics, curve):
-        by default this study's; experiments/memory_study.py passes its own."""
+        by default this study's; experiments/memory_study.py passes its own. members(config) lists what one process
+        trains, as (key, config, run directory suffix): by default the run itself; a population's agents for
+        experiments/memory_study.py (each recorded as a run of its own)."""
         self.args, self.fixed, self.study_command = args, fixed, study_command
         self.key, self.flags = key, flags
+        self.members = members or (lambda config: [(key(config), config, "")])
         self.summarize = summarize or (lambda run_dir: summarize_events(run_dir, fixed["total_timesteps"]))
         self.runs_root = os.path.join(os.path.abspath(args.work_dir), "runs")
         self.script = os.path.abspath(args.script)
         self.live, self.lock, self.stopping = set(), threading.Lock(), False
 
-    def new_run_name(self, key):
-        """key, key__a2, ...: the first whose run directory and log are both new (the log is created here, so two
-        launchers never take the same name); a run killed mid-way left its directory, and is never reused."""
+    def new_run_name(self, key, suffixes=("",)):
+        """key, key__a2, ...: the first whose run directories (name + each suffix) and log are all new (the log is
+        created here, so two launchers never take the same name); a run killed mid-way left its directory, and is
+        never reused."""
         for attempt in itertools.count(1):
             name = key if attempt == 1 else f"{key}__a{attempt}"
-            if os.path.exists(os.path.join(self.runs_root, name)):
+            if any(os.path.exists(os.path.join(self.runs_root, name + suffix)) for suffix in suffixes):
                 continue
             try:
                 return name, open(os.path.join(self.runs_root, f"{name}.log"), "x")
@@ -320,8 +324,9 @@ class Launcher:
                 continue
 
     def run(self, config):
+        """One process; a record for each of its members, failed together if the process failed."""
         key, flags = self.key(config), self.flags(config, self.fixed)
-        name, log = self.new_run_name(key)
+        name, log = self.new_run_name(key, [suffix for _, _, suffix in self.members(config)])
         command = [sys.executable, self.script, *flags, "--run-name", name]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         start = time.time()
@@ -341,30 +346,33 @@ class Launcher:
             returncode = proc.wait()
             with self.lock:
                 self.live.discard(proc)
-        run_dir = os.path.join(self.runs_root, name)
-        record = dict(
-            key=key,
-            config=config,
-            status="ok",
-            returncode=returncode,
-            run_name=name,
-            run_dir=run_dir,
-            log=log.name,
-            command=shlex.join(["python", os.path.basename(self.script), *command[2:]]),
-            wall_time=time.time() - start,
-            fixed=self.fixed,
-            study_command=self.study_command,
-        )
-        if returncode == 0:
-            try:
-                record["metrics"], record["curve"] = self.summarize(run_dir)
-            except Exception as e:  # an exit 0 without readable events is a failed run, not a crashed study
-                record.update(status="failed", error=f"{type(e).__name__}: {e}")
-        else:
-            record.update(status="failed", error=f"exit code {returncode}")
-        if record["status"] == "failed":
-            record["log_tail"] = log_tail(log.name)
-        return record
+        records = []
+        for member_key, member_config, suffix in self.members(config):
+            run_dir = os.path.join(self.runs_root, name + suffix)
+            record = dict(
+                key=member_key,
+                config=member_config,
+                status="ok",
+                returncode=returncode,
+                run_name=name + suffix,
+                run_dir=run_dir,
+                log=log.name,
+                command=shlex.join(["python", os.path.basename(self.script), *command[2:]]),
+                wall_time=time.time() - start,
+                fixed=self.fixed,
+                study_command=self.study_command,
+            )
+            if returncode == 0:
+                try:
+                    record["metrics"], record["curve"] = self.summarize(run_dir)
+                except Exception as e:  # an exit 0 without readable events is a failed run, not a crashed study
+                    record.update(status="failed", error=f"{type(e).__name__}: {e}")
+            else:
+                record.update(status="failed", error=f"exit code {returncode}")
+            if record["status"] == "failed":
+                record["log_tail"] = log_tail(log.name)
+            records.append(record)
+        return records
 
     def stop(self):
         with self.lock:
@@ -431,9 +439,10 @@ def describe(record):
 
 
 def run_study(args, configs, runs_path, records, launcher, describe=describe):
-    """Launch the configs' unfinished runs, `--jobs` at a time, recording each as it finishes; 1 if any failed."""
+    """Launch the configs' unfinished runs, `--jobs` at a time, recording each as it finishes; 1 if any failed. A
+    process is rerun unless every one of its members finished."""
     done = finished(records)
-    todo = [c for c in configs if launcher.key(c) not in done]
+    todo = [c for c in configs if any(key not in done for key, _, _ in launcher.members(c))]
     print(
         f"{len(configs)} runs in the grid: {len(configs) - len(todo)} finished earlier (skipped), "
         f"{len(todo)} to run, {args.jobs} at a time; runs in {os.path.abspath(args.work_dir)}/runs",
@@ -448,20 +457,22 @@ def run_study(args, configs, runs_path, records, launcher, describe=describe):
     try:
         futures = [pool.submit(launcher.run, config) for config in todo]
         for i, future in enumerate(as_completed(futures), 1):
-            record = future.result()
-            records.append(record)
+            done_records = future.result()
+            records.extend(done_records)
             save_records(runs_path, records)  # recorded as it finishes: a stop loses only the runs under way
-            if record["status"] == "ok":
-                print(
-                    f"[{i}/{len(todo)}] ok {record['run_name']}: {describe(record)}, {record['wall_time']:.0f} s", flush=True
-                )
-            else:
-                failures += 1
-                last = record["log_tail"].strip().splitlines()[-1:] or [""]
-                print(
-                    f"[{i}/{len(todo)}] FAILED {record['run_name']} ({record['error']}): {last[0]} (log: {record['log']})",
-                    flush=True,
-                )
+            for record in done_records:
+                if record["status"] == "ok":
+                    print(
+                        f"[{i}/{len(todo)}] ok {record['run_name']}: {describe(record)}, {record['wall_time']:.0f} s",
+                        flush=True,
+                    )
+                else:
+                    failures += 1
+                    last = record["log_tail"].strip().splitlines()[-1:] or [""]
+                    print(
+                        f"[{i}/{len(todo)}] FAILED {record['run_name']} ({record['error']}): {last[0]} (log: {record['log']})",
+                        flush=True,
+                    )
     finally:  # on a stop (Ctrl-C, SIGTERM) or a crash: start nothing more, end the runs under way
         launcher.stop()
         pool.shutdown(wait=True, cancel_futures=True)

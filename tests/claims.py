@@ -259,7 +259,10 @@ def check_returns_bootstrap_truncations_and_cut_terminations(script):
 
 def spec_lstm(lstm, x, state0, done):
     """A standard LSTM (i, f, g, o gates, h = o * tanh(c)) step by step; state is [h ; c], zeroed at resets."""
-    w_ih, w_hh, bias = lstm.cell.weight_ih, lstm.cell.weight_hh, lstm.cell.bias_ih + lstm.cell.bias_hh
+    if hasattr(lstm, "cell"):  # nn.LSTMCell
+        w_ih, w_hh, bias = lstm.cell.weight_ih, lstm.cell.weight_hh, lstm.cell.bias_ih + lstm.cell.bias_hh
+    else:  # bsuite's, written out with its population's Linear
+        w_ih, w_hh, bias = lstm.ih.weight, lstm.hh.weight, lstm.ih.bias + lstm.hh.bias
     h, c = state0.chunk(2, -1)
     out = []
     for t in range(x.shape[0]):
