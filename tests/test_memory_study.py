@@ -76,3 +76,36 @@ def test_a_seeds_score_is_the_fraction_of_settings_learned_and_needs_every_setti
 )
 def test_bad_input_is_a_one_line_error(flags, message, capsys):
     helpers.bad_input_in_process(study.parse_args, flags, message, capsys)
+
+
+def test_one_process_trains_each_run_of_consecutive_seeds_and_records_each_seed_as_a_run():
+    assert study.populations((7, 1, 2, 3, 9, 8, 12)) == [[1, 2, 3], [7, 8, 9], [12]]
+    job = dict(env_id="memory_len/4", setting=4, core="rtrl", num_steps=4, seeds=[2, 3], sets={})
+    assert study.run_key(job) == "memory_len_4__rtrl_4__s2-3"
+    members = study.members(job)
+    assert [(key, suffix) for key, _, suffix in members] == [
+        ("memory_len_4__rtrl_4__s2", "__s2"),
+        ("memory_len_4__rtrl_4__s3", "__s3"),
+    ]
+    assert [config["seed"] for _, config, _ in members] == [2, 3] and "seeds" not in members[0][1]
+    assert study.script_flags(job, {"extra": []})[-4:] == ["--seed", "2", "--num-seeds", "2"]
+    assert [suffix for _, _, suffix in study.members({**job, "seeds": [5]})] == [""]  # K = 1: --run-name as given
+
+
+def test_a_population_stopped_before_all_its_seeds_finished_runs_again_whole(tmp_path):
+    """Seeds 1 2: four processes of two agents. With one seed's record gone (as if stopped before it was written),
+    a restart runs that process again, both seeds, in fresh directories; the other three are skipped."""
+    flags = ("--quick", "--seeds", "1", "2", "--out-dir", str(tmp_path / "report"), "--work-dir", str(tmp_path / "work"))
+    assert helpers.run_script(RUNNER, tmp_path, *flags).returncode == 0
+    runs = tmp_path / "report" / "runs.jsonl"
+    records = [json.loads(line) for line in runs.read_text().splitlines()]
+    assert len(records) == 8 and {r["run_name"] for r in records} >= {
+        "memory_len_3__rtrl_4__s1-2__s1",
+        "memory_len_3__rtrl_4__s1-2__s2",
+    }
+    runs.write_text("".join(json.dumps(r) + "\n" for r in records if r["key"] != "memory_len_3__rtrl_4__s2"))
+    proc = helpers.run_script(RUNNER, tmp_path, *flags)
+    assert proc.returncode == 0 and "4 runs in the grid: 3 finished earlier (skipped), 1 to run" in proc.stdout
+    again = [json.loads(line) for line in runs.read_text().splitlines()][7:]
+    assert sorted(r["run_name"] for r in again) == ["memory_len_3__rtrl_4__s1-2__a2__s1", "memory_len_3__rtrl_4__s1-2__a2__s2"]
+    assert all(r["status"] == "ok" for r in again)

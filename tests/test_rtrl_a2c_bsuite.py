@@ -37,7 +37,7 @@ def test_episodes_show_the_context_first_twice_the_query_last_and_reward_the_las
             reward, term, ended = envs.step(action)
             if t < length:
                 assert not term.any() and not envs.first.any() and (reward == 0).all() and ended == []
-        assert term.all() and ended == (reward > 0).tolist()
+        assert term.all() and ended == list(enumerate((reward > 0).tolist()))
         context = seen[0][:, 2:]
         assert (context.abs() == 1).all() and torch.equal(seen[1][:, 2:], context)
         assert all((obs[:, 2:] == 0).all() for obs in seen[2:])
@@ -88,7 +88,7 @@ def test_forget_bias_shifts_only_the_forget_gates_bias(core):
     plain = bs.Agent((3,), 2, 8, core).state_dict()
     torch.manual_seed(0)
     shifted = bs.Agent((3,), 2, 8, core, forget_bias=2.5).state_dict()
-    name, rows = ("cell.cell.bias_ih", slice(8, 16)) if core == "lstm" else ("cell.b_f", slice(None))
+    name, rows = ("cell.ih.bias", slice(8, 16)) if core == "lstm" else ("cell.b_f", slice(None))
     for k in plain:
         expected = plain[k].clone()
         if k == name:
@@ -121,14 +121,16 @@ def test_a_run_logs_every_episode_every_update_and_bsuites_result(tmp_path, core
     scalars = checks.read_scalars(run_dir)
     success, returns = scalars["charts/success"], scalars["charts/episodic_return"]
     assert len(success) == 32 and returns == [2 * s - 1 for s in success]
+    updates = 32 // num_steps  # logged: every 10th update, from the first, and the last
+    logged = len({u for u in range(1, updates + 1) if u % 10 == 1} | {updates})
     for tag in ("losses/policy_loss", "losses/value_loss", "losses/entropy", "losses/grad_norm", "charts/SPS"):
-        assert len(scalars[tag]) == 32 // num_steps and all(np.isfinite(scalars[tag])), tag
+        assert len(scalars[tag]) == logged and all(np.isfinite(scalars[tag])), tag
     wrong = 1 - np.mean(success)
     assert scalars["bsuite/wrong_fraction"] == pytest.approx([wrong])
     assert scalars["bsuite/regret_ratio"] == pytest.approx([wrong / 0.5])
     assert scalars["bsuite/learned"] == [float(wrong < 0.375)]
     verdict = "learned" if wrong < 0.375 else "not learned"
-    assert f"bsuite memory_len/2 {{'memory_length': 3}}: {wrong:.3f} of the first 32 answers wrong" in proc.stdout
+    assert f"bsuite memory_len/2 {{'memory_length': 3}}, seed 1: {wrong:.3f} of the first 32 answers wrong" in proc.stdout
     assert proc.stdout.rstrip().splitlines()[-2].endswith(f": {verdict}")
     model = torch.load(os.path.join(run_dir, "model.pt"), weights_only=True)
     agent = bs.Agent((3,), 2, 8, core, stem)
@@ -151,6 +153,7 @@ def test_a_run_logs_every_episode_every_update_and_bsuites_result(tmp_path, core
         (["--num-episodes", "0"], "--num-episodes must be at least 1"),
         (["--num-steps", "0"], "--num-steps must be at least 1"),
         (["--run-name", "a/b"], "--run-name names one directory under runs/"),
+        (["--num-seeds", "0"], "--num-seeds must be at least 1, got 0"),
     ],
 )
 def test_bad_input_is_a_one_line_error(flags, message, capsys):
@@ -164,3 +167,107 @@ def test_the_progress_line_has_no_eta_before_the_first_episode_ends():
 def test_the_script_checks_its_input_before_it_starts(tmp_path):
     proc = helpers.run_script(SCRIPT, tmp_path, "--env-id", "memory_len/30")
     checks.check_bad_input_is_a_one_line_error(proc, "unknown bsuite memory id 'memory_len/30'", tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Populations (--num-seeds K): K agents in one process, each its single run
+# ---------------------------------------------------------------------------------------------
+def singles_and_population(core, stem, seeds=(5, 6, 7)):
+    """The population of `seeds` and, beside it, each seed's single agent as a single run makes it (float64)."""
+    agent_args = ((3,), checks.NUM_ACTIONS, checks.HIDDEN, core, stem, 2.0)
+    population = bs.population(list(seeds), *agent_args).double()
+    singles = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        singles.append(bs.Agent(*agent_args).double())
+    return population, singles
+
+
+def stacked(rollouts):
+    """K agents' rollouts (T x B each) as the population's (T x K x B)."""
+    return bs.Rollout(**{f: torch.stack([getattr(r, f) for r in rollouts], 1) for f in bs.Rollout.__dataclass_fields__})
+
+
+def two_updates_then_gradients(agent, rollouts, returns, args):
+    """compute_gradients over consecutive rollouts with the carried c and sensitivities; the last one's .grad stays."""
+    c, sens = agent.cell.initial_state(rollouts[0].obs.shape[-2])
+    for r in rollouts:
+        agent.zero_grad(set_to_none=True)
+        sens = bs.compute_gradients(agent, r, returns, c, sens, args)[1]
+        with torch.no_grad():
+            c = agent.cell(agent.features(r.obs, r.last_rewards), c, agent.resets(r.firsts))[-1]
+
+
+@pytest.mark.parametrize("stem", ["none", "mlp"])
+@pytest.mark.parametrize("core", ["rtrl", "tbptt", "lstm", "ff"])
+def test_one_update_of_a_population_equals_its_agents_single_updates(core, stem):
+    """3 agents, each with its own rollouts: the population's gradients (after 2 rollouts, so rtrl's carried
+    sensitivities count), their clip and the RMSprop step equal each agent's single update, on every parameter.
+    max_grad_norm lies between the agents' norms, so one agent is clipped and another is not."""
+    population, singles = singles_and_population(core, stem)
+    for k, single in enumerate(singles):  # agent k starts as the single run of its seed
+        assert all(torch.equal(p[k], q) for p, q in zip(population.parameters(), single.parameters()))
+    rollouts = [checks.random_rollouts(bs, 2, 5, 4, seed=10 + k, obs_kind=checks.Vector) for k in range(3)]
+    returns = [torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    args = bs.Args(core=core)
+    two_updates_then_gradients(population, [stacked(rs) for rs in zip(*rollouts)], torch.stack(returns, 1), args)
+    norms = torch.stack([torch.cat([p.grad[k].flatten() for p in population.parameters()]).norm() for k in range(3)])
+    max_norm = float(norms.sort().values[1] - 1e-3)  # the smallest norm stays, the others are clipped
+    optimizer = torch.optim.RMSprop(population.parameters(), lr=0.1, alpha=0.9, eps=0.01)
+    assert torch.allclose(bs.clip_grad_norms_(list(population.parameters()), max_norm), norms, rtol=1e-12)
+    optimizer.step()
+    for k, single in enumerate(singles):
+        two_updates_then_gradients(single, rollouts[k], returns[k], args)
+        norm = torch.nn.utils.clip_grad_norm_(single.parameters(), max_norm)
+        assert norm.item() == pytest.approx(norms[k].item(), rel=1e-12) and (norm > max_norm) == (k != norms.argmin())
+        grads = {name: p.grad.clone() for name, p in single.named_parameters()}
+        torch.optim.RMSprop(single.parameters(), lr=0.1, alpha=0.9, eps=0.01).step()
+        for name, p in population.named_parameters():  # (ff's v_z and v_f get no gradient: zeros on both sides)
+            assert (p.grad[k] - grads[name]).norm() <= 1e-12 * grads[name].norm(), (k, name)
+            assert helpers.rel_err(p[k], dict(single.named_parameters())[name]) < 1e-12, (k, name)
+
+
+def test_an_agents_gradients_do_not_depend_on_the_other_agents_parameters():
+    population, _ = singles_and_population("rtrl", "mlp")
+    rollouts = [
+        stacked(rs) for rs in zip(*[checks.random_rollouts(bs, 2, 5, 4, seed=k, obs_kind=checks.Vector) for k in range(3)])
+    ]
+    returns = torch.randn(5, 3, 4, dtype=torch.float64)
+    two_updates_then_gradients(population, rollouts, returns, bs.Args())
+    before = {name: p.grad.clone() for name, p in population.named_parameters()}
+    with torch.no_grad():
+        for p in population.parameters():
+            p[1] += torch.randn_like(p[1])  # agent 1 moves
+    two_updates_then_gradients(population, rollouts, returns, bs.Args())
+    for name, p in population.named_parameters():
+        assert torch.equal(p.grad[0], before[name][0]) and torch.equal(p.grad[2], before[name][2]), name
+        assert not torch.equal(p.grad[1], before[name][1]) or before[name][1].norm() == 0, name
+
+
+def test_a_population_of_3_writes_three_complete_run_directories(tmp_path):
+    """Each agent's directory: every episode, the losses, bsuite's verdict line, its model (a single Agent's); and the
+    verdicts printed are those the directories hold."""
+    flags = ["--env-id", "memory_len/2", "--num-envs", "4", "--num-episodes", "32", "--hidden-size", "8"]
+    proc = helpers.run_script(SCRIPT, tmp_path, *flags, "--seed", "4", "--num-seeds", "3", "--run-name", "pop", "--save-model")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(tmp_path / "runs")) == ["pop__s4", "pop__s5", "pop__s6"]
+    successes = []
+    for seed in (4, 5, 6):
+        run_dir = tmp_path / "runs" / f"pop__s{seed}"
+        scalars = checks.read_scalars(str(run_dir))
+        assert len(scalars["charts/success"]) == 32 and len(scalars["losses/grad_norm"]) == 2
+        wrong = 1 - np.mean(scalars["charts/success"])
+        assert scalars["bsuite/wrong_fraction"] == pytest.approx([wrong])
+        assert f"bsuite memory_len/2 {{'memory_length': 3}}, seed {seed}: {wrong:.3f} of the first 32" in proc.stdout
+        model = torch.load(run_dir / "model.pt", weights_only=True)
+        bs.Agent((3,), 2, 8).load_state_dict(model["model"])
+        assert model["args"]["seed"] == seed
+        successes.append(tuple(scalars["charts/success"]))
+    assert len(set(successes)) == 3  # three agents, not one logged thrice
+
+
+def test_an_existing_run_directory_of_any_agent_is_refused_before_anything_is_written(tmp_path):
+    (tmp_path / "runs" / "pop__s2").mkdir(parents=True)
+    proc = helpers.run_script(SCRIPT, tmp_path, "--num-seeds", "3", "--run-name", "pop", "--num-episodes", "16")
+    assert proc.returncode == 2 and "runs/pop__s2 exists" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert os.listdir(tmp_path / "runs") == ["pop__s2"] and not os.listdir(tmp_path / "runs" / "pop__s2")
