@@ -34,6 +34,8 @@ class Args:
     """episodes per run"""
     cores: tuple[str, ...] = ("rtrl", "tbptt", "lstm", "ff")
     """--core of each run (at --num-steps 4)"""
+    num_seeds: int = 1
+    """--num-seeds of each run: K agents in one process (env steps: all K agents')"""
     threads: int = 1
     """torch threads (0: torch's default)"""
 
@@ -80,6 +82,7 @@ def run(core, args, num_episodes):
     tyro.cli = instrumented_cli
     undo.append(lambda: setattr(tyro, "cli", cli))
     argv = [f"--env-id={args.env_id}", f"--num-episodes={num_episodes}", f"--core={core}", "--num-steps=4"]
+    argv.append(f"--num-seeds={args.num_seeds}")
     cwd, old_argv = os.getcwd(), sys.argv
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -92,7 +95,7 @@ def run(core, args, num_episodes):
             sys.argv = old_argv
             for u in undo:
                 u()
-    span, steps = totals["last"] - totals["first"], out["global_step"]
+    span, steps = totals["last"] - totals["first"], out["global_step"] * args.num_seeds
     parts = [totals["bsuite"], totals["envs"] - totals["bsuite"], *(totals[k] for k in PARTS[2:])]
     return [core, f"{steps:,}", f"{span:.1f}", f"{steps / span:,.0f}"] + [
         f"{100 * part / span:.0f}%" for part in (*parts, span - sum(parts))
@@ -105,7 +108,10 @@ if __name__ == "__main__":
     print(f"machine: {machine()}")
     run(args.cores[0], args, 16)  # warm-up: torch's first optimizer step and backward load code once per process
     rows = [run(core, args, args.num_episodes) for core in args.cores]
-    print(f"rtrl_a2c_bsuite.py --env-id {args.env_id} --num-episodes {args.num_episodes} --num-steps 4, defaults otherwise")
+    print(
+        f"rtrl_a2c_bsuite.py --env-id {args.env_id} --num-episodes {args.num_episodes} --num-steps 4 "
+        f"--num-seeds {args.num_seeds}, defaults otherwise"
+    )
     headers = ["core", "env steps", "seconds", "steps/s", "bsuite", "Envs.step", "act", "gradients", "RMSprop", "logging"]
     headers.append("rest")
     print_table(headers, rows)

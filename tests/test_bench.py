@@ -192,3 +192,22 @@ def test_bsuite_time_splits_real_runs_of_the_script(tmp_path):
     for row in rows:  # 32 episodes of 51 steps, in rollouts of 16 envs x 4 steps
         assert row[1] == f"{(-(-32 * 51 // 64)) * 64:,}" and float(row[2]) > 0
         assert 97 <= sum(int(cell.rstrip("%")) for cell in row[4:]) <= 103  # the parts make up the span, to rounding
+
+
+def test_population_compares_one_process_with_k_single_ones_and_the_commit_before(tmp_path):
+    flags = ("--num-episodes", "32", "--ks", "1", "2", "--rounds", "1")
+    proc = helpers.run_script(os.path.join(BENCH, "population.py"), tmp_path, *flags)
+    assert proc.returncode == 0 and proc.stdout.startswith("machine: "), proc.stderr
+    header, rows = table(proc.stdout, "K")
+    assert [row[0] for row in rows] == ["1", "2"] and all(row[-1].endswith("x") for row in rows)
+    for row in rows:  # the ratio is the two rates' quotient, to rounding
+        together, apart = (float(cell.replace(",", "")) for cell in row[1:3])
+        assert float(row[-1][:-1]) == pytest.approx(together / apart, abs=0.006)
+    assert "the script at 87a19d6:" in proc.stdout and "where the time goes at K = " in proc.stdout
+    assert not os.listdir(tmp_path)  # every run in a temp dir, removed
+
+
+def test_population_refuses_a_baseline_that_does_not_exist(tmp_path):
+    proc = helpers.run_script(os.path.join(BENCH, "population.py"), tmp_path, "--baseline", "no-such-commit")
+    assert proc.returncode == 2 and "--baseline no-such-commit: no rtrl_a2c_bsuite.py there" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "machine:" not in proc.stdout
