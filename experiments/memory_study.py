@@ -188,6 +188,14 @@ def describe(record):
 # ---------------------------------------------------------------------------------------------
 # The report, recomputed from runs.jsonl: results.json, results.csv, table.md, memory.png
 # ---------------------------------------------------------------------------------------------
+def bootstrap_ci(values, resamples=10_000, seed=0):
+    """The 95% percentile bootstrap interval of the mean over seeds, or None below two seeds."""
+    if len(values) < 2:
+        return None
+    means = np.random.default_rng(seed).choice(values, size=(resamples, len(values))).mean(1)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
 def aggregate(records, experiment):
     """Per configuration: each length's fraction right over seeds, and the bsuite score of each seed whose sweep
     over the study's settings is complete."""
@@ -211,7 +219,9 @@ def aggregate(records, experiment):
             if len(sweep) == len(settings):  # bsuite's score: the fraction of settings learned
                 scores[seed] = float(np.mean([r["metrics"]["learned"] for r in sweep]))
         score = spread(list(scores.values()))
-        rows.append(dict(config=name, lengths=lengths, scores=scores, score=score))
+        rows.append(
+            dict(config=name, lengths=lengths, scores=scores, score=score, score_ci=bootstrap_ci(list(scores.values())))
+        )
     return settings, rows
 
 
@@ -228,7 +238,8 @@ def table_md(results):
         f"- a cell: the fraction of right answers over bsuite's first {NUM_EPISODES:,} episodes, mean ± sd over seeds, "
         f"and how many seeds learned the setting (bsuite: right > {LEARNED_RIGHT}, regret ratio < 0.75)",
         f"- score: bsuite's, the fraction of the {len(lengths)} settings learned, mean ± sd over the seeds with every "
-        f"setting run; bsuite's published actor_critic_rnn: {PUBLISHED[experiment]}",
+        f"setting run, and its 95% bootstrap interval [low, high]; "
+        f"bsuite's published actor_critic_rnn: {PUBLISHED[experiment]}",
         f"- columns: the {unit}",
         "",
         "Commands that made these runs:",
@@ -241,7 +252,9 @@ def table_md(results):
     head = ["configuration", "score"] + [str(length) for length in lengths]
     lines += ["| " + " | ".join(head) + " |", "| --- |" + " --- |" * (len(head) - 1)]
     for r in rows:
-        cells = [f"`{r['config']}`", f"**{runner.mean_sd(r['score'], 2)}** (n={r['score']['n']})"]
+        ci = r.get("score_ci")
+        interval = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+        cells = [f"`{r['config']}`", f"**{runner.mean_sd(r['score'], 2)}**{interval} (n={r['score']['n']})"]
         for length in lengths:
             c = r["lengths"].get(str(length), r["lengths"].get(length))
             cells.append("–" if c is None else f"{runner.mean_sd(c['right'], 2)} ({c['learned']}/{c['right']['n']})")
@@ -276,9 +289,10 @@ def plot(results, path):
         style = "o--" if r["config"].count(":") > 1 else "o-"  # dashed: a variant, one flag set apart
         ax.plot(xs, [np.mean(v) for v in values], style, color=f"C{k % 10}", markersize=3, label=r["config"])
         ax.fill_between(xs, [min(v) for v in values], [max(v) for v in values], color=f"C{k % 10}", alpha=0.15)
-        seeds = list(r["scores"].values())
+        seeds, ci = list(r["scores"].values()), r.get("score_ci")
         if seeds:  # a configuration run on some settings only has no score
-            bx.bar(k, np.mean(seeds), color=f"C{k % 10}", alpha=0.7)
+            error = [[np.mean(seeds) - ci[0]], [ci[1] - np.mean(seeds)]] if ci else None
+            bx.bar(k, np.mean(seeds), yerr=error, capsize=4, color=f"C{k % 10}", alpha=0.7)
             bx.scatter([k] * len(seeds), seeds, color="black", s=10, zorder=3)
         else:
             bx.text(k, 0.02, "some\nlengths\nonly", ha="center", fontsize=7)
@@ -292,7 +306,7 @@ def plot(results, path):
     bx.set_xticks(range(len(rows)), [r["config"] for r in rows], rotation=30, ha="right", fontsize=8)
     bx.set_ylim(0, 1)
     bx.set_ylabel("bsuite score (fraction of settings learned)")
-    bx.set_title("score: mean over seeds, seeds as points")
+    bx.set_title("score: mean over seeds, 95% bootstrap interval, seeds as points")
     bx.legend(fontsize=7)
     save_figure(fig, path)
 

@@ -58,6 +58,8 @@ def test_a_seeds_score_is_the_fraction_of_settings_learned_and_needs_every_setti
     settings, (row,) = study.aggregate(records, "memory_len")
     assert settings == [0, 1, 2] and row["config"] == "rtrl:4"
     assert row["scores"] == {1: pytest.approx(2 / 3), 2: 1.0} and row["score"]["n"] == 2
+    low, high = row["score_ci"]  # resampling two seeds: every mean lies between them, both ends are reached
+    assert low == pytest.approx(2 / 3) and high == pytest.approx(1.0)
     assert row["lengths"][3]["learned"] == 1 and row["lengths"][3]["seeds"] == [1, 2]
     assert row["lengths"][1]["right"]["values"] == pytest.approx([0.9, 0.9, 0.9])
 
@@ -109,3 +111,9 @@ def test_a_population_stopped_before_all_its_seeds_finished_runs_again_whole(tmp
     again = [json.loads(line) for line in runs.read_text().splitlines()][7:]
     assert sorted(r["run_name"] for r in again) == ["memory_len_3__rtrl_4__s1-2__a2__s1", "memory_len_3__rtrl_4__s1-2__a2__s2"]
     assert all(r["status"] == "ok" for r in again)
+
+
+def test_the_scores_bootstrap_interval_holds_the_mean_and_narrows_with_more_seeds():
+    assert study.bootstrap_ci([0.5]) is None and study.bootstrap_ci([0.8] * 5) == [0.8, 0.8]
+    few, many = study.bootstrap_ci([0.7, 0.9, 0.8]), study.bootstrap_ci([0.7, 0.9, 0.8] * 10)
+    assert few[0] < 0.8 < few[1] and many[0] < 0.8 < many[1] and many[1] - many[0] < few[1] - few[0]
