@@ -18,3 +18,6 @@ study --configs rtrl:4:forget-bias=4 lstm:4 ff:4 --seeds 2 3
 study --experiment memory_size --configs rtrl:4 tbptt:4 lstm:32 --seeds 1   # 17 numbers of bits, memory length 2
 study --configs rtrl:4:learning-rate=1e-3 rtrl:4:num-envs=4 rtrl:4:num-envs=64 --settings 20 22 --seeds 1 \
   --out-dir docs/memory_study/limits_other                           # the learning rate and the number of envs
+# issue 23: the headline at 10 seeds, each configuration and length one process of 10 agents (--num-seeds 10); run with
+# --script pointing at a copy of rtrl_a2c_bsuite.py as of commit 1e476f1, so that later edits could not reach the runs
+study --configs rtrl:4 tbptt:4 lstm:32 rtrl:1 --seeds 1 2 3 4 5 6 7 8 9 10 --out-dir docs/memory_study/seeds10
