@@ -91,6 +91,15 @@ class Args:
     forget_bias: float = 3.0
     """added to the forget gate's bias at initialisation (eLSTM b_f; the LSTM's forget-gate bias): f near 1, so
     credit survives many steps from the start"""
+    forget_init: Literal["constant", "chrono"] = "constant"
+    """constant: --forget-bias; chrono (Tallec & Ollivier, ICLR 2018): b_f = log(u), u ~ U(1, T_max - 1) per unit,
+    timescales 2..T_max with no sweep (the LSTM's input-gate bias -b_f, as in the paper); --forget-bias unused"""
+    chrono_tmax: int | None = None
+    """T_max of --forget-init chrono (default: the experiment's longest memory, 100 for memory_len, 2 for memory_size)"""
+    init_stem_from: str = ""
+    """a model.pt of this script (--save-model, any core, --stem mlp): every agent starts from its stem"""
+    freeze_stem: bool = False
+    """keep that stem fixed, so that the cell trains by RTRL alone (the paper's recipe on DMLab)"""
 
 
 class Envs:
@@ -325,7 +334,9 @@ class Agent(nn.Module):
     """One agent (x: T x B x D), or K of them with num_agents=K: each parameter gets a leading agent dim, each tensor
     an agent dim before its batch dim (T x K x B x D). Make a population with population()."""
 
-    def __init__(self, obs_shape, num_actions, hidden_size, core="rtrl", stem="none", forget_bias=0.0, num_agents=None):
+    def __init__(
+        self, obs_shape, num_actions, hidden_size, core="rtrl", stem="none", forget_bias=0.0, chrono_tmax=None, num_agents=None
+    ):
         super().__init__()
         self.core, k = core, num_agents
         obs_size = int(np.prod(obs_shape))
@@ -336,8 +347,15 @@ class Agent(nn.Module):
         width = (obs_size if stem == "none" else 128) + 1
         self.cell = LSTM(width, hidden_size, k) if core == "lstm" else ELSTM(width, hidden_size, k)
         with torch.no_grad():  # as the official RTRLQuasiLSTMlayer(forget_bias=...); the LSTM's gates are i, f, g, o
-            forget = self.cell.ih.bias[..., hidden_size : 2 * hidden_size] if core == "lstm" else self.cell.b_f
-            forget += forget_bias
+            n = hidden_size
+            forget = self.cell.ih.bias[..., n : 2 * n] if core == "lstm" else self.cell.b_f
+            if chrono_tmax:  # f = u / (1 + u): a unit keeps its state for about 1 + u steps, u from 1 to T_max - 1
+                forget.copy_(torch.empty_like(forget).uniform_(1, chrono_tmax - 1).log())
+                if core == "lstm":  # the LSTM's input gate opens as its forget gate closes; its hh biases add none
+                    self.cell.ih.bias[..., :n] = -forget
+                    self.cell.hh.bias[..., : 2 * n] = 0
+            else:
+                forget += forget_bias
         # the eLSTM's output gate (Method §1); the LSTM has its own
         self.gate = None if core == "lstm" else Linear(width + hidden_size, hidden_size, k)
         self.actor = Linear(hidden_size, num_actions, k)
@@ -449,12 +467,27 @@ def compute_gradients(agent, rollout, returns, c0, sens0, args):
 def clip_grad_norms_(parameters, max_norm):
     """nn.utils.clip_grad_norm_ agent by agent: each agent's global norm over its own gradients (the leading dim of
     every .grad), clipped to max_norm; returns the K norms before clipping."""
-    grads = [p.grad for p in parameters]
+    grads = [p.grad for p in parameters if p.grad is not None]  # a frozen stem has none
     norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads]).norm(dim=0)
     scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
     for g in grads:
         g.mul_(scale.view(-1, *[1] * (g.dim() - 1)))
     return norms
+
+
+def load_stem(agent, path):
+    """--init-stem-from: the stem of a model.pt of this script (--stem mlp, the same observation), into every agent."""
+    try:
+        model = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    except OSError as e:  # no such file, a directory
+        fail(f"--init-stem-from {path}: {e.strerror}")
+    except Exception as e:  # not a torch file, or one without a model
+        fail(f"--init-stem-from {path}: not a model.pt of this script ({type(e).__name__})")
+    stem, own = {k.removeprefix("stem."): v for k, v in model.items() if k.startswith("stem.")}, agent.stem.state_dict()
+    shapes = lambda d: {k: tuple(v.shape[-2:] if k.endswith("weight") else v.shape[-1:]) for k, v in d.items()}
+    if shapes(stem) != shapes(own):  # a --stem none run's, or another observation size's
+        fail(f"--init-stem-from {path}: its stem does not fit: {shapes(stem) or 'none'} for {shapes(own)}")
+    agent.stem.load_state_dict({k: stem[k].expand_as(v) for k, v in own.items()})
 
 
 def bsuite_result(env_id, successes):
@@ -481,9 +514,12 @@ def fail(message):
 def check_args(args):
     """Only what would otherwise run silently wrong or end in a traceback."""
     ids = [k for k in sweep.SETTINGS if k.split("/")[0] in ("memory_len", "memory_size")]
-    if args.env_id not in ids:
+    if args.env_id not in ids:  # memory_len/30: the user may mean length 30, which is memory_len/15
+        experiment, _, number = args.env_id.partition("/")
+        named = [k for k in ids if k.startswith(f"{experiment}/") and str(next(iter(sweep.SETTINGS[k].values()))) == number]
         close = difflib.get_close_matches(args.env_id, ids, n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        setting = f"memory length {number}" if experiment == "memory_len" else f"{number} bits"
+        hint = f"; {setting} is {named[0]}" if named else f"; did you mean {', '.join(close)}?" if close else ""
         fail(f"unknown bsuite memory id {args.env_id!r} (memory_len/0-22, memory_size/0-16){hint}")
     if not (args.learning_rate > 0 and args.max_grad_norm > 0):  # clip_grad_norm_ would flip the gradient's sign
         fail(f"--learning-rate and --max-grad-norm must be positive, got {args.learning_rate}, {args.max_grad_norm}")
@@ -494,6 +530,12 @@ def check_args(args):
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.run_name and (os.sep in args.run_name or args.run_name in (".", "..")):
         fail(f"--run-name names one directory under runs/, got {args.run_name!r}")
+    if args.freeze_stem and not args.init_stem_from:
+        fail("--freeze-stem needs --init-stem-from: a stem to keep fixed (a fresh one would stay random)")
+    if (args.init_stem_from or args.freeze_stem) and args.stem == "none":
+        fail("--init-stem-from and --freeze-stem need --stem mlp: with --stem none there is no stem")
+    if args.forget_init == "chrono" and args.chrono_tmax is not None and args.chrono_tmax < 2:
+        fail(f"--chrono-tmax must be at least 2 (timescales 2..T_max), got {args.chrono_tmax}")
 
 
 def run_names(args, seeds):
@@ -532,10 +574,6 @@ if __name__ == "__main__":
     for name in names:  # all checked before any is written
         if os.path.exists(f"runs/{name}"):
             fail(f"runs/{name} exists; a run directory is never shared by two runs")
-    writers = [SummaryWriter(f"runs/{name}") for name in names]
-    for writer, seed in zip(writers, seeds):  # each agent's args are its single run's, with its seed
-        table = "\n".join([f"|{key}|{value}|" for key, value in {**vars(args), "seed": seed}.items()])
-        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -543,16 +581,24 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device, device_line = pick_device(args)
     print(device_line, flush=True)
-    for writer in writers:
-        writer.add_text("device", device_line)
     torch.backends.cuda.matmul.allow_tf32 = False  # RTRL = BPTT in float32 needs full-precision GEMMs
 
     T, K, B = args.num_steps, args.num_seeds, args.num_envs
     envs = Envs(args.env_id, np.stack([env_seeds(seed, B) for seed in seeds]), device)  # K x B, agent by agent
-    agent_args = (envs.obs_shape, envs.num_actions, args.hidden_size, args.core, args.stem, args.forget_bias)
+    longest = 100 if args.env_id.startswith("memory_len") else 2  # the experiment's longest memory
+    chrono = (args.chrono_tmax or longest) if args.forget_init == "chrono" else None
+    agent_args = (envs.obs_shape, envs.num_actions, args.hidden_size, args.core, args.stem, args.forget_bias, chrono)
     agent = population(seeds, *agent_args).to(device)
+    if args.init_stem_from:
+        load_stem(agent, args.init_stem_from)
+    agent.stem.requires_grad_(not args.freeze_stem)  # frozen: its output has no graph, nothing flows back into it
     # RMSprop is element-wise: on stacked parameters it is K independent optimizers
     optimizer = torch.optim.RMSprop(agent.parameters(), lr=args.learning_rate, alpha=args.rms_alpha, eps=args.rms_eps)
+    writers = [SummaryWriter(f"runs/{name}") for name in names]  # the first thing written, once the input is known good
+    for writer, seed in zip(writers, seeds):  # each agent's args are its single run's, with its seed
+        table = "\n".join([f"|{key}|{value}|" for key, value in {**vars(args), "seed": seed}.items()])
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+        writer.add_text("device", device_line)
 
     rollout = Rollout(
         obs=torch.zeros((T, K, B, *envs.obs_shape), dtype=envs.obs.dtype, device=device),

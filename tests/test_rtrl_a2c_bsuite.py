@@ -154,6 +154,14 @@ def test_a_run_logs_every_episode_every_update_and_bsuites_result(tmp_path, core
         (["--num-steps", "0"], "--num-steps must be at least 1"),
         (["--run-name", "a/b"], "--run-name names one directory under runs/"),
         (["--num-seeds", "0"], "--num-seeds must be at least 1, got 0"),
+        (
+            ["--env-id", "memory_len/30"],
+            "unknown bsuite memory id 'memory_len/30' (memory_len/0-22, memory_size/0-16); memory length 30 is memory_len/15",
+        ),
+        (["--env-id", "memory_size/40"], "; 40 bits is memory_size/16"),
+        (["--stem", "mlp", "--freeze-stem"], "--freeze-stem needs --init-stem-from"),
+        (["--init-stem-from", "model.pt"], "--init-stem-from and --freeze-stem need --stem mlp"),
+        (["--forget-init", "chrono", "--chrono-tmax", "1"], "--chrono-tmax must be at least 2 (timescales 2..T_max), got 1"),
     ],
 )
 def test_bad_input_is_a_one_line_error(flags, message, capsys):
@@ -271,3 +279,82 @@ def test_an_existing_run_directory_of_any_agent_is_refused_before_anything_is_wr
     proc = helpers.run_script(SCRIPT, tmp_path, "--num-seeds", "3", "--run-name", "pop", "--num-episodes", "16")
     assert proc.returncode == 2 and "runs/pop__s2 exists" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert os.listdir(tmp_path / "runs") == ["pop__s2"] and not os.listdir(tmp_path / "runs" / "pop__s2")
+
+
+# ---------------------------------------------------------------------------------------------
+# A stem from another run, frozen; the forget gate set by the horizon (chrono)
+# ---------------------------------------------------------------------------------------------
+def test_init_stem_from_starts_every_agent_from_its_stem_and_a_frozen_one_does_not_move(tmp_path):
+    """A tbptt run's MLP stem, loaded into two rtrl agents: frozen, it is bit for bit the file's at the end; not
+    frozen, it moved. The chrono forget gate spreads b_f = log(u) over the units, u up to T_max - 1 = 99."""
+    flags = ["--env-id", "memory_len/2", "--num-envs", "4", "--num-episodes", "32", "--stem", "mlp", "--save-model"]
+    assert helpers.run_script(SCRIPT, tmp_path, *flags, "--core", "tbptt", "--run-name", "pre").returncode == 0
+    pretrained = torch.load(tmp_path / "runs" / "pre" / "model.pt", weights_only=True)["model"]
+    for frozen in (True, False):
+        name = f"frozen{frozen}"
+        more = ["--init-stem-from", "runs/pre/model.pt", "--num-seeds", "2", "--run-name", name, "--forget-init", "chrono"]
+        proc = helpers.run_script(SCRIPT, tmp_path, *flags, *more, *(["--freeze-stem"] if frozen else []))
+        assert proc.returncode == 0, proc.stderr
+        for seed in (1, 2):
+            model = torch.load(tmp_path / "runs" / f"{name}__s{seed}" / "model.pt", weights_only=True)["model"]
+            same = [torch.equal(model[k], v) for k, v in pretrained.items() if k.startswith("stem.")]
+            assert len(same) == 4 and all(same) == frozen and any(same) == frozen
+            u = model["cell.b_f"].exp()  # trained a little from log(u), u ~ U(1, 99)
+            assert u.min() > 0.5 and u.max() < 150 and u.std() > 10
+
+
+def test_a_frozen_stem_gets_no_gradient_and_the_rest_gets_the_same():
+    torch.manual_seed(0)
+    agent = bs.Agent((3,), checks.NUM_ACTIONS, checks.HIDDEN, "rtrl", "mlp").double()
+    (rollout,) = checks.random_rollouts(bs, 1, 5, 4, obs_kind=checks.Vector)
+    returns = torch.randn(5, 4, dtype=torch.float64)
+    grads = []
+    for frozen in (False, True):
+        agent.zero_grad(set_to_none=True)
+        agent.stem.requires_grad_(not frozen)
+        bs.compute_gradients(agent, rollout, returns, *agent.cell.initial_state(4), bs.Args())
+        grads.append({k: p.grad for k, p in agent.named_parameters()})
+    assert all(grads[1][k] is None for k in grads[1] if k.startswith("stem."))
+    assert all(grads[0][k].norm() > 0 for k in grads[0] if k.startswith("stem."))
+    for k, g in grads[1].items():
+        if not k.startswith("stem."):
+            assert torch.equal(g, grads[0][k]), k
+
+
+@pytest.mark.parametrize(
+    "file,message",
+    [
+        ("missing.pt", "No such file or directory"),
+        (".", "Is a directory"),
+        ("text.pt", "not a model.pt of this script"),
+        ("no_stem.pt", "its stem does not fit: none for"),
+        ("other_obs.pt", "its stem does not fit: {'0.weight': (256, 5)"),
+    ],
+)
+def test_a_stem_that_cannot_be_loaded_is_a_one_line_error(tmp_path, monkeypatch, capsys, file, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "text.pt").write_text("not a model")
+    torch.save({"model": bs.Agent((3,), 2, 8).state_dict()}, tmp_path / "no_stem.pt")
+    torch.save({"model": bs.Agent((5,), 2, 8, stem="mlp").state_dict()}, tmp_path / "other_obs.pt")
+    agent = bs.population([1, 2], (3,), 2, 8, "rtrl", "mlp")
+    helpers.bad_input_in_process(
+        lambda argv: bs.load_stem(agent, argv[0]), [file], f"--init-stem-from {file}: {message}", capsys
+    )
+
+
+@pytest.mark.parametrize("core", ["rtrl", "lstm"])
+def test_chrono_sets_each_units_forget_bias_from_the_horizon(core):
+    """b_f = log(u), u ~ U(1, T_max - 1), per unit and per agent; the LSTM's input gate gets -b_f and its hh biases of
+    those gates 0, so that the gates' total biases are exactly these."""
+    torch.manual_seed(0)
+    agent = bs.Agent((3,), 2, 256, core, chrono_tmax=50)
+    if core == "lstm":
+        forget, input_gate = agent.cell.ih.bias[256:512], agent.cell.ih.bias[:256]
+        assert torch.equal(input_gate, -forget) and (agent.cell.hh.bias[:512] == 0).all()
+    else:
+        forget = agent.cell.b_f
+    u = forget.detach().exp()
+    assert u.min() >= 1 - 1e-5 and u.max() <= 49 + 1e-4 and u.max() > 40 and u.min() < 3  # spread over 2..T_max
+    population = bs.population([1, 2], (3,), 2, 256, core, "none", 3.0, 50)
+    f = population.cell.ih.bias[:, 256:512] if core == "lstm" else population.cell.b_f
+    assert not torch.equal(f[0], f[1])  # each agent its own draw
