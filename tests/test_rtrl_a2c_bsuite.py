@@ -1,5 +1,6 @@
 """rtrl_a2c_bsuite.py: bsuite's episode timing as the agent sees it, bsuite's own score, the stem ablation, its
-training runs and its bad input. The claims it shares with the other scripts (the eLSTM, the update) are in
+training runs and its bad input; populations (--num-seeds) against their single runs; a stem from another run,
+frozen; the chrono forget gate. The claims it shares with the other scripts (the eLSTM, the update) are in
 tests/test_every_script.py."""
 
 import glob
