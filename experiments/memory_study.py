@@ -306,7 +306,7 @@ def plot(results, path):
     bx.set_xticks(range(len(rows)), [r["config"] for r in rows], rotation=30, ha="right", fontsize=8)
     bx.set_ylim(0, 1)
     bx.set_ylabel("bsuite score (fraction of settings learned)")
-    bx.set_title("score: mean over seeds, 95% bootstrap interval, seeds as points")
+    bx.set_title("score: mean, 95% bootstrap interval, seeds")
     bx.legend(fontsize=7)
     save_figure(fig, path)
 
