@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import tyro
 from bsuite import sweep
 from bsuite.experiments.memory_len import analysis as memory_len_analysis
@@ -297,8 +298,12 @@ class Linear(nn.Linear):
             self.bias = nn.Parameter(self.bias.expand(num_agents, -1).clone())
 
     def forward(self, x):
-        # einsum, not matmul: matmul would copy the weight for every leading dim of x that it lacks (time)
-        return torch.einsum("...bi,...oi->...bo", x, self.weight) + self.bias.unsqueeze(-2)
+        if self.weight.dim() == 2:  # one agent
+            return F.linear(x, self.weight, self.bias)
+        # K agents: one batched GEMM, the leading dims of x (time) folded into its rows (not the weight copied per step)
+        rows = x.movedim(-3, 0)
+        y = torch.baddbmm(self.bias.unsqueeze(-2), rows.reshape(len(rows), -1, x.shape[-1]), self.weight.mT)
+        return y.view(*rows.shape[:-1], -1).movedim(0, -3)
 
 
 class LSTM(nn.Module):
