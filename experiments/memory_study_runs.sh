@@ -22,9 +22,13 @@ study --configs rtrl:4:learning-rate=1e-3 rtrl:4:num-envs=4 rtrl:4:num-envs=64 -
 # --script pointing at a copy of rtrl_a2c_bsuite.py as of commit 1e476f1, so that later edits could not reach the runs
 study --configs rtrl:4 tbptt:4 lstm:32 rtrl:1 --seeds 1 2 3 4 5 6 7 8 9 10 --out-dir docs/memory_study/seeds10
 # issue 24: the frozen-stem recipe. The stem: tbptt:4 --stem mlp at memory length 4 (memory_len/3), where a truncated
-# gradient suffices (0.037 wrong), run in experiments/work; then rtrl:4 and the tbptt:4 control on it, frozen
+# gradient suffices (0.037 wrong), run in experiments/work; then rtrl:4 and the tbptt:4 control on it, frozen (the
+# script as of 82d325e, a copy)
 (cd experiments/work && python ../../rtrl_a2c_bsuite.py --env-id memory_len/3 --core tbptt --stem mlp --forget-bias 3 \
   --learning-rate 3e-3 --run-name stem_pretrain_tbptt4_L4 --save-model)
 python experiments/memory_study.py --configs rtrl:4 tbptt:4 --settings 9 13 15 17 19 --seeds 1 2 3 4 5 6 7 8 9 10 --extra \
   "--forget-bias 3 --learning-rate 3e-3 --stem mlp --init-stem-from runs/stem_pretrain_tbptt4_L4/model.pt --freeze-stem --save-model" \
   --out-dir docs/memory_study/frozen_stem
+# issue 24: the forget gate set by the horizon (chrono, T_max 100), 3 seeds, every length; the script as of 1e3679d
+# (a copy, as above)
+study --configs rtrl:4:forget-init=chrono lstm:32:forget-init=chrono --seeds 1 2 3 --out-dir docs/memory_study/chrono
