@@ -32,3 +32,7 @@ python experiments/memory_study.py --configs rtrl:4 tbptt:4 --settings 9 13 15 1
 # issue 24: the forget gate set by the horizon (chrono, T_max 100), 3 seeds, every length; the script as of 1e3679d
 # (a copy, as above)
 study --configs rtrl:4:forget-init=chrono lstm:32:forget-init=chrono --seeds 1 2 3 --out-dir docs/memory_study/chrono
+# issue 24: capacity, memory_size at N = 128, 256, 512, 3 seeds (the script as of 1e3679d, a copy)
+python experiments/memory_study.py --experiment memory_size --configs rtrl:4:hidden-size=128 rtrl:4:hidden-size=256 \
+  rtrl:4:hidden-size=512 lstm:32:hidden-size=128 lstm:32:hidden-size=256 lstm:32:hidden-size=512 --seeds 1 2 3 \
+  --extra "--forget-bias 3 --learning-rate 3e-3" --out-dir docs/memory_study/capacity
