@@ -111,8 +111,7 @@ class ELSTM(nn.Module):
     """c_t = f_t * c_{t-1} + (1 - f_t) * z_t, with z, f reading c_{t-1} only element-wise (Method §1).
 
     The output gate lives outside (Agent.heads): it is feed-forward and needs no sensitivities.
-    A population (num_agents=K) puts an agent dim first on every parameter and before the batch dim of every
-    tensor (x: T x K x B x D, c: K x B x N); each agent's numbers are those of a lone ELSTM with its parameters.
+    num_agents=K: an agent dim leads every parameter and precedes the batch dim (x: T x K x B x D), agent by agent.
     """
 
     MATRICES = ("w_z", "w_f")  # sensitivities B x N x D; the rest are vectors, B x N
@@ -126,14 +125,12 @@ class ELSTM(nn.Module):
     def initial_state(self, batch_size):
         """(c, sens): zero state and zero sensitivities dc/dtheta, one B x shape(theta) tensor per parameter."""
         k = self.b_z.shape[:-1]  # a population's agent dim, or none
-        c = self.b_z.new_zeros(*k, batch_size, self.b_z.shape[-1])
         sens = {name: q.new_zeros(*k, batch_size, *q.shape[len(k) :]) for name, q in self.named_parameters()}
-        return c, sens
+        return self.b_z.new_zeros(*k, batch_size, self.b_z.shape[-1]), sens
 
     def _scan(self, x, c0, done):
         """The recurrence over T steps; x: T x B x D, c0: B x N, done: T x B (reset before step t)."""
-        # all steps' input projections in one GEMM (one per agent); the vectors broadcast over the batch
-        pre_z = torch.matmul(x, self.w_z.mT) + self.b_z.unsqueeze(-2)
+        pre_z = torch.matmul(x, self.w_z.mT) + self.b_z.unsqueeze(-2)  # all steps' input projections in one GEMM
         pre_f = torch.matmul(x, self.w_f.mT) + self.b_f.unsqueeze(-2)
         v_z, v_f = self.v_z.unsqueeze(-2), self.v_f.unsqueeze(-2)
         notdone = (~done.bool()).unsqueeze(-1).to(x.dtype)
@@ -161,8 +158,7 @@ class ELSTM(nn.Module):
 
         `sens` are dc_0/dtheta carried from earlier chunks; dl_dc[t] is the local dL/dc_t (Method §2).
         """
-        grads, sens_T, _ = self.rtrl_scan(x, self.scan(x, c0, done), sens, dl_dc, impl)
-        return grads, sens_T
+        return self.rtrl_scan(x, self.scan(x, c0, done), sens, dl_dc, impl)[:2]
 
     @torch.no_grad()
     def rtrl_scan(self, x, scan, sens, dl_dc, impl="chunked", overwrite=False):
@@ -242,8 +238,7 @@ class ELSTM(nn.Module):
             if k in self.MATRICES:
                 grads[k] = torch.matmul(aR0_n1b, s0.transpose(-3, -2)).squeeze(-2).add_(g)
                 sens_T[k] = s0.mul_(aP0[..., None]) if overwrite else s0 * aP0[..., None]
-                # + sum_t (u_t P_t) x_t^T, batch row by batch row, in place
-                sens_T[k].flatten(0, -3).baddbmm_(s.flatten(0, -3).mT, x_bt)
+                sens_T[k].flatten(0, -3).baddbmm_(s.flatten(0, -3).mT, x_bt)  # + sum_t (u_t P_t) x_t^T, row by row
             else:
                 grads[k] = (aR0 * s0).sum(-2).add_(g)
                 sens_T[k] = torch.addcmul(s, aP0, s0)

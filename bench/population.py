@@ -54,7 +54,7 @@ def run(script, cwd, name, args, seed, num_seeds=None):
     command = [sys.executable, script, *flags, "--run-name", name]
     proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
     if proc.returncode:
-        fail(f"{os.path.basename(script)} {' '.join(flags)} failed: {proc.stderr.strip().splitlines()[-1:]}")
+        fail(f"{os.path.basename(script)} {' '.join(flags)} failed: {(proc.stderr.strip().splitlines() or [''])[-1]}")
     return last_sps(sorted(glob.glob(os.path.join(cwd, "runs", f"{name}*")))[0])
 
 
