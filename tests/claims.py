@@ -570,3 +570,79 @@ def check_checkpoint_holds_cpu_copies(script, make_agent, tmp_path, monkeypatch)
     script.resume(loaded, again, again_optimizer, script.Args(learning_rate=0.01, rms_alpha=0.99, rms_eps=1e-8))
     assert same_tensors(again.state_dict(), agent.state_dict())
     assert same_tensors(again_optimizer.state_dict(), optimizer.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------
+# Populations (--num-seeds K): K agents in one process, each its single run (rtrl_a2c_bsuite.py, rtrl_a2c_popgym.py)
+# ---------------------------------------------------------------------------------------------
+def singles_and_population(script, core, seeds=(5, 6, 7), **agent_flags):
+    """The population of `seeds` and, beside it, each seed's single agent as a single run makes it (float64)."""
+    agent_args = inspect.signature(script.Agent).bind(Vector.shape, NUM_ACTIONS, HIDDEN, core, **agent_flags).args
+    population = script.population(list(seeds), *agent_args).double()
+    singles = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        singles.append(script.Agent(*agent_args).double())
+    return population, singles
+
+
+def stacked(script, rollouts):
+    """K agents' rollouts (T x B each) as the population's (T x K x B)."""
+    fields = script.Rollout.__dataclass_fields__
+    return script.Rollout(**{f: torch.stack([getattr(r, f) for r in rollouts], 1) for f in fields})
+
+
+def two_updates_then_gradients(script, agent, rollouts, returns, args):
+    """compute_gradients over consecutive rollouts with the carried c and sensitivities; the last one's .grad stays."""
+    c, sens = agent.cell.initial_state(rollouts[0].obs.shape[-2])
+    for r in rollouts:
+        agent.zero_grad(set_to_none=True)
+        sens = script.compute_gradients(agent, r, returns, c, sens, args)[1]
+        with torch.no_grad():
+            c = agent.cell(agent.features(r.obs, r.last_rewards), c, agent.resets(r.firsts))[-1]
+
+
+def check_one_update_of_a_population_equals_its_agents_single_updates(script, core, **agent_flags):
+    """3 agents, each with its own rollouts: the population's gradients (after 2 rollouts, so rtrl's carried
+    sensitivities count), their clip and the RMSprop step equal each agent's single update, on every parameter.
+    max_grad_norm lies between the agents' norms, so one agent is clipped and another is not."""
+    population, singles = singles_and_population(script, core, forget_bias=2.0, **agent_flags)
+    for k, single in enumerate(singles):  # agent k starts as the single run of its seed
+        assert all(torch.equal(p[k], q) for p, q in zip(population.parameters(), single.parameters()))
+    rollouts = [random_rollouts(script, 2, 5, 4, seed=10 + k, obs_kind=Vector) for k in range(3)]
+    returns = [torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    args = script.Args(core=core)
+    two_updates_then_gradients(
+        script, population, [stacked(script, rs) for rs in zip(*rollouts)], torch.stack(returns, 1), args
+    )
+    norms = torch.stack([torch.cat([p.grad[k].flatten() for p in population.parameters()]).norm() for k in range(3)])
+    max_norm = float(norms.sort().values[1] - 1e-3)  # the smallest norm stays, the others are clipped
+    optimizer = torch.optim.RMSprop(population.parameters(), lr=0.1, alpha=0.9, eps=0.01)
+    assert torch.allclose(script.clip_grad_norms_(list(population.parameters()), max_norm), norms, rtol=1e-12)
+    optimizer.step()
+    for k, single in enumerate(singles):
+        two_updates_then_gradients(script, single, rollouts[k], returns[k], args)
+        norm = torch.nn.utils.clip_grad_norm_(single.parameters(), max_norm)
+        assert abs(norm - norms[k]) <= 1e-12 * norms[k] and (norm > max_norm) == (k != norms.argmin())
+        grads = {name: p.grad.clone() for name, p in single.named_parameters()}
+        torch.optim.RMSprop(single.parameters(), lr=0.1, alpha=0.9, eps=0.01).step()
+        for name, p in population.named_parameters():  # (ff's v_z and v_f get no gradient: zeros on both sides)
+            assert (p.grad[k] - grads[name]).norm() <= 1e-12 * grads[name].norm(), (k, name)
+            assert rel_err(p[k], dict(single.named_parameters())[name]) < 1e-12, (k, name)
+
+
+def check_an_agents_gradients_do_not_depend_on_the_other_agents_parameters(script, **agent_flags):
+    population, _ = singles_and_population(script, "rtrl", **agent_flags)
+    rollouts = [
+        stacked(script, rs) for rs in zip(*[random_rollouts(script, 2, 5, 4, seed=k, obs_kind=Vector) for k in range(3)])
+    ]
+    returns = torch.randn(5, 3, 4, dtype=torch.float64)
+    two_updates_then_gradients(script, population, rollouts, returns, script.Args())
+    before = {name: p.grad.clone() for name, p in population.named_parameters()}
+    with torch.no_grad():
+        for p in population.parameters():
+            p[1] += torch.randn_like(p[1])  # agent 1 moves
+    two_updates_then_gradients(script, population, rollouts, returns, script.Args())
+    for name, p in population.named_parameters():
+        assert torch.equal(p.grad[0], before[name][0]) and torch.equal(p.grad[2], before[name][2]), name
+        assert not torch.equal(p.grad[1], before[name][1]) or before[name][1].norm() == 0, name

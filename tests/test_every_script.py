@@ -31,9 +31,11 @@ SCRIPTS = {
     "minigrid": Script("rtrl_a2c_minigrid", checks.SymbolicView.shape, 3, obs_kind=checks.SymbolicView),
     "impala": Script("rtrl_impala_dmlab", (3, 12, 12), 4, other_obs_shape=(3, 24, 24)),
     "bsuite": Script("rtrl_a2c_bsuite", checks.Vector.shape, 2, obs_kind=checks.Vector),
+    "popgym": Script("rtrl_a2c_popgym", checks.Vector.shape, 4, obs_kind=checks.Vector),
 }
 NAMES = {s.module: name for name, s in SCRIPTS.items()}
-A2C = ("atari", "procgen", "minigrid", "bsuite")
+A2C = ("atari", "procgen", "minigrid", "bsuite", "popgym")
+POPULATIONS = ("bsuite", "popgym")  # --num-seeds
 CHECKPOINTS = ("atari", "procgen", "minigrid")  # save_checkpoint, resume and the progress line's clock (impala: its own file)
 PIXEL_A2C = ("atari", "procgen")  # a convolutional stem: --init-stem-from, --freeze-stem
 
@@ -117,6 +119,25 @@ def test_update_gradients_equal_autograd_on_equivalent_computation(script, known
     if impl == "step" and not hasattr(script.Args, "rtrl_impl"):
         pytest.skip("one RTRL path in the update (ELSTM.rtrl's impl='step' is checked above)")
     checks.check_update_gradients_equal_autograd(script, core, impl, obs_kind=known.obs_kind)
+
+
+# ---------------------------------------------------------------------------------------------
+# Populations (--num-seeds K): K agents in one process, each its single run
+# ---------------------------------------------------------------------------------------------
+POPULATION_STEMS = [("bsuite", {"stem": "none"}), ("bsuite", {"stem": "mlp"}), ("popgym", {})]
+
+
+@pytest.mark.parametrize("core", ["rtrl", "tbptt", "lstm", "ff"])
+@pytest.mark.parametrize("name,flags", POPULATION_STEMS, ids=["bsuite-none", "bsuite-mlp", "popgym"])
+def test_one_update_of_a_population_equals_its_agents_single_updates(name, flags, core):
+    script = importlib.import_module(SCRIPTS[name].module)
+    checks.check_one_update_of_a_population_equals_its_agents_single_updates(script, core, **flags)
+
+
+@only(*POPULATIONS)
+def test_an_agents_gradients_do_not_depend_on_the_other_agents_parameters(script):
+    flags = {"stem": "mlp"} if script.__name__ == "rtrl_a2c_bsuite" else {}
+    checks.check_an_agents_gradients_do_not_depend_on_the_other_agents_parameters(script, **flags)
 
 
 @only(*PIXEL_A2C)
