@@ -111,14 +111,15 @@ def parse_args(argv=None):
 
 
 def grid(args, configs, sets):
-    """Every process: its seeds outermost, then configuration, then task and difficulty, the longest episodes first."""
+    """Every process: its seeds outermost, then difficulty (Easy first), task, and configuration: a study stopped early
+    has every configuration of its first tasks."""
     swept = [dict(zip(sets, values)) for values in itertools.product(*sets.values())]
-    tasks = sorted(itertools.product(args.tasks, args.difficulties), key=lambda td: -episode_length(*td))
+    tasks = [(task, level) for level in DIFFICULTIES if level in args.difficulties for task in args.tasks]
     return [
         dict(env_id=f"popgym-{task}{level}-v0", task=task, difficulty=level, core=core, num_steps=unroll, seeds=seeds)
         | dict(sets={**flags, **combo})
-        for seeds, (core, unroll, flags), combo, (task, level) in itertools.product(
-            memory_study.populations(args.seeds), configs, swept, tasks
+        for seeds, combo, (task, level), (core, unroll, flags) in itertools.product(
+            memory_study.populations(args.seeds), swept, tasks, configs
         )
     ]
 
@@ -136,7 +137,8 @@ def script_flags(config, fixed):
 
 
 def summarize(run_dir):
-    """MMER and the last 10%'s mean return as the run logged them, its SPS, and the mean return in bins of steps."""
+    """MMER and the last 10%'s mean return as the run logged them, the critic's largest |V|, its SPS, and the mean
+    return in bins of steps."""
     acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
     acc.Reload()
     if "popgym/mmer" not in acc.Tags()["scalars"]:
@@ -145,8 +147,10 @@ def summarize(run_dir):
     returns = acc.Scalars("charts/episodic_return")
     total = acc.Scalars("popgym/mmer")[-1].step
     bins = [[e.value for e in returns if i * total < e.step * CURVE_BINS <= (i + 1) * total] for i in range(CURVE_BINS)]
+    value_max = [e.value for e in acc.Scalars("losses/value_max")] if "losses/value_max" in acc.Tags()["scalars"] else []
     metrics = dict(
         mmer=value("popgym/mmer"),
+        value_max=max(value_max, default=None),  # the largest |V| the critic gave over training
         final_return=value("popgym/final_return"),
         episodes=len(returns),
         steps=total,
@@ -163,10 +167,10 @@ def describe(record):
 # ---------------------------------------------------------------------------------------------
 # The report, recomputed from runs.jsonl: results.json, table.md, popgym.png
 # ---------------------------------------------------------------------------------------------
-# POPGym's MMER (Morad et al., ICLR 2023), mean over 3 trials of 15M steps, whole episodes backpropagated: task ->
-# (GRU, LSTM, (best model, its MMER)) per difficulty; None where it could not be read from the paper (PUBLISHED_SOURCE)
+# POPGym's MMER (Morad et al., ICLR 2023; 3 trials of 15M steps, whole episodes backpropagated): task -> difficulty ->
+# (GRU, LSTM, (best model, its MMER)). Empty: the appendix tables could not be read from a primary source here
+# (docs/popgym_study/published.md says what was tried); a cell is filled only from the paper itself, never from memory.
 PUBLISHED = {}
-PUBLISHED_SOURCE = ""
 
 
 def aggregate(records):
@@ -178,7 +182,9 @@ def aggregate(records):
     out = []
     for (task, level, name), runs in cells.items():
         runs = sorted(runs, key=lambda r: r["config"]["seed"])
-        metrics = {m: spread([r["metrics"][m] for r in runs]) for m in ("mmer", "final_return", "sps", "steps")}
+        metrics = {
+            m: spread([r["metrics"].get(m) for r in runs]) for m in ("mmer", "final_return", "value_max", "sps", "steps")
+        }
         out.append(dict(task=task, difficulty=level, config=name, seeds=[r["config"]["seed"] for r in runs], **metrics))
     order = lambda c: (TASKS.index(c["task"]), DIFFICULTIES.index(c["difficulty"]))
     return sorted(out, key=order)
@@ -192,9 +198,10 @@ def table_md(results):
         "Written by `experiments/popgym_study.py` from `runs.jsonl`: data only.",
         "",
         f"- script: `{results['fixed']['script']}`, flags of every run: `{shlex.join(results['fixed']['extra']) or 'none'}`",
-        "- a cell: MMER (the best mean return of 100 consecutive episodes over training), mean ± sd over seeds, and "
-        "the mean return of the last 10% of training's episodes (mean over seeds); returns lie in [-1, 1]",
-        f"- POPGym: {PUBLISHED_SOURCE or 'not filled in'}",
+        "- a cell: MMER (the best mean return of --mmer-window consecutive episodes over training, 100 by default), "
+        "mean ± sd over seeds, and in brackets the mean return of the episodes of the last 10% of training (mean over "
+        "seeds); returns lie in [-1, 1]",
+        "- POPGym's published MMER: see published.md (unverified: not read from a primary source here)",
         "",
         "Commands that made these runs:",
         "",
@@ -211,7 +218,8 @@ def table_md(results):
             c = next((c for c in cells if (c["task"], c["difficulty"], c["config"]) == (task, level, name)), None)
             row.append("–" if c is None else f"{runner.mean_sd(c['mmer'], 2)} ({runner.number(c['final_return']['mean'], 2)})")
         gru, lstm, best = PUBLISHED.get(task, {}).get(level, (None, None, None))
-        row += [runner.number(gru, 2), runner.number(lstm, 2), f"{best[1]:.2f} ({best[0]})" if best else "–"]
+        show = lambda v: "unverified" if v is None else f"{v:.2f}"
+        row += [show(gru), show(lstm), f"{best[1]:.2f} ({best[0]})" if best else "unverified"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines + ["", "![MMER](popgym.png)"]) + "\n"
 

@@ -146,7 +146,7 @@ def test_a_population_of_3_writes_three_complete_run_directories(tmp_path):
         ),
         (["--env-id", "CartPole-v1"], "unknown popgym id 'CartPole-v1' (popgym-<Env><Easy|Medium|Hard>-v0)"),
         (["--env-id", "popgym-PositionOnlyPendulumEasy-v0"], "its actions are Box(-2.0, 2.0, (1,), float32)"),
-        (["--num-steps", "832", "--total-timesteps", "10000"], "a rollout of --num-steps 832 x --num-envs 16 is more than"),
+        (["--num-steps", "832", "--total-timesteps", "10000"], "a rollout of --num-steps 832 x --num-envs 64 is more than"),
         (["--mmer-window", "0"], "--mmer-window must be at least 1, got 0"),
         (["--num-seeds", "0"], "--num-seeds must be at least 1, got 0"),
         (["--run-name", "a/b"], "--run-name names one directory under runs/"),
