@@ -19,6 +19,14 @@ def run_script(script, cwd, *flags, env=None):
     return subprocess.run([sys.executable, script, *flags], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+def quick_study(runner, tmp_path_factory):
+    """A study runner's `--quick` as CI runs it, in a new directory: (that directory, the flags, the CompletedProcess);
+    its report goes to report/, its runs to work/."""
+    out = tmp_path_factory.mktemp("quick")
+    flags = ("--quick", "--out-dir", str(out / "report"), "--work-dir", str(out / "work"))
+    return out, flags, run_script(runner, out, *flags)
+
+
 def episode_flags(steps, batch, g):
     """Flags as the scripts' env wrappers make them, env by env: episodes of random length whose last step returns
     terminated (half of them) or truncated; the next step takes the terminal observation (terminal_obs), the one

@@ -14,9 +14,7 @@ RUNNER = study.__file__
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     """`--quick` as CI runs it: 2 lengths x rtrl:4, tbptt:4 x seed 1 with the real training script."""
-    out = tmp_path_factory.mktemp("quick")
-    flags = ("--quick", "--out-dir", str(out / "report"), "--work-dir", str(out / "work"))
-    return out, flags, helpers.run_script(RUNNER, out, *flags)
+    return helpers.quick_study(RUNNER, tmp_path_factory)
 
 
 def test_quick_study_runs_every_config_and_reports_bsuites_verdicts(quick):
