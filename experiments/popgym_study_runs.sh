@@ -12,4 +12,5 @@ study --tasks RepeatFirst --difficulties Easy --configs rtrl:4 lstm:4 --set forg
 python experiments/popgym_study.py --tasks RepeatFirst --difficulties Easy --configs rtrl:4 tbptt:4 lstm:4 \
   --set forget-bias=0,1,3 --extra "--total-timesteps 256000" --jobs 1 --out-dir docs/popgym_study/critic  # the collapse
 study                                                                 # 6 tasks x 3 difficulties x 5 configurations, seeds 1-3
-study --tasks RepeatPrevious --configs rtrl:4 --set hidden-size=128,512 --out-dir docs/popgym_study/capacity
+study --tasks RepeatPrevious --difficulties Easy Medium --configs rtrl:4 --set hidden-size=128,512 --jobs 1 \
+  --out-dir docs/popgym_study/capacity                                # N = 128, 512 beside the study's 256
