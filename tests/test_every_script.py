@@ -204,7 +204,7 @@ def test_a_checkpoint_holds_cpu_copies_of_every_tensor_and_loads_with_map_locati
 # ---------------------------------------------------------------------------------------------
 # The progress line: elapsed time and an ETA
 # ---------------------------------------------------------------------------------------------
-@only(*CHECKPOINTS, "bsuite")
+@only(*CHECKPOINTS, *POPULATIONS)
 def test_progress_gives_the_elapsed_time_and_an_eta_at_the_steps_per_second_so_far(script):
     """12 s, 4m09s, 10h31m; the ETA is the steps left at the steps/s so far: 249 s for 1,000 steps, 9,000 to go."""
     assert script.progress(12.4, 100, 0) == "elapsed=12s eta=0s"
