@@ -54,7 +54,25 @@ QUICK = dict(settings=(0, 3), configs=("rtrl:4", "tbptt:4"), seeds=(1,), extra="
 
 
 @dataclass
-class Args:
+class RunnerArgs:
+    """The flags of every study on the runner (this one's and experiments/popgym_study.py's)."""
+
+    set: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
+    """a swept axis of a script flag, NAME=V1,V2,..., e.g. --set forget-bias=0,1,3; one --set per axis"""
+    jobs: int = 2
+    """runs at a time"""
+    out_dir: str | None = None
+    """where runs.jsonl and the report go (default: docs/<the study's name>; --quick: a new temp dir)"""
+    work_dir: str | None = None
+    """where the runs' runs/NAME directories and logs go (default: experiments/work; --quick: a new temp dir)"""
+    quick: bool = False
+    """a tiny grid for a smoke test; flags you pass still win"""
+    report_only: bool = False
+    """launch nothing: rewrite the report from out_dir/runs.jsonl"""
+
+
+@dataclass
+class Args(RunnerArgs):
     experiment: str = "memory_len"
     """bsuite's experiment: memory_len (settings 0-22, lengths 1-100) or memory_size (0-16, bits 1-40)"""
     settings: tuple[int, ...] | None = None
@@ -66,20 +84,8 @@ class Args:
     """--seed values (default: 1-10; --quick: 1); one process trains each run of consecutive seeds together"""
     extra: str | None = None
     """further flags of every run, e.g. "--forget-bias 3" (with --quick, added to its flags and winning over them)"""
-    set: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
-    """a swept axis of a script flag, NAME=V1,V2,..., e.g. --set forget-bias=0,1,3; one --set per axis"""
-    jobs: int = 2
-    """runs at a time"""
-    out_dir: str | None = None
-    """where runs.jsonl and the report go (default: docs/memory_study; --quick: a new temp dir)"""
-    work_dir: str | None = None
-    """where the runs' runs/NAME directories and logs go (default: experiments/work; --quick: a new temp dir)"""
     script: str = os.path.join(ROOT, "rtrl_a2c_bsuite.py")
     """the training script"""
-    quick: bool = False
-    """a tiny grid for a smoke test; flags you pass still win"""
-    report_only: bool = False
-    """launch nothing: rewrite the report from out_dir/runs.jsonl"""
 
 
 def parse_config(spec):
@@ -101,12 +107,18 @@ def parse_args(argv=None):
     bad = [i for i in args.settings if not 0 <= i < len(LENGTHS[args.experiment])]
     if bad or not args.settings or not args.configs or not args.seeds or args.jobs < 1:
         fail(f"--settings in 0-{len(LENGTHS[args.experiment]) - 1}, --configs, --seeds non-empty and --jobs >= 1")
-    configs = [parse_config(spec) for spec in args.configs]
+    return checked(args, extra, parse_config, "memory_study", "--settings, --configs, --seeds")
+
+
+def checked(args, extra, parse, name, grid_hint):
+    """The end of a study's parse_args: (args, the flags of every run, the configurations, the swept axes), with the
+    grid's own flags refused in --extra and --set, and the study's directories placed."""
+    configs = [parse(spec) for spec in args.configs]
     sets = parse_sets(args.set)
     for flag in [*extra, *(f"--{name}" for name in sets)]:
         if flag in GRID_FLAGS:
-            fail(f"{flag} is set by the runner (use --settings, --configs, --seeds)")
-    runner.place(args, "memory_study")
+            fail(f"{flag} is set by the runner (use {grid_hint})")
+    runner.place(args, name)
     return args, [token for flag, values in extra.items() for token in (flag, *values)], configs, sets
 
 

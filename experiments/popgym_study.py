@@ -20,16 +20,14 @@ import re
 import shlex
 import sys
 from dataclasses import dataclass
-from typing import Annotated
 
 import numpy as np
-import tyro
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import memory_study  # noqa: E402 (populations and run keys: the same processes as the bsuite study's)
 import unroll_study as runner  # noqa: E402 (the resumable runner every study shares)
-from unroll_study import ROOT, fail, finished, parse_sets, plt, save_figure, save_text, spread  # noqa: E402
+from unroll_study import ROOT, fail, finished, plt, save_figure, save_text, spread  # noqa: E402
 
 TASKS = ("RepeatFirst", "RepeatPrevious", "CountRecall", "Autoencode", "PositionOnlyCartPole", "NoisyPositionOnlyCartPole")
 DIFFICULTIES = ("Easy", "Medium", "Hard")
@@ -42,7 +40,6 @@ EPISODE = {
     "PositionOnlyCartPole": (200, 400, 600),
     "NoisyPositionOnlyCartPole": (200, 200, 200),
 }
-GRID_FLAGS = ("--env-id", "--core", "--num-steps", "--seed", "--num-seeds", "--run-name")  # set by the runner
 CURVE_BINS = 20  # the recorded learning curve: mean episodic return in 20 equal bins of steps
 DEFAULTS = dict(
     tasks=TASKS,
@@ -61,7 +58,7 @@ QUICK = dict(
 
 
 @dataclass
-class Args:
+class Args(memory_study.RunnerArgs):
     tasks: tuple[str, ...] | None = None
     """POPGym tasks (default: the six memory tasks; --quick: RepeatPrevious)"""
     difficulties: tuple[str, ...] | None = None
@@ -74,20 +71,8 @@ class Args:
     extra: str | None = None
     """further flags of every run (default: "--total-timesteps 1000000"; with --quick, added to its flags and
     winning over them)"""
-    set: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
-    """a swept axis of a script flag, NAME=V1,V2,..., e.g. --set learning-rate=1e-3,3e-3; one --set per axis"""
-    jobs: int = 2
-    """runs at a time"""
-    out_dir: str | None = None
-    """where runs.jsonl and the report go (default: docs/popgym_study; --quick: a new temp dir)"""
-    work_dir: str | None = None
-    """where the runs' runs/NAME directories and logs go (default: experiments/work; --quick: a new temp dir)"""
     script: str = os.path.join(ROOT, "rtrl_a2c_popgym.py")
     """the training script"""
-    quick: bool = False
-    """a tiny grid for a smoke test; flags you pass still win"""
-    report_only: bool = False
-    """launch nothing: rewrite the report from out_dir/runs.jsonl"""
 
 
 def parse_config(spec):
@@ -101,13 +86,7 @@ def parse_args(argv=None):
     unknown = [t for t in args.tasks if t not in TASKS] + [d for d in args.difficulties if d not in DIFFICULTIES]
     if unknown or not args.tasks or not args.difficulties or not args.configs or not args.seeds or args.jobs < 1:
         fail(f"--tasks in {', '.join(TASKS)}, --difficulties in {', '.join(DIFFICULTIES)}, each non-empty, got {unknown}")
-    configs = [parse_config(spec) for spec in args.configs]
-    sets = parse_sets(args.set)
-    for flag in [*extra, *(f"--{name}" for name in sets)]:
-        if flag in GRID_FLAGS:
-            fail(f"{flag} is set by the runner (use --tasks, --difficulties, --configs, --seeds)")
-    runner.place(args, "popgym_study")
-    return args, [token for flag, values in extra.items() for token in (flag, *values)], configs, sets
+    return memory_study.checked(args, extra, parse_config, "popgym_study", "--tasks, --difficulties, --configs, --seeds")
 
 
 def grid(args, configs, sets):
