@@ -254,12 +254,7 @@ def table_md(results):
         f"bsuite's published actor_critic_rnn: {PUBLISHED[experiment]}",
         f"- columns: the {unit}",
         "",
-        "Commands that made these runs:",
-        "",
-        "```",
-        *results["commands"],
-        "```",
-        "",
+        *runner.commands_md(results["commands"]),
     ]
     head = ["configuration", "score"] + [str(length) for length in lengths]
     lines += ["| " + " | ".join(head) + " |", "| --- |" + " --- |" * (len(head) - 1)]

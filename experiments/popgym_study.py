@@ -182,12 +182,7 @@ def table_md(results):
         "seeds); returns lie in [-1, 1]",
         "- POPGym's published MMER: see published.md (unverified: not read from a primary source here)",
         "",
-        "Commands that made these runs:",
-        "",
-        "```",
-        *results["commands"],
-        "```",
-        "",
+        *runner.commands_md(results["commands"]),
     ]
     head = ["task", *(f"`{c}`" for c in configs), "POPGym GRU", "POPGym LSTM", "POPGym best"]
     lines += ["| " + " | ".join(head) + " |", "| --- |" + " --- |" * (len(head) - 1)]

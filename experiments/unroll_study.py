@@ -548,6 +548,11 @@ def line_label(cell):
     return ", ".join([cell["core"], *(f"{n}={v}" for n, v in cell["sets"].items())])
 
 
+def commands_md(commands):
+    """A report's lines listing the study commands that made its runs, as a code block."""
+    return ["Commands that made these runs:", "", "```", *commands, "```", ""]
+
+
 def mean_sd(s, digits):
     return number(s["mean"], digits) + (f" ± {s['sd']:.{digits}f}" if s["sd"] is not None else "")
 
@@ -581,12 +586,7 @@ def table_md(results):
         f"- final return (success rate): mean over the training episodes that finish in the last "
         f"{FINAL_FRACTION:.0%} of the steps; mean ± sample sd over seeds, n = seeds",
         "",
-        "Commands that made these runs:",
-        "",
-        "```",
-        *results["commands"],
-        "```",
-        "",
+        *commands_md(results["commands"]),
         f"Report command: `{results['report_command']}`",
     ]
     for env_id in dict.fromkeys(c["env_id"] for c in cells):
