@@ -78,12 +78,22 @@ def bad_input_in_process(parse, flags, message, capsys):
 
 def scalar_steps(run_dir):
     """{tag: [(step, value), ...]} over every event file of a run directory, as TensorBoard shows it (a resumed
-    run's purge of the steps after its checkpoint applied)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run's purge of the steps after its checkpoint applied), the files taken in the order they were written.
+    TensorBoard takes them in name order: the creation second, then host and pid as strings; so a test's resume
+    within the second its first run started (a pid of 4 digits after one of 5) would read the resume first."""
+    import tempfile
 
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    files = glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))
+    files.sort(key=lambda path: next(EventFileLoader(path).Load()).wall_time)  # its first event: the file's creation
+    with tempfile.TemporaryDirectory() as ordered:
+        for i, path in enumerate(files):
+            os.symlink(os.path.abspath(path), os.path.join(ordered, f"events.out.tfevents.{i:06d}"))
+        acc = EventAccumulator(ordered, size_guidance={"scalars": 0})
+        acc.Reload()
+        return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def same_tensors(a, b):
