@@ -14,3 +14,8 @@ python experiments/popgym_study.py --tasks RepeatFirst --difficulties Easy --con
 study                                                                 # 6 tasks x 3 difficulties x 5 configurations, seeds 1-3
 study --tasks RepeatPrevious --difficulties Easy Medium --configs rtrl:4 --set hidden-size=128,512 --jobs 1 \
   --out-dir docs/popgym_study/capacity                                # N = 128, 512 beside the study's 256
+study --configs rtrl:4 tbptt:4 --set forget-bias=1 --out-dir docs/popgym_study/bias1  # the collapse's cause ablated:
+study --difficulties Easy --configs lstm:4 lstm:episode --set forget-bias=1 \
+  --out-dir docs/popgym_study/bias1                                   # forget bias +1, and the LSTM's control
+study --tasks PositionOnlyCartPole --difficulties Easy --configs tbptt:8 tbptt:32 rtrl:8 rtrl:32 --set forget-bias=1 \
+  --out-dir docs/popgym_study/bias1                                   # longer unrolls there
