@@ -19,3 +19,5 @@ study --difficulties Easy --configs lstm:4 lstm:episode --set forget-bias=1 \
   --out-dir docs/popgym_study/bias1                                   # forget bias +1, and the LSTM's control
 study --tasks PositionOnlyCartPole --difficulties Easy --configs tbptt:8 tbptt:32 rtrl:8 rtrl:32 --set forget-bias=1 \
   --out-dir docs/popgym_study/bias1                                   # longer unrolls there
+study --tasks PositionOnlyCartPole NoisyPositionOnlyCartPole --difficulties Easy --configs tbptt:episode \
+  --set forget-bias=1 --out-dir docs/popgym_study/bias1                # the eLSTM's whole-episode BPTT there
