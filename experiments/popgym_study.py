@@ -221,7 +221,9 @@ def plot(results, path):
         ax.set_ylim(-1, 1)
         ax.set_title(task, fontsize=9)
     axes[0][0].set_ylabel("MMER")
-    axes[0][0].legend(fontsize=6)
+    # every configuration, also those run on some tasks only
+    legend = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels())}
+    axes[0][0].legend(legend.values(), legend.keys(), fontsize=6)
     save_figure(fig, path)
 
 
