@@ -19,6 +19,17 @@ def run_script(script, cwd, *flags, env=None):
     return subprocess.run([sys.executable, script, *flags], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+def run_population(script, cwd, *flags):
+    """`--seed 4 --num-seeds 3 --run-name pop --save-model` with `flags`: the CompletedProcess, once it has exited 0
+    and written the run directories pop__s4, pop__s5, pop__s6, each with a model.pt of its own seed."""
+    proc = run_script(script, cwd, *flags, "--seed", "4", "--num-seeds", "3", "--run-name", "pop", "--save-model")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(cwd / "runs")) == ["pop__s4", "pop__s5", "pop__s6"]
+    for seed in (4, 5, 6):
+        assert torch.load(cwd / "runs" / f"pop__s{seed}" / "model.pt", weights_only=True)["args"]["seed"] == seed
+    return proc
+
+
 def quick_study(runner, tmp_path_factory):
     """A study runner's `--quick` as CI runs it, in a new directory: (that directory, the flags, the CompletedProcess);
     its report goes to report/, its runs to work/."""
