@@ -6,6 +6,8 @@ pools spinning on two cores ran many times slower than one thread each."""
 import os
 import re
 
+import pytest
+
 for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(name, "1")
 
@@ -24,3 +26,11 @@ def pytest_xdist_make_scheduler(config, log):
             return f"{match[1]}::{match[2]}" if match else super()._split_scope(nodeid)
 
     return ByFileAndScript(config, log)
+
+
+@pytest.fixture(scope="module")
+def quick(request, tmp_path_factory):
+    """The `--quick` study of the test module's RUNNER, as CI runs it (helpers.quick_study)."""
+    import helpers
+
+    return helpers.quick_study(request.module.RUNNER, tmp_path_factory)

@@ -8,13 +8,8 @@ import pytest
 
 import experiments.memory_study as study
 
+# its --quick (the `quick` fixture): 2 lengths x rtrl:4, tbptt:4 x seed 1, the real training script
 RUNNER = study.__file__
-
-
-@pytest.fixture(scope="module")
-def quick(tmp_path_factory):
-    """`--quick` as CI runs it: 2 lengths x rtrl:4, tbptt:4 x seed 1 with the real training script."""
-    return helpers.quick_study(RUNNER, tmp_path_factory)
 
 
 def test_quick_study_runs_every_config_and_reports_bsuites_verdicts(quick):

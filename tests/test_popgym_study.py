@@ -8,13 +8,8 @@ import pytest
 
 import experiments.popgym_study as study
 
+# its --quick (the `quick` fixture): RepeatPreviousEasy x rtrl:4, lstm:episode x seeds 1-2
 RUNNER = study.__file__
-
-
-@pytest.fixture(scope="module")
-def quick(tmp_path_factory):
-    """`--quick` as CI runs it: RepeatPreviousEasy x rtrl:4, lstm:episode x seeds 1-2 (one process each)."""
-    return helpers.quick_study(RUNNER, tmp_path_factory)
 
 
 def test_quick_study_runs_every_config_and_reports_mmer_per_seed(quick):
