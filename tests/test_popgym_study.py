@@ -2,6 +2,7 @@
 whole-episode unroll), its resumption, the table's cells, its bad input."""
 
 import json
+import os
 
 import helpers
 import pytest
@@ -35,6 +36,27 @@ def test_a_finished_study_launches_nothing_when_started_again(quick):
     out, flags, _ = quick
     proc = helpers.run_script(RUNNER, out, *flags)
     assert proc.returncode == 0 and "2 runs in the grid: 2 finished earlier (skipped), 0 to run" in proc.stdout
+
+
+def test_the_critics_course_per_run_is_read_from_its_log(quick):
+    """experiments/popgym_critic.py on the quick study: a row per run, |V| by part of training as the run logged it
+    (the largest of the three is the study's value_max), the lowest entropy of the first half over the first."""
+    out, _, _ = quick
+    critic = os.path.join(os.path.dirname(RUNNER), "popgym_critic.py")
+    proc = helpers.run_script(critic, out, str(out / "report" / "runs.jsonl"))
+    assert proc.returncode == 0, proc.stderr
+    rows = {tuple(cells[1:3]): cells[3:] for cells in (line.split(" | ") for line in proc.stdout.splitlines()[2:])}
+    records = [json.loads(line) for line in (out / "report" / "runs.jsonl").read_text().splitlines()]
+    assert len(rows) == len(records) == 4
+    for r in records:
+        c = r["config"]
+        first, middle, last, entropy, mmer = rows[(f"{c['core']}:{c['num_steps']}", str(c["seed"]))]
+        entropies = [v for _, v in helpers.scalar_steps(r["run_dir"])["losses/entropy"]]
+        assert float(entropy) == pytest.approx(min(entropies[: max(len(entropies) // 2, 1)]) / entropies[0], abs=5e-4)
+        assert max(map(float, (first, middle, last))) == pytest.approx(r["metrics"]["value_max"], abs=0.05)
+        assert mmer.rstrip(" |") == f"{r['metrics']['mmer']:.2f}"
+    missing = helpers.run_script(critic, out, "missing.jsonl")
+    assert missing.returncode == 2 and missing.stderr == "popgym_critic.py: error: missing.jsonl: no such file\n"
 
 
 @pytest.mark.parametrize(
