@@ -558,12 +558,6 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     check_args(args)
     seeds = list(range(args.seed, args.seed + args.num_seeds))
-
-
-if __name__ == "__main__":
-    args = tyro.cli(Args)
-    check_args(args)
-    seeds = list(range(args.seed, args.seed + args.num_seeds))
     names = run_names(args, seeds)
     for name in names:  # all checked before any is written
         if os.path.exists(f"runs/{name}"):

@@ -78,6 +78,15 @@ def test_every_script_has_the_same_elstm_text(copy):
     assert class_source(ELSTM_COPIES[copy]) == class_source(ELSTM_COPIES["atari"]), f"{copy}'s ELSTM differs"
 
 
+@pytest.mark.parametrize("copy", ELSTM_COPIES)
+def test_every_script_has_one_main_block(copy):
+    """The main work under one `if __name__ == "__main__":`, the module's last statement (a second would run again)."""
+    with open(os.path.join(ROOT, f"{ELSTM_COPIES[copy]}.py")) as f:
+        body = ast.parse(f.read()).body
+    mains = [i for i, n in enumerate(body) if isinstance(n, ast.If) and ast.unparse(n.test) == "__name__ == '__main__'"]
+    assert mains == [len(body) - 1], f"{copy}: main blocks at statements {mains} of {len(body)}"
+
+
 def test_forward_matches_spec_equations(script):
     checks.check_forward_matches_spec(script)
 
